@@ -1,0 +1,462 @@
+"""Run configuration: YAML files with inheritance, command-line overrides, typed validation.
+
+A config file may name `base:` files (a path or a list, relative to the file) that
+it extends; later bases override earlier ones and the file overrides all of its
+bases. `--set a.b=value` overrides any key afterwards (the value is parsed as
+YAML). Every key is then checked against the dataclasses below before anything
+runs: an unknown key, a wrong type or an out-of-range value is a `UserError`
+naming the key, the file it came from and what is allowed.
+
+The `model:` block is the registered model name plus that model's keyword
+arguments, checked against the model's signature. When a file sets a different
+`model.name` than its base, the base's model block is dropped, since keyword
+arguments of one model rarely fit another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from common.errors import UserError
+
+
+def _bounded(default, *, lo=None, hi=None, lo_open=False, hi_open=False, **kw):
+    """A dataclass field with a numeric range that validation enforces."""
+    metadata = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+# ---------------------------------------------------------------------------- schema
+
+
+@dataclass
+class SyntheticConfig:
+    train_size: int = _bounded(10000, lo=10)
+    test_size: int = _bounded(2000, lo=10)
+    image_size: int = _bounded(32, lo=16, hi=256)
+    noise: float = _bounded(0.08, lo=0.0, hi=1.0)
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = _bounded(4, lo=0)  # random crop after zero padding; 0 turns it off
+    hflip: bool = True
+    random_resized_crop: bool = True  # imagefolder only; in-memory datasets use crop_padding
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "cifar10", "cifar100", "svhn", "mnist", "imagefolder"] = "synthetic"
+    root: str = "data"
+    download: bool = False
+    val_fraction: float = _bounded(0.1, lo=0.0, hi=1.0, hi_open=True)
+    split_seed: int = 0
+    image_size: int = _bounded(224, lo=8)  # imagefolder crop size; in-memory datasets keep their own size
+    num_workers: int = _bounded(4, lo=0)
+    mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's standard values
+    std: Optional[list[float]] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = _bounded(0.1, lo=0.0, lo_open=True)
+    momentum: float = _bounded(0.9, lo=0.0, hi=1.0, hi_open=True)
+    nesterov: bool = False
+    weight_decay: float = _bounded(5e-4, lo=0.0)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = _bounded(1e-8, lo=0.0, lo_open=True)
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "multistep", "constant"] = "cosine"
+    warmup_epochs: float = _bounded(0.0, lo=0.0)
+    warmup_start_factor: float = _bounded(0.0, lo=0.0, hi=1.0)
+    eta_min: float = _bounded(0.0, lo=0.0)
+    milestones: list[float] = field(default_factory=list)  # epochs, for multistep
+    gamma: float = _bounded(0.1, lo=0.0, lo_open=True)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _bounded(10, lo=1)
+    batch_size: int = _bounded(128, lo=1)  # global: split across data-parallel ranks
+    eval_batch_size: int = _bounded(500, lo=1)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    label_smoothing: float = _bounded(0.0, lo=0.0, hi=1.0, hi_open=True)
+    grad_clip: Optional[float] = _bounded(None, lo=0.0, lo_open=True)  # max global grad norm
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: Optional[float] = _bounded(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    bn_momentum: Optional[float] = _bounded(None, lo=0.0, hi=1.0)  # torch convention: 1 - TF's decay
+    checkpoint_every_steps: int = _bounded(0, lo=0)  # 0: only at epoch ends
+    eval_every_epochs: int = _bounded(1, lo=1)
+
+
+@dataclass
+class LogConfig:
+    quiet: bool = False  # no progress bar: one line per epoch
+    every_steps: int = _bounded(10, lo=1)  # progress-bar refresh and non-finite-loss check
+    tensorboard: bool = True
+
+
+@dataclass
+class TimeConfig:
+    batch_size: int = _bounded(64, lo=1)
+    warmup: int = _bounded(3, lo=0)
+    iters: int = _bounded(10, lo=1)
+    latency_iters: int = _bounded(30, lo=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    name: str = ""  # run name: default the config file's stem
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False  # deterministic kernels: exact resume and reruns, slower on GPU
+    output_root: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    time: TimeConfig = field(default_factory=TimeConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load `path` with its bases, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    raw, sources = _load_with_bases(path, chain=())
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+        _set_source(sources, key, value, f"--set {item}")
+    raw.setdefault("name", path.stem)
+    return build_config(raw, sources, default_source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Validate an already-resolved config (e.g. the one saved in a checkpoint)."""
+    return build_config(raw, {}, default_source=source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data, in the same shape the YAML files use."""
+    out = dataclasses.asdict(cfg)
+    out["model"] = {"name": cfg.model.name, **cfg.model.kwargs}
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}:{where} cannot parse YAML: {problem}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def _load_with_bases(path: Path, chain: tuple) -> tuple[dict, dict]:
+    path = path.resolve()
+    if path in chain:
+        raise UserError(f"{path}: circular base: {' -> '.join(str(p) for p in chain + (path,))}")
+    data = _load_yaml(path)
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{path}: 'base' must be a path or a list of paths relative to the file")
+    merged, sources = {}, {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise UserError(f"{path}: base config not found: {base} (looked at {base_path})")
+        base_data, base_sources = _load_with_bases(base_path, chain + (path,))
+        merged, sources = _merge(merged, sources, base_data, base_sources)
+    own_sources = {}
+    _record_sources(data, str(path), own_sources)
+    return _merge(merged, sources, data, own_sources)
+
+
+def _merge(dst: dict, dst_sources: dict, src: dict, src_sources: dict) -> tuple[dict, dict]:
+    out, sources = dict(dst), dict(dst_sources)
+    src_model = src.get("model")
+    dst_model = dst.get("model")
+    if isinstance(src_model, dict) and isinstance(dst_model, dict) and \
+            "name" in src_model and src_model.get("name") != dst_model.get("name"):
+        out.pop("model")
+        sources = {k: v for k, v in sources.items() if not k.startswith("model.")}
+    out = _deep_merge(out, src)
+    sources.update(src_sources)
+    return out, sources
+
+
+def _deep_merge(dst: dict, src: dict) -> dict:
+    out = dict(dst)
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _record_sources(data: dict, source: str, sources: dict, prefix: str = "") -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        sources[dotted] = source
+        if isinstance(value, dict):
+            _record_sources(value, source, sources, dotted + ".")
+
+
+def _set_source(sources: dict, key: str, value: Any, source: str) -> None:
+    sources[key] = source
+    if isinstance(value, dict):
+        _record_sources(value, source, sources, key + ".")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set expects KEY=VALUE with a dotted key, e.g. --set train.epochs=5; got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"--set {item}: the value is not valid YAML") from None
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: '{'.'.join(parents[:i + 1])}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def build_config(raw: dict, sources: dict, default_source: str) -> Config:
+    raw = dict(raw)
+    model_raw = raw.pop("model", None)
+    cfg = _build_dataclass(Config, raw, "", sources, default_source)
+    cfg.model = _build_model(model_raw, sources, default_source)
+    _check_consistency(cfg, sources, default_source)
+    return cfg
+
+
+def _build_model(raw: Any, sources: dict, default_source: str) -> ModelConfig:
+    from common import registry
+
+    where = sources.get("model", default_source)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: 'model' must be a mapping with a 'name' and the model's keyword arguments")
+    raw = dict(raw)
+    name = raw.pop("name", ModelConfig.name)
+    if not isinstance(name, str):
+        raise UserError(f"{sources.get('model.name', where)}: model.name must be a string, got {name!r}")
+    try:
+        registry.check_model_args(name, raw)
+    except UserError as exc:
+        bad = getattr(exc, "key", None)
+        source = sources.get(f"model.{bad}" if bad else "model.name", where)
+        raise UserError(f"{source}: {exc}") from None
+    return ModelConfig(name=name, kwargs=raw)
+
+
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        dotted = prefix + f.name
+        keys.append(dotted)
+        tp = _resolved_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp) and tp is not ModelConfig:
+            keys.extend(_all_keys(tp, dotted + "."))
+    return keys
+
+
+def _suggest(dotted: str) -> str:
+    valid = _all_keys(Config) + ["model.name", "base"]
+    parent, _, leaf = dotted.rpartition(".")
+    siblings = [k for k in valid if k.rpartition(".")[0] == parent]
+    same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf]
+    close = difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.5) or same_leaf[:1] or \
+        difflib.get_close_matches(dotted, valid, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    options = ", ".join(k.rpartition(".")[2] for k in siblings)
+    return f" (valid keys here: {options})"
+
+
+_HINT_CACHE: dict = {}
+
+
+def _resolved_hints(cls) -> dict:
+    if cls not in _HINT_CACHE:
+        _HINT_CACHE[cls] = typing.get_type_hints(cls)
+    return _HINT_CACHE[cls]
+
+
+def _build_dataclass(cls, raw: Any, prefix: str, sources: dict, default_source: str):
+    where = sources.get(prefix.rstrip("."), default_source) if prefix else default_source
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: '{prefix.rstrip('.')}' must be a section (a mapping of keys), got {raw!r}")
+    hints = _resolved_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        source = sources.get(dotted, default_source)
+        if key not in names:
+            raise UserError(f"{source}: unknown key '{dotted}'{_suggest(dotted)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build_dataclass(tp, value, dotted + ".", sources, default_source)
+        else:
+            values[key] = _check_value(value, tp, names[key].metadata, dotted, source)
+    return cls(**values)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or null"
+    if origin is list:
+        return f"a list of {_describe(args[0])}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a mapping"}.get(tp, str(tp))
+
+
+def _range_text(meta) -> str:
+    parts = []
+    if meta.get("lo") is not None:
+        parts.append(f"{'>' if meta['lo_open'] else '>='} {meta['lo']}")
+    if meta.get("hi") is not None:
+        parts.append(f"{'<' if meta['hi_open'] else '<='} {meta['hi']}")
+    return " and ".join(parts)
+
+
+def _check_value(value: Any, tp, meta, dotted: str, source: str):
+    def fail(allowed: str):
+        raise UserError(f"{source}: {dotted} must be {allowed}, got {value!r}")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], meta, dotted, source)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{source}: {dotted} must be {_describe(tp)}, got {value!r}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            fail(_describe(tp))
+        return [_check_value(v, args[0], {}, f"{dotted}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail(_describe(tp))
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(_describe(tp) + (f" {_range_text(meta)}" if _range_text(meta) else ""))
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(_describe(tp) + (f" {_range_text(meta)}" if _range_text(meta) else ""))
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            fail(_describe(tp))
+        return value
+    elif tp is dict:
+        if not isinstance(value, dict):
+            fail(_describe(tp))
+        return value
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        fail(f"{_describe(tp)} {_range_text(meta)}")
+    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
+        fail(f"{_describe(tp)} {_range_text(meta)}")
+    return value
+
+
+def _check_consistency(cfg: Config, sources: dict, default_source: str) -> None:
+    """Rules that involve more than one key."""
+
+    def source(key):
+        return sources.get(key, default_source)
+
+    opt, sched = cfg.train.optimizer, cfg.train.schedule
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        raise UserError(f"{source('train.optimizer.betas')}: train.optimizer.betas must be two numbers in [0, 1), "
+                        f"got {opt.betas}")
+    if sched.warmup_epochs >= cfg.train.epochs and sched.name != "constant" and sched.warmup_epochs > 0:
+        raise UserError(f"{source('train.schedule.warmup_epochs')}: train.schedule.warmup_epochs "
+                        f"({sched.warmup_epochs}) must be less than train.epochs ({cfg.train.epochs})")
+    if sched.name == "multistep" and not sched.milestones:
+        raise UserError(f"{source('train.schedule.name')}: a multistep schedule needs "
+                        f"train.schedule.milestones (epochs), e.g. [100, 150]")
+    if sorted(sched.milestones) != sched.milestones:
+        raise UserError(f"{source('train.schedule.milestones')}: train.schedule.milestones must be increasing, "
+                        f"got {sched.milestones}")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value is not None and len(value) != 3:
+            raise UserError(f"{source('data.' + key)}: data.{key} must list 3 numbers (R, G, B), got {value}")
+    if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
+        raise UserError(f"{source('data.std')}: data.std must be positive, got {cfg.data.std}")

@@ -1,0 +1,66 @@
+"""Run outputs for humans and tools: console progress, TensorBoard scalars, metrics.jsonl.
+
+Only the main rank writes. `metrics.jsonl` has one JSON object per epoch; on
+resume, lines of epochs that are about to be redone are dropped (and
+TensorBoard purges its events past the resumed step), so a killed-and-resumed
+run logs each epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, quiet: bool,
+                 resume_epoch: int | None = None, resume_step: int | None = None):
+        self.enabled = enabled
+        self.quiet = quiet or not enabled
+        self.metrics_path = run_dir / "metrics.jsonl" if enabled and run_dir else None
+        self.writer = None
+        if self.metrics_path is not None and resume_epoch is not None:
+            self._drop_epochs_from(resume_epoch)
+        if enabled and tensorboard and run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+
+    def _drop_epochs_from(self, epoch: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        keep = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", -1) < epoch]
+        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+
+    def progress(self, total: int, initial: int, description: str):
+        """A tqdm bar over one epoch's steps (a no-op object in quiet mode)."""
+        return tqdm(total=total, initial=initial, desc=description, disable=self.quiet, leave=False,
+                    dynamic_ncols=True, file=sys.stderr, unit="step")
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            tqdm.write(message, file=sys.stdout)
+
+    def step_scalars(self, values: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def epoch(self, record: dict, step: int) -> None:
+        """One metrics.jsonl line and the matching TensorBoard scalars."""
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,196 @@
+"""What each `main.py --task` does, from a validated config to files in a run folder.
+
+Everything that can fail because of the user's input (config, dataset,
+checkpoint, model options) is checked before the run folder is created, so a
+bad command writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common import checkpoint as ckpt
+from common.config import Config, config_from_dict, config_to_dict, dump_config
+from common.data import build_data, input_spec
+from common.distributed import barrier, broadcast_object, init_distributed, select_device, shutdown
+from common.engine import AMP_DTYPES, Trainer, build_model, evaluate
+from common.errors import UserError
+from common.inspect import has_attention
+from common.timing import format_table, measure, write_results
+
+# Keys that may change between a run and its resumption; anything else would silently change the method.
+RESUMABLE_CHANGES = ("name", "output_root", "train.epochs", "train.eval_every_epochs", "train.checkpoint_every_steps",
+                     "log.", "data.root", "data.download", "data.num_workers", "time.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def resolve_run_dir(cfg: Config, output: str | None, resume: bool) -> tuple[Path, Path | None]:
+    """The run folder and, when continuing a run, its last checkpoint."""
+    if output:
+        run_dir = Path(output)
+        last = run_dir / ckpt.LAST
+        if last.is_file():
+            return run_dir, last
+        if resume:
+            raise UserError(f"--resume: there is no {last} to resume from; drop --resume to start a new run there")
+        return run_dir, None
+    parent = Path(cfg.output_root) / cfg.name
+    if resume:
+        runs = sorted(d for d in parent.glob("*") if (d / ckpt.LAST).is_file())
+        if not runs:
+            raise UserError(f"--resume: no run of '{cfg.name}' with a {ckpt.LAST} under {parent}; "
+                            f"pass --output RUN_DIR to pick one")
+        return runs[-1], runs[-1] / ckpt.LAST
+    return parent / _timestamp(), None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and not (prefix == "" and key == "model"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
+    before, now = _flatten(saved), _flatten(config_to_dict(cfg))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
+                     and not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES))
+    if changed:
+        raise UserError(f"{run_dir} holds a run with a different config ({', '.join(changed)} changed); resume it "
+                        f"with its own config ({run_dir / 'config.yaml'}) or use a new --output")
+
+
+def _load_weights(model: nn.Module, saved: dict, source: Path | str, prefer_ema: bool = True) -> str:
+    weights = saved["ema"] if prefer_ema and saved.get("ema") is not None else saved["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise UserError(f"checkpoint {source} does not fit this model ({first[:200]}); check --config/--load") \
+            from None
+    return "ema" if weights is saved.get("ema") else "model"
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def train(cfg: Config, output: str | None = None, resume: bool = False, quiet: bool = False) -> dict:
+    dist = init_distributed(cfg.device)
+    try:
+        configure_determinism(cfg.deterministic)
+        run_dir, last = broadcast_object(resolve_run_dir(cfg, output, resume) if dist.is_main else None)
+        saved = ckpt.load_checkpoint(last) if last is not None else None
+        if saved is not None:
+            check_resumable(saved["config"], cfg, run_dir)
+        seed_everything(cfg.seed)
+        data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, dist.device, cfg.seed,
+                          dist.rank, dist.world)
+        model = build_model(cfg.model.name, cfg.model.kwargs, data.num_classes)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+        barrier()
+        trainer = Trainer(cfg, dist, run_dir, data, model, resume_from=saved, quiet=quiet)
+        return trainer.fit()
+    finally:
+        shutdown()
+
+
+def evaluate_checkpoint(cfg: Config | None, load: str, output: str | None = None) -> dict:
+    """Accuracy of a checkpoint on the val and test splits; the config defaults to the checkpoint's own."""
+    path = ckpt.resolve_checkpoint(load)
+    saved = ckpt.load_checkpoint(path)
+    cfg = cfg or config_from_dict(saved["config"], source=str(path))
+    dist = init_distributed(cfg.device)
+    try:
+        data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, dist.device, cfg.seed,
+                          dist.rank, dist.world)
+        model = build_model(cfg.model.name, cfg.model.kwargs, data.num_classes)
+        weights = _load_weights(model, saved, path)
+        model.to(dist.device)
+        amp = AMP_DTYPES[cfg.train.amp]
+        result = {"checkpoint": str(path), "weights": weights, "model": cfg.model.name, "dataset": cfg.data.dataset,
+                  "epoch": saved["state"]["epoch"]}
+        for split, loader in (("val", data.val), ("test", data.test)):
+            if loader is not None:
+                loss, acc = evaluate(model, loader, dist.device, amp, cfg.train.channels_last)
+                result[f"{split}_loss"], result[f"{split}_acc"] = loss, acc
+        if dist.is_main:
+            out_dir = Path(output) if output else path.parent
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            lines = [f"{split} acc {100 * result[f'{split}_acc']:.2f}%  loss {result[f'{split}_loss']:.4f}"
+                     for split in ("val", "test") if f"{split}_acc" in result]
+            print(f"{path} ({weights} weights, epoch {result['epoch']}):\n  " + "\n  ".join(lines))
+        return result
+    finally:
+        shutdown()
+
+
+def _model_for(cfg: Config, load: str | None) -> nn.Module:
+    _, num_classes = input_spec(cfg.data)
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
+    if load:
+        path = ckpt.resolve_checkpoint(load)
+        _load_weights(model, ckpt.load_checkpoint(path), path)
+    return model
+
+
+def time_models(cfgs: list[Config], load: str | None = None, output: str | None = None) -> list:
+    """Params, MACs/FLOPs, throughput, latency and peak memory of each config's model, as one table."""
+    if load and len(cfgs) > 1:
+        raise UserError("--load gives weights for one model: use it with a single --config")
+    models = [(cfg, _model_for(cfg, load)) for cfg in cfgs]
+    results = []
+    for cfg, model in models:
+        input_size, _ = input_spec(cfg.data)
+        device = select_device(cfg.device)
+        results.append(measure(model, cfg.name, input_size=input_size, batch_size=cfg.time.batch_size,
+                               device=str(device), warmup=cfg.time.warmup, iters=cfg.time.iters,
+                               latency_iters=cfg.time.latency_iters, amp_dtype=AMP_DTYPES[cfg.train.amp],
+                               channels_last=cfg.train.channels_last))
+    out_dir = Path(output) if output else Path(cfgs[0].output_root) / "time" / _timestamp()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = write_results(results, out_dir)
+    print(format_table(results))
+    print(f"wrote {json_path} and {md_path}")
+    return results
+
+
+def visualize(task: str, cfg: Config, load: str | None = None) -> None:
+    model = _model_for(cfg, load)
+    if not has_attention(model):
+        raise UserError(f"model '{cfg.model.name}' has no attention layers, so `{task}` has nothing to draw; "
+                        f"use a config of an attention model (sasa, adaptive_span, aacn, sa_conv, san or vit)")
+    raise UserError(f"`{task}` figures are not part of this version yet (they land with the visualisation "
+                    f"issue); the attention maps are available through common.inspect.record_attention")
+

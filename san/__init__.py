@@ -1,0 +1,1 @@
+"""Placeholder package: filled by its paper's issue (see ../shared/PAPERS.md)."""
