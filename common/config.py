@@ -327,7 +327,8 @@ def _suggest(dotted: str) -> str:
     parent, _, leaf = dotted.rpartition(".")
     siblings = [k for k in valid if k.rpartition(".")[0] == parent]
     same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf]
-    close = difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.5) or same_leaf[:1] or \
+    # A key put in the wrong section is the commonest slip, so an exact name elsewhere comes first.
+    close = same_leaf[:1] or difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.5) or \
         difflib.get_close_matches(dotted, valid, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"
@@ -416,6 +417,12 @@ def _check_value(value: Any, tp, meta, dotted: str, source: str):
         if isinstance(value, bool) or not isinstance(value, int):
             fail(_describe(tp) + (f" {_range_text(meta)}" if _range_text(meta) else ""))
     elif tp is float:
+        if isinstance(value, str):
+            # PyYAML reads 1e-3 (no dot) as a string; accept what is plainly a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(_describe(tp) + (f" {_range_text(meta)}" if _range_text(meta) else ""))
         value = float(value)

@@ -150,7 +150,7 @@ class Trainer:
         self.best_state = None  # in-memory copy of the best weights of this process
         self.log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
                              quiet=quiet or cfg.log.quiet,
-                             resume_epoch=self.state.epoch if resume_from is not None else None,
+                             first_epoch=self.state.epoch + 1 if resume_from is not None else None,
                              resume_step=self.state.global_step if resume_from is not None else None)
 
     # ------------------------------------------------------------------ checkpoints

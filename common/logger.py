@@ -17,13 +17,14 @@ from tqdm.auto import tqdm
 
 class RunLogger:
     def __init__(self, run_dir: Path | None, enabled: bool, tensorboard: bool, quiet: bool,
-                 resume_epoch: int | None = None, resume_step: int | None = None):
+                 first_epoch: int | None = None, resume_step: int | None = None):
+        """first_epoch: when resuming, the (1-based) epoch about to be logged; later lines are dropped."""
         self.enabled = enabled
         self.quiet = quiet or not enabled
         self.metrics_path = run_dir / "metrics.jsonl" if enabled and run_dir else None
         self.writer = None
-        if self.metrics_path is not None and resume_epoch is not None:
-            self._drop_epochs_from(resume_epoch)
+        if self.metrics_path is not None and first_epoch is not None:
+            self._drop_epochs_from(first_epoch)
         if enabled and tensorboard and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)

@@ -216,6 +216,8 @@ def generate(num_images: int, seed: int, image_size: int = 32, noise: float = 0.
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
     gen = torch.Generator().manual_seed(seed)
     n, s = num_images, image_size
 
@@ -223,7 +225,7 @@ def generate(num_images: int, seed: int, image_size: int = 32, noise: float = 0.
     r = _uniform(n, *_SIZE_RANGE, gen) * s
     t = _uniform(n, *_STROKE_RANGE, gen) * s
     angle = _uniform(n, -_MAX_ROTATION, _MAX_ROTATION, gen)
-    margin = r * 1.1 + 1  # keep the (possibly rotated) shape inside the frame
+    margin = r * 1.1 + 1  # keeps the shapes inside the frame, bar a pixel at the extremes
     cx = margin + torch.rand(n, generator=gen) * (s - 2 * margin)
     cy = margin + torch.rand(n, generator=gen) * (s - 2 * margin)
     fg, bg = _contrasting_colours(n, gen)

@@ -1,0 +1,126 @@
+"""Config inheritance, overrides, validation errors (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from common.config import config_from_dict, config_to_dict, dump_config, load_config
+from common.errors import UserError
+from tests.helpers import run_main
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_bases_extend_and_override_in_order(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "a.yaml", {"seed": 1, "train": {"epochs": 3, "batch_size": 64}})
+    write(tmp_path / "b.yaml", {"seed": 2, "train": {"optimizer": {"lr": 0.5}}})
+    cfg_path = write(tmp_path / "sub" / "c.yaml", {"base": ["../a.yaml", "../b.yaml"], "train": {"epochs": 7}})
+    cfg = load_config(cfg_path)
+    assert cfg.seed == 2  # the later base wins
+    assert cfg.train.epochs == 7  # the file wins over its bases
+    assert cfg.train.batch_size == 64 and cfg.train.optimizer.lr == 0.5
+    assert cfg.train.optimizer.momentum == 0.9  # untouched defaults stay
+    assert cfg.name == "c"
+
+
+def test_nested_bases_and_single_string_base(tmp_path):
+    write(tmp_path / "root.yaml", {"data": {"dataset": "cifar10"}})
+    write(tmp_path / "mid.yaml", {"base": "root.yaml", "data": {"val_fraction": 0.2}})
+    cfg = load_config(write(tmp_path / "leaf.yaml", {"base": "mid.yaml"}))
+    assert cfg.data.dataset == "cifar10" and cfg.data.val_fraction == 0.2
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    path = write(tmp_path / "c.yaml", {"train": {"epochs": 3}, "model": {"name": "resnet"}})
+    cfg = load_config(path, ["train.epochs=9", "train.optimizer.nesterov=true", "data.mean=[0.5, 0.5, 0.5]",
+                             "model.widths=[8, 16]", "train.grad_clip=null"])
+    assert cfg.train.epochs == 9 and cfg.train.optimizer.nesterov is True
+    assert cfg.data.mean == [0.5, 0.5, 0.5] and cfg.model.kwargs["widths"] == [8, 16]
+    assert cfg.train.grad_clip is None
+
+
+def test_model_block_is_replaced_when_the_name_changes(tmp_path):
+    write(tmp_path / "base.yaml", {"model": {"name": "resnet18", "stem": "cifar"}})
+    cfg = load_config(write(tmp_path / "c.yaml", {"base": "base.yaml", "model": {"name": "wrn28_10"}}))
+    assert cfg.model.name == "wrn28_10" and cfg.model.kwargs == {}
+    cfg = load_config(write(tmp_path / "d.yaml", {"base": "base.yaml", "model": {"num_classes": 10}}))
+    assert cfg.model.kwargs == {"stem": "cifar", "num_classes": 10}
+
+
+def test_round_trip_through_the_saved_form(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", {"model": {"name": "resnet18", "stem": "cifar"}}))
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("data, overrides, expected", [
+    ({"train": {"lr": 0.1}}, [], "unknown key 'train.lr' (did you mean 'train.optimizer.lr'?)"),
+    ({"trian": {"epochs": 1}}, [], "unknown key 'trian' (did you mean 'train'?)"),
+    ({"train": {"epoch": 1}}, [], "did you mean 'train.epochs'?"),
+    ({"train": {"epochs": "ten"}}, [], "train.epochs must be an integer >= 1, got 'ten'"),
+    ({"train": {"epochs": 0}}, [], "train.epochs must be an integer >= 1, got 0"),
+    ({"train": {"optimizer": {"lr": -1}}}, [], "train.optimizer.lr must be a number > 0.0, got -1"),
+    ({"data": {"val_fraction": 1.0}}, [], "data.val_fraction must be a number >= 0.0 and < 1.0"),
+    ({"data": {"dataset": "cifar11"}}, [], "data.dataset must be one of"),
+    ({"train": {"amp": True}}, [], "train.amp must be one of 'none', 'bf16', 'fp16', got True"),
+    ({"train": "fast"}, [], "'train' must be a section"),
+    ({}, ["train.epochs=-3"], "--set train.epochs=-3: train.epochs must be an integer >= 1"),
+    ({}, ["train.optimizer.lrr=1"], "--set train.optimizer.lrr=1: unknown key 'train.optimizer.lrr'"),
+    ({"model": {"name": "resnet99"}}, [], "unknown model 'resnet99'"),
+    ({"model": {"name": "resnet18", "depth": 3}}, [], "model 'resnet18' has no option 'depth'"),
+    ({"train": {"schedule": {"name": "multistep"}}}, [], "a multistep schedule needs train.schedule.milestones"),
+])
+def test_errors_name_key_file_and_what_is_allowed(tmp_path, data, overrides, expected):
+    path = write(tmp_path / "bad.yaml", data)
+    with pytest.raises(UserError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+    if not overrides:
+        assert str(path) in message
+
+
+def test_unknown_key_names_the_base_file_it_came_from(tmp_path):
+    base = write(tmp_path / "base.yaml", {"train": {"epochz": 3}})
+    with pytest.raises(UserError, match="base.yaml: unknown key 'train.epochz'"):
+        load_config(write(tmp_path / "c.yaml", {"base": "base.yaml"}))
+    assert base.exists()
+
+
+def test_missing_base_bad_yaml_and_circular_bases(tmp_path):
+    with pytest.raises(UserError, match="base config not found: nope.yaml"):
+        load_config(write(tmp_path / "a.yaml", {"base": "nope.yaml"}))
+    (tmp_path / "broken.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="cannot parse YAML"):
+        load_config(tmp_path / "broken.yaml")
+    write(tmp_path / "x.yaml", {"base": "y.yaml"})
+    write(tmp_path / "y.yaml", {"base": "x.yaml"})
+    with pytest.raises(UserError, match="circular base"):
+        load_config(tmp_path / "x.yaml")
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(UserError, match="--set expects KEY=VALUE"):
+        load_config(write(tmp_path / "ok.yaml", {}), ["train.epochs"])
+
+
+@pytest.mark.parametrize("changes, args, expected", [
+    ({"train": {"lr": 0.1}}, [], "unknown key 'train.lr'"),
+    ({}, ["--set", "train.batch_size=0"], "train.batch_size must be an integer >= 1"),
+    ({"model": {"name": "resnet", "mixer": "sasa9"}}, [], "unknown mixer 'sasa9'"),
+    ({"data": {"dataset": "cifar10", "root": "/nonexistent/data"}}, [], "CIFAR-10 not found"),
+])
+def test_cli_config_errors_exit_2_with_one_line_and_write_nothing(write_config, tmp_path, changes, args, expected):
+    path = write_config(changes)
+    out = tmp_path / "run"
+    result = run_main("--config", str(path), "--task", "train", "--output", str(out), *args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "runs").exists()
