@@ -132,6 +132,7 @@ def test_non_finite_loss_after_a_checkpoint_leaves_it_intact(write_config, tmp_p
             def forward(self, x):
                 state["calls"] += 1
                 out = self.fc(x.mean((2, 3)))
+                # 4 training steps and 1 validation batch per epoch: call 7 is step 2 of epoch 2
                 return out * float("nan") if state["calls"] > 6 else out
 
         return Net()
@@ -140,7 +141,7 @@ def test_non_finite_loss_after_a_checkpoint_leaves_it_intact(write_config, tmp_p
         cfg = load_config(write_config({"model": {"name": "test_explodes"}, "train": {"epochs": 4},
                                         "log": {"every_steps": 1}}))
         out = tmp_path / "run"
-        with pytest.raises(UserError, match=r"non-finite loss \(nan\) at epoch 2 step 3; .*last good checkpoint"):
+        with pytest.raises(UserError, match=r"non-finite loss \(nan\) at epoch 2 step 2; .*last good checkpoint"):
             tasks.train(cfg, output=str(out))
         saved = ckpt.load_checkpoint(out / "last.ckpt")
         assert saved["state"]["epoch"] == 1 and all(torch.isfinite(t).all() for t in saved["model"].values())
