@@ -1,0 +1,32 @@
+"""Every shipped config validates and builds its model; metafile parameter counts are what the models have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from common.config import load_config
+from common.data import input_spec
+from common.engine import build_model
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+RUNNABLE = [p for p in CONFIGS if p.name != "metafile.yaml" and "datasets" not in p.parts]
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_validates_and_builds(path):
+    cfg = load_config(path)
+    _, num_classes = input_spec(cfg.data)
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name == "metafile.yaml"],
+                         ids=lambda p: p.parent.name)
+def test_metafile_parameter_counts(path):
+    for entry in yaml.safe_load(path.read_text())["models"]:
+        num_classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[entry["dataset"]]
+        model = build_model(entry["name"], entry.get("kwargs", {}), num_classes)
+        assert sum(p.numel() for p in model.parameters()) == entry["params"], entry["name"]
