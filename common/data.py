@@ -128,18 +128,30 @@ class DeviceLoader:
         self._start = 0
 
 
-class _SkipSampler(torch.utils.data.Sampler):
-    """A DistributedSampler whose epoch can start after its first `skip` samples (mid-epoch resume)."""
+class _EpochSampler(torch.utils.data.Sampler):
+    """This rank's indices for one epoch.
 
-    def __init__(self, sampler: DistributedSampler):
-        self.sampler, self.skip = sampler, 0
+    Training: DistributedSampler's shuffled, equal-sized shards, optionally
+    starting after the first `skip` samples (mid-epoch resume). Evaluation:
+    every `world`-th index without padding, so each sample counts exactly once.
+    """
+
+    def __init__(self, n: int, train: bool, seed: int, rank: int, world: int):
+        self.train, self.skip = train, 0
+        self.shards = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=True) if train else None
+        self.indices = None if train else list(range(rank, n, world))
+
+    def set_epoch(self, epoch: int, skip: int) -> None:
+        if self.train:
+            self.shards.set_epoch(epoch)
+            self.skip = skip
 
     def __iter__(self):
-        indices = list(self.sampler)
-        return iter(indices[self.skip:])
+        return iter(list(self.shards)[self.skip:] if self.train else self.indices)
 
     def __len__(self):
-        return len(self.sampler) - self.skip
+        return len(self.shards) - self.skip if self.train else len(self.indices)
 
 
 class WorkerLoader:
@@ -149,17 +161,15 @@ class WorkerLoader:
                  seed: int, rank: int, world: int):
         self.num_samples = len(dataset)
         self.batch_size, self.device = batch_size, device
-        base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed,
-                                  drop_last=train)
-        self.sampler = _SkipSampler(base)
-        self._steps = len(base) // batch_size if train else -(-len(base) // batch_size)
+        self.sampler = _EpochSampler(len(dataset), train, seed, rank, world)
+        per_rank = len(self.sampler)
+        self._steps = per_rank // batch_size if train else -(-per_rank // batch_size)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
                                  pin_memory=device.type == "cuda", drop_last=train,
                                  persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.sampler.sampler.set_epoch(epoch)
-        self.sampler.skip = start_step * self.batch_size
+        self.sampler.set_epoch(epoch, start_step * self.batch_size)
 
     def __len__(self) -> int:
         return self._steps

@@ -26,6 +26,8 @@ a pixel grid for a whole batch at once, and anti-aliased by turning the
 distance into coverage over a one-pixel ramp.
 """
 
+import contextlib
+import dataclasses
 import math
 
 import torch
@@ -64,7 +66,7 @@ def _box(x: torch.Tensor, y: torch.Tensor, half_w: torch.Tensor, half_h: torch.T
 
 
 def _disc_pair(x: torch.Tensor, y: torch.Tensor, offset: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """Two discs at (+-offset, 0)."""
+    """Signed distance to two discs centred at (+-offset, 0)."""
     dy2 = y**2
     return torch.minimum(torch.sqrt((x - offset) ** 2 + dy2), torch.sqrt((x + offset) ** 2 + dy2)) - radius
 
@@ -81,7 +83,7 @@ def _triangle(x: torch.Tensor, y: torch.Tensor, half: torch.Tensor) -> torch.Ten
     return torch.maximum(left_right, base)
 
 
-# Each renderer gets local coordinates (x, y) of shape (n, S, S) and per-image
+# Each shape function gets local coordinates (x, y) of shape (n, S, S) and per-image
 # size r and stroke half-thickness t of shape (n, 1, 1), all in pixels.
 # Factors on r and t roughly equalise the foreground area across classes
 # (about 8*r*t), so the amount of foreground colour says little about the class.
@@ -129,7 +131,7 @@ def _triangle_up(x, y, r, t):
     return _triangle(x, y, 2 * torch.sqrt(r * t))
 
 
-_RENDERERS = (
+_SHAPES = (
     _horizontal_bar,
     _vertical_bar,
     _plus,
@@ -141,7 +143,23 @@ _RENDERERS = (
     _blobs_stacked,
     _triangle_up,
 )
-assert len(_RENDERERS) == len(CLASSES)
+assert len(_SHAPES) == len(CLASSES)
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    """Run torch ops on one thread, restoring the caller's setting afterwards.
+
+    Rendering is many small elementwise ops. On a busy machine each multi-threaded
+    op waits for a thread that the OS has not scheduled yet; measured on 2 shared
+    cores, that made generation 5-30x slower than one thread, which is fast anyway.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _uniform(shape, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -165,18 +183,53 @@ def _contrasting_colours(n: int, gen: torch.Generator) -> tuple[torch.Tensor, to
     return fg, bg
 
 
-def _render(render, cx, cy, r, t, angle, fg, bg, grad, gen, image_size, noise) -> torch.Tensor:
-    """Draw n images of one class; returns uint8 (n, S, S, 3)."""
-    n, s = cx.shape[0], image_size
-    col = lambda v: v.view(n, 1, 1)  # noqa: E731 - per-image scalar, broadcast over the grid
+@dataclasses.dataclass
+class _Layout:
+    """Per-image drawing parameters, in pixels and [0, 1] colour units; none depends on the label."""
+
+    cx: torch.Tensor  # (n,) shape centre
+    cy: torch.Tensor
+    r: torch.Tensor  # (n,) shape half-extent
+    t: torch.Tensor  # (n,) stroke half-thickness
+    angle: torch.Tensor  # (n,) rotation in radians
+    fg: torch.Tensor  # (n, 3) shape colour
+    bg: torch.Tensor  # (n, 3) background colour
+    gradient: torch.Tensor  # (n, 2) illumination ramp along x and y
+
+    @classmethod
+    def draw(cls, n: int, image_size: int, gen: torch.Generator) -> "_Layout":
+        s = image_size
+        r = _uniform(n, *_SIZE_RANGE, gen) * s
+        t = _uniform(n, *_STROKE_RANGE, gen) * s
+        angle = _uniform(n, -_MAX_ROTATION, _MAX_ROTATION, gen)
+        margin = r * 1.1 + 1  # keeps the shapes inside the frame, bar a pixel at the extremes
+        cx = margin + torch.rand(n, generator=gen) * (s - 2 * margin)
+        cy = margin + torch.rand(n, generator=gen) * (s - 2 * margin)
+        fg, bg = _contrasting_colours(n, gen)
+        gradient = _uniform((n, 2), -_GRADIENT_AMPLITUDE, _GRADIENT_AMPLITUDE, gen)
+        return cls(cx, cy, r, t, angle, fg, bg, gradient)
+
+    def __getitem__(self, index: slice) -> "_Layout":
+        return _Layout(*(getattr(self, field.name)[index] for field in dataclasses.fields(self)))
+
+
+def _render(shape, layout: _Layout, image_size: int, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """Draw one image per layout entry, all of one shape; returns uint8 (n, S, S, 3)."""
+    n, s = layout.cx.shape[0], image_size
     coords = torch.arange(s, dtype=torch.float32) + 0.5  # pixel centres
     gy = coords.view(1, s, 1)
     gx = coords.view(1, 1, s)
 
+    def per_image(values):  # broadcast a per-image scalar over the grid
+        return values.view(n, 1, 1)
+
+    def per_channel(colours):  # broadcast an RGB colour over a channels-first grid
+        return colours.view(n, 3, 1, 1)
+
     # Shape frame: centred on the shape and rotated with it.
-    dx, dy = gx - col(cx), gy - col(cy)
-    cos, sin = col(torch.cos(angle)), col(torch.sin(angle))
-    dist = render(cos * dx + sin * dy, cos * dy - sin * dx, col(r), col(t))
+    dx, dy = gx - per_image(layout.cx), gy - per_image(layout.cy)
+    cos, sin = per_image(torch.cos(layout.angle)), per_image(torch.sin(layout.angle))
+    dist = shape(cos * dx + sin * dy, cos * dy - sin * dx, per_image(layout.r), per_image(layout.t))
     coverage = (0.5 - dist).clamp_(0, 1)  # anti-aliasing: linear ramp one pixel wide
 
     # Clutter: up to a few small specks of one random colour, anywhere on the image.
@@ -188,22 +241,24 @@ def _render(render, cx, cy, r, t, angle, fg, bg, grad, gen, image_size, noise) -
     speck_radius = _uniform(n, *_SPECK_RADIUS_RANGE, gen) * s
     speck_colour = torch.rand(n, 3, generator=gen)
     speck_dist = ((gx - sx) ** 2 + (gy - sy) ** 2).amin(dim=1).sqrt_()
-    speck_coverage = (col(speck_radius) + 0.5 - speck_dist).clamp_(0, 1)
+    speck_coverage = (per_image(speck_radius) + 0.5 - speck_dist).clamp_(0, 1)
 
     # Illumination: a linear brightness ramp in a random direction.
-    ramp = 2 * (col(grad[:, 0]) * (gx / s - 0.5) + col(grad[:, 1]) * (gy / s - 0.5))
+    ramp_x, ramp_y = per_image(layout.gradient[:, 0]), per_image(layout.gradient[:, 1])
+    ramp = 2 * (ramp_x * (gx / s - 0.5) + ramp_y * (gy / s - 0.5))
 
     # Compose channels-first, where broadcasting a per-pixel weight is cheap.
-    rgb = lambda v: v.view(n, 3, 1, 1)  # noqa: E731
-    image = torch.lerp(rgb(bg), rgb(fg), coverage.unsqueeze(1))
-    image = torch.lerp(image, rgb(speck_colour), speck_coverage.unsqueeze(1))
+    image = torch.lerp(per_channel(layout.bg), per_channel(layout.fg), coverage.unsqueeze(1))
+    image = torch.lerp(image, per_channel(speck_colour), speck_coverage.unsqueeze(1))
     image += ramp.unsqueeze(1)
     image += noise * torch.randn(image.shape, generator=gen)
     image = image.mul_(255).add_(0.5).clamp_(0, 255)  # +0.5 so truncation below rounds
     return image.permute(0, 2, 3, 1).to(torch.uint8)
 
 
-def generate(num_images: int, seed: int, image_size: int = 32, noise: float = 0.08) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    num_images: int, seed: int, image_size: int = 32, noise: float = 0.08
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (images, labels): images uint8 (N, H, W, 3) contiguous CPU tensor, labels int64 (N,).
 
     Classes are balanced (each appears num_images // 10 or one more times) and
@@ -219,29 +274,21 @@ def generate(num_images: int, seed: int, image_size: int = 32, noise: float = 0.
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     gen = torch.Generator().manual_seed(seed)
-    n, s = num_images, image_size
+    n, num_classes = num_images, len(CLASSES)
 
-    # Per-image parameters, all drawn independently of the label.
-    r = _uniform(n, *_SIZE_RANGE, gen) * s
-    t = _uniform(n, *_STROKE_RANGE, gen) * s
-    angle = _uniform(n, -_MAX_ROTATION, _MAX_ROTATION, gen)
-    margin = r * 1.1 + 1  # keeps the shapes inside the frame, bar a pixel at the extremes
-    cx = margin + torch.rand(n, generator=gen) * (s - 2 * margin)
-    cy = margin + torch.rand(n, generator=gen) * (s - 2 * margin)
-    fg, bg = _contrasting_colours(n, gen)
-    grad = _uniform((n, 2), -_GRADIENT_AMPLITUDE, _GRADIENT_AMPLITUDE, gen)
-
-    # Render sorted by class, so each shape function sees a contiguous slice,
-    # in chunks small enough to stay in cache; shuffle once at the end.
-    num_classes = len(CLASSES)
-    counts = [n // num_classes + (c < n % num_classes) for c in range(num_classes)]
-    labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
-    images = torch.empty(n, s, s, 3, dtype=torch.uint8)
-    class_start = 0
-    for render, count in zip(_RENDERERS, counts):
-        for start in range(class_start, class_start + count, _CHUNK):
-            sl = slice(start, min(start + _CHUNK, class_start + count))
-            images[sl] = _render(render, cx[sl], cy[sl], r[sl], t[sl], angle[sl], fg[sl], bg[sl], grad[sl], gen, s, noise)
-        class_start += count
-    order = torch.randperm(n, generator=gen)
-    return images[order], labels[order]
+    with _single_threaded():
+        layout = _Layout.draw(n, image_size, gen)
+        # Render sorted by class, so each shape function gets a contiguous slice,
+        # in chunks small enough to stay in cache; shuffle once at the end.
+        counts = [n // num_classes + (c < n % num_classes) for c in range(num_classes)]
+        labels = torch.repeat_interleave(torch.arange(num_classes), torch.tensor(counts))
+        images = torch.empty(n, image_size, image_size, 3, dtype=torch.uint8)
+        class_start = 0
+        for shape, count in zip(_SHAPES, counts):
+            class_end = class_start + count
+            for start in range(class_start, class_end, _CHUNK):
+                chunk = slice(start, min(start + _CHUNK, class_end))
+                images[chunk] = _render(shape, layout[chunk], image_size, noise, gen)
+            class_start = class_end
+        order = torch.randperm(n, generator=gen)
+        return images[order], labels[order]

@@ -146,3 +146,13 @@ def test_batch_must_split_evenly_across_ranks():
     cfg = DataConfig(synthetic=SyntheticConfig(train_size=40, test_size=20, image_size=16))
     with pytest.raises(UserError, match="divisible by the number of processes"):
         build_data(cfg, batch_size=9, eval_batch_size=8, device=CPU, seed=0, rank=0, world=2)
+
+
+def test_imagefolder_eval_shards_count_every_image_once(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b", "c"], per_class=3, size=12)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.0, num_workers=0)
+    seen = []
+    for rank in range(2):
+        data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0, rank=rank, world=2)
+        seen += torch.cat([y for _, y in data.test]).tolist()
+    assert sorted(seen) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # 9 images over 2 ranks: none padded or dropped

@@ -290,3 +290,16 @@ def test_gpu_checkpoints_load_on_cpu_and_rng_state_round_trips(tmp_path):
     ckpt.save_checkpoint(tmp_path / "c.ckpt", {"rng": state})
     ckpt.set_rng_state(ckpt.load_checkpoint(tmp_path / "c.ckpt")["rng"])
     assert torch.equal(torch.rand(3), first)
+
+
+def test_an_image_that_does_not_decode_is_a_one_line_error(write_config, tmp_path):
+    from tests.common.dataset_writers import write_imagefolder
+
+    written = write_imagefolder(tmp_path / "folder", ["a", "b"], per_class=4, size=12, corrupt=True)
+    path = write_config({"data": {"dataset": "imagefolder", "root": str(tmp_path / "folder"), "image_size": 8,
+                                  "num_workers": 1, "val_fraction": 0.0}, "train": {"batch_size": 2}})
+    result = run_main("--config", str(path), "--output", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot decode image") and str(written.corrupt) in lines[0]
+    assert "Traceback" not in result.stderr
