@@ -34,6 +34,7 @@ from common.hooks import ModelHooks
 from common.logger import RunLogger
 from common.optim import build_optimizer, build_scheduler
 from common.registry import MODELS, check_model_args, create_model
+from common.timing import count_params
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,10 +55,6 @@ def build_model(name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
                             f"set model.num_classes: {num_classes} or remove it")
         kwargs["num_classes"] = num_classes
     return create_model(name, **kwargs)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 @dataclass

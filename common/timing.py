@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -387,6 +388,20 @@ def _peak_train_memory_mb(step: Callable[[], None], optimizer: torch.optim.Optim
     return peak / MB
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence the profiler's native log lines (kineto writes them straight to fd 2)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes simultaneously live among the CPU allocations made during ``fn()``.
 
@@ -406,7 +421,7 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
     per-thread (PyTorch operators allocate their outputs and workspaces on
     the calling thread; autograd runs CPU backward on the calling thread).
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = _memory_events(prof)
 
