@@ -20,7 +20,10 @@ the test oracle for the others.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import threading
 from typing import Callable
 
 import torch
@@ -94,32 +97,55 @@ def _tile_side(n: int, target: int) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _tile_plan(height: int, width: int, kernel_size: int, th: int, tw: int, border: str, dtype, device):
-    """Static tensors of one shape: the (nT, T2, halo2) 0/-inf bias of the window (and, with border="mask",
-    the image) and the (nT, T2, 1) bool "query lies in the image". Tile-local query (ty, tx) sees halo rows
-    ty..ty+k-1 and columns tx..tx+k-1."""
-    r = kernel_size // 2
+    """Static tensors of one shape, per tile, query and window offset: the (nT, T2, k*k) additive bias, -inf
+    where the neighbour lies outside the image (border="mask"), else 0; and the (nT, T2, 1) bool "the query
+    lies in the image" (padding queries get no relative or mask term, so their softmax rows stay finite)."""
     nth, ntw = -(-height // th), -(-width // tw)
-    hh, hw = th + 2 * r, tw + 2 * r
-    ty, tx = torch.arange(th, device=device).repeat_interleave(tw), torch.arange(tw, device=device).repeat(th)
-    ky, kx = torch.arange(hh, device=device).repeat_interleave(hw), torch.arange(hw, device=device).repeat(hh)
-    dy, dx = ky[None, :] - ty[:, None], kx[None, :] - tx[:, None]
-    in_window = (dy >= 0) & (dy < kernel_size) & (dx >= 0) & (dx < kernel_size)  # (T2, halo2)
+    dy, dx = _window_offsets(kernel_size, device)
     tile_y = torch.arange(nth, device=device).repeat_interleave(ntw) * th  # (nT,)
     tile_x = torch.arange(ntw, device=device).repeat(nth) * tw
-    q_in = ((tile_y[:, None] + ty) < height) & ((tile_x[:, None] + tx) < width)  # (nT, T2)
-    allowed = in_window.expand(nth * ntw, -1, -1)
+    qy = tile_y[:, None] + torch.arange(th, device=device).repeat_interleave(tw)  # (nT, T2)
+    qx = tile_x[:, None] + torch.arange(tw, device=device).repeat(th)
+    q_in = (qy < height) & (qx < width)
+    bias = torch.zeros(nth * ntw, th * tw, kernel_size * kernel_size, dtype=dtype, device=device)
     if border == "mask":
-        key_y, key_x = tile_y[:, None] + ky - r, tile_x[:, None] + kx - r  # (nT, halo2)
-        k_in = (key_y >= 0) & (key_y < height) & (key_x >= 0) & (key_x < width)
-        # padding queries (outside the image) keep their whole window, so that no softmax row is empty
-        allowed = allowed & (k_in[:, None, :] | ~q_in[:, :, None])
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+        ky, kx = qy[..., None] + dy, qx[..., None] + dx
+        k_in = (ky >= 0) & (ky < height) & (kx >= 0) & (kx < width)
+        bias.masked_fill_(~k_in & q_in[..., None], float("-inf"))
     return bias, q_in.unsqueeze(-1)
+
+
+_WORKSPACE = threading.local()
+
+
+@contextlib.contextmanager
+def _workspace(shape: tuple, dtype: torch.dtype, device: torch.device):
+    """A scratch tensor of this shape. On the CPU it is kept per thread and reused across calls: a fresh
+    allocation of this size is mmapped and page-faulted in on every call, which costs as much as the GEMM that
+    fills it. (CUDA's caching allocator already does this.) `release_workspace()` frees it."""
+    if device.type != "cpu":
+        yield torch.empty(shape, dtype=dtype, device=device)
+        return
+    pool = _WORKSPACE.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buf = pool.pop(dtype, None)  # popped while in use, so a nested call gets its own
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+    try:
+        yield buf[:numel].view(shape)
+    finally:
+        pool[dtype] = buf
+
+
+def release_workspace() -> None:
+    """Free this thread's CPU scratch buffers of the tiled backend."""
+    _WORKSPACE.__dict__.pop("buffers", None)
 
 
 class _Tiling:
     """Geometry of one call: the image is cut into nT = nth x ntw tiles of th x tw queries (T2 = th*tw, the
-    image zero-padded to whole tiles); tile n sees the (th+k-1) x (tw+k-1) halo of keys around it (halo2)."""
+    image zero-padded to whole tiles); a tile's queries see the (th+k-1) x (tw+k-1) halo of keys around it
+    (halo2 keys). BH = B*heads and N = BH*nT; "compact" tensors are (BH, nT, T2, k*k)."""
 
     def __init__(self, shape, kernel_size: int, tile: int | None = None):
         self.b, self.heads, self.h, self.w, self.d = shape
@@ -131,6 +157,8 @@ class _Tiling:
         self.t2, self.halo2, self.nt = self.th * self.tw, self.hh * self.hw, self.nth * self.ntw
         self.bh = self.b * self.heads
         self.n = self.bh * self.nt
+        self.padded = (self.hp, self.wp) != (self.h, self.w)
+        self.compact_shape = (self.bh, self.nt, self.t2, self.kk)
 
     def tiles(self, x: torch.Tensor, dtype) -> torch.Tensor:
         """(B, heads, H, W, c) -> (N, T2, c): the query tiles, zero padded."""
@@ -140,11 +168,11 @@ class _Tiling:
         return x.reshape(self.n, self.t2, c)
 
     def untile(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of `tiles`: (N, T2, c) -> (B, heads, H, W, c)."""
+        """Inverse of `tiles`: (N, T2, c) or (BH, nT, T2, c) -> (B, heads, H, W, c)."""
         c = x.shape[-1]
-        x = x.view(self.b, self.heads, self.nth, self.ntw, self.th, self.tw, c).transpose(3, 4)
+        x = x.reshape(self.b, self.heads, self.nth, self.ntw, self.th, self.tw, c).transpose(3, 4)
         x = x.reshape(self.b, self.heads, self.hp, self.wp, c)
-        return x if (self.hp, self.wp) == (self.h, self.w) else x[:, :, :self.h, :self.w].contiguous()
+        return x[:, :, :self.h, :self.w].contiguous() if self.padded else x
 
     def halos(self, x: torch.Tensor, dtype) -> torch.Tensor:
         """(B, heads, H, W, c) -> (N, halo2, c): each tile's key halo, zero outside the image."""
@@ -162,57 +190,62 @@ class _Tiling:
         img = img[:, :, r:r + self.h, r:r + self.w]  # (BH, c, H, W)
         return img.reshape(self.b, self.heads, c, self.h, self.w).permute(0, 1, 3, 4, 2)
 
-    def window(self, s: torch.Tensor) -> torch.Tensor:
-        """(N, T2, halo2) contiguous -> (N, th, tw, k, k): a strided view of each query's own window in its
-        halo row (query (ty, tx) -> halo entries (ty + a, tx + b)), in row-major window order."""
-        halo2 = self.halo2
-        return s.as_strided((self.n, self.th, self.tw, self.k, self.k),
-                            (self.t2 * halo2, self.tw * halo2 + self.hw, halo2 + 1, self.hw, 1), s.storage_offset())
+    def window(self, big: torch.Tensor) -> torch.Tensor:
+        """(N, T2, halo2) contiguous -> (BH, nT, th, tw, k, k): a strided view of each query's own window in
+        its row of the halo matrix (query (ty, tx) sees halo entries (ty + a, tx + b)), row-major."""
+        t2h = self.t2 * self.halo2
+        return big.as_strided((self.bh, self.nt, self.th, self.tw, self.k, self.k),
+                              (self.nt * t2h, t2h, self.tw * self.halo2 + self.hw, self.halo2 + 1, self.hw, 1),
+                              big.storage_offset())
 
-    def compact(self, s: torch.Tensor) -> torch.Tensor:
-        """(N, T2, halo2) -> (N, T2, k*k): a copy of each query's window entries."""
-        return self.window(s).reshape(self.n, self.t2, self.kk)
+    def gather(self, big: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T2, halo2) -> compact (BH, nT, T2, k*k): each query's window entries, plus `add` (broadcast
+        from (B or 1, heads or 1, nT, T2, k*k)) in the same pass."""
+        out = torch.empty(self.compact_shape, dtype=big.dtype, device=big.device)
+        win_shape = (self.b, self.heads, self.nt, self.th, self.tw, self.k, self.k)
+        if add is None:
+            out.view(win_shape).copy_(self.window(big).view(win_shape))
+        else:
+            torch.add(self.window(big).view(win_shape), add.reshape(add.shape[:3] + win_shape[3:]),
+                      out=out.view(win_shape))
+        return out
+
+    def scatter(self, c: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+        """Adjoint of `gather`: compact -> big (N, T2, halo2), zero outside each query's window."""
+        big.zero_()
+        self.window(big).copy_(c.view(self.bh, self.nt, self.th, self.tw, self.k, self.k))
+        return big
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _tiled_logits(g: _Tiling, qt, kt, rel_pos, log_mask, border, want_raw=False):
-    """Logits of every query tile against its halo, (N, T2, halo2): -inf outside each query's window (and
-    outside the image with border="mask"), q.(k + rel) + log(mask) inside. With want_raw also the compact
-    logits without log(mask), (N, T2, k*k) (for the window_mask gradient)."""
+def _tiled_logits(g: _Tiling, qt, kt, rel_pos, window_mask, border, big, want_raw=False):
+    """Compact logits (BH, nT, T2, k*k) of every query against its own window: q.(k + rel) + log(mask), -inf
+    outside the image with border="mask". One batched GEMM computes each query tile against its whole halo
+    into `big` (N, T2, halo2); only each query's window is read back. With want_raw, also the logits
+    without log(mask) (the window_mask gradient needs them)."""
     bias, q_in = _tile_plan(g.h, g.w, g.k, g.th, g.tw, border, qt.dtype, qt.device)
-    s = torch.empty(g.bh, g.nt, g.t2, g.halo2, dtype=qt.dtype, device=qt.device)
-    s = s.copy_(bias.expand_as(s)).view(g.n, g.t2, g.halo2)  # a fresh tensor: the GEMM accumulates into it
-    s.baddbmm_(qt, kt.transpose(1, 2))
+    torch.bmm(qt, kt.transpose(1, 2), out=big)
+    extra = bias.unsqueeze(0).unsqueeze(0)  # (1, 1, nT, T2, k*k)
+    if rel_pos is not None:  # q . rel[o] for each query and window offset (+ the bias)
+        rel = rel_pos.reshape(-1, 1, g.kk, g.d).to(qt.dtype).transpose(-1, -2)  # (1 or heads, 1, d, k*k)
+        extra = torch.matmul(qt.view(g.b, g.heads, g.nt, g.t2, g.d), rel)
+        if g.padded:
+            extra.masked_fill_(~q_in, 0.0)
+        extra += bias
+    log_mask = None
+    if window_mask is not None:  # (1, heads, nT, T2, k*k): log(mask), 0 for padding queries
+        log_mask = torch.where(q_in, window_mask.to(qt.dtype).log().view(1, g.heads, 1, 1, g.kk), 0.0)
     raw = None
-    if rel_pos is None and log_mask is None:
-        return s, raw
-    pad_q = ~q_in.expand(g.bh, -1, -1, -1).reshape(g.n, g.t2, 1)  # padding queries get no extra term
-    extra = None
-    if rel_pos is not None:  # q . rel[o] for each query and window offset, compact
-        rel = rel_pos.reshape(-1, g.kk, g.d).to(qt.dtype).transpose(1, 2)  # (1 or heads, d, k*k)
-        extra = torch.matmul(qt.view(g.b, g.heads, g.nt * g.t2, g.d), rel).view(g.n, g.t2, g.kk)
-        extra = extra.masked_fill_(pad_q, 0.0)
-    if want_raw:
-        raw = g.compact(s)
-        if extra is not None:
-            raw += extra
-    if log_mask is not None:
-        lm = log_mask.reshape(1, g.heads, 1, g.kk).expand(g.b, -1, g.nt * g.t2, -1).reshape(g.n, g.t2, g.kk)
-        extra = lm if extra is None else extra + lm
-        extra = extra.masked_fill(pad_q, 0.0)
-    g.window(s).add_(extra.view(g.n, g.th, g.tw, g.k, g.k))
-    return s, raw
-
-
-def _softmax_(s: torch.Tensor, lse: torch.Tensor | None = None):
-    """In place: logits -> probabilities. Returns (p, lse); a row with no finite logit gets weights 0."""
-    if lse is None:
-        lse = torch.logsumexp(s, -1)
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    return s.sub_(lse.unsqueeze(-1)).exp_(), lse
+    if log_mask is not None and not want_raw:
+        extra = extra + log_mask
+    logits = g.gather(big, extra)
+    if log_mask is not None and want_raw:
+        raw = logits
+        logits = (raw.view(g.b, g.heads, g.nt, g.t2, g.kk) + log_mask).view(g.compact_shape)
+    return logits, raw
 
 
 class _TiledAttention(torch.autograd.Function):
@@ -220,64 +253,71 @@ class _TiledAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, rel_pos, window_mask, kernel_size, border, return_weights, tile):
         g = _Tiling(q.shape, kernel_size, tile)
         cdt = _compute_dtype(q.dtype)
-        log_mask = None if window_mask is None else window_mask.to(cdt).log()
         qt, kt, vt = g.tiles(q, cdt), g.halos(k, cdt), g.halos(v, cdt)
-        p, lse = _softmax_(_tiled_logits(g, qt, kt, rel_pos, log_mask, border)[0])
-        out = g.untile(torch.bmm(p, vt)).to(q.dtype)
-        weights = g.untile(g.compact(p)).to(q.dtype) if return_weights else None
-        # saved: the inputs, the output and one fp32/fp64 log-sum-exp per query; the (N, T2, halo2)
-        # probabilities and every halo tensor are recomputed in backward
-        ctx.save_for_backward(q, k, v, rel_pos, window_mask, out, lse)
+        with _workspace((g.n, g.t2, g.halo2), cdt, q.device) as big:
+            p, _ = _tiled_logits(g, qt, kt, rel_pos, window_mask, border, big)
+            # softmax over each window, keeping the log-sum-exp; a fully masked row gets weights 0, not NaN
+            m = p.amax(-1, keepdim=True).clamp_min_(torch.finfo(cdt).min)
+            p.sub_(m).exp_()
+            total = p.sum(-1, keepdim=True).clamp_min_(torch.finfo(cdt).tiny)
+            p.div_(total)
+            lse = total.log_().add_(m)  # (BH, nT, T2, 1)
+            out = g.untile(torch.bmm(g.scatter(p, big), vt)).to(q.dtype)
+        # saved: the inputs and one log-sum-exp per query; the compact weights, the (N, T2, halo2) GEMM
+        # blocks and the halo tensors are recomputed in backward
+        ctx.save_for_backward(q, k, v, rel_pos, window_mask, lse)
         ctx.setup = (kernel_size, border, tile)
         ctx.set_materialize_grads(False)
-        return (out, weights) if return_weights else out
+        if return_weights:
+            return out, g.untile(p).to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out, grad_weights=None):
-        q, k, v, rel_pos, window_mask, out, lse = ctx.saved_tensors
+        q, k, v, rel_pos, window_mask, lse = ctx.saved_tensors
         kernel_size, border, tile = ctx.setup
         need_q, need_k, need_v, need_rel, need_mask = ctx.needs_input_grad[:5]
         g = _Tiling(q.shape, kernel_size, tile)
         cdt = _compute_dtype(q.dtype)
-        log_mask = None if window_mask is None else window_mask.to(cdt).log()
         qt, kt, vt = g.tiles(q, cdt), g.halos(k, cdt), g.halos(v, cdt)
-        s, raw = _tiled_logits(g, qt, kt, rel_pos, log_mask, border, want_raw=need_mask)
-        p, _ = _softmax_(s, lse)
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dot = g.tiles(grad_out, cdt)  # (N, T2, dv)
-        dvt = torch.bmm(dot.transpose(1, 2), p) if need_v else None  # (N, dv, halo2)
-        # dP (the gradient of the weights), then D = sum_o w_o dP_o per query and dS = P (dP - D)
-        dp = torch.bmm(dot, vt.transpose(1, 2))
-        ot = g.tiles(out, cdt) if out.dtype == cdt else torch.bmm(p, vt)
-        dsum = (dot * ot).sum(-1, keepdim=True)  # (N, T2, 1)
-        if grad_weights is not None:
-            gw = g.tiles(grad_weights, cdt)
-            g.window(dp).add_(gw.view(g.n, g.th, g.tw, g.k, g.k))
-            dsum += (g.compact(p) * gw).sum(-1, keepdim=True)
-        grad_mask = None
-        if need_mask:  # d/dm_o = sum over queries of (dP_o - D) exp(raw_o - lse): compact
-            dm = (g.compact(dp) - dsum) * (raw - lse.unsqueeze(-1)).exp()
-            grad_mask = dm.view(g.b, g.heads, -1, g.kk).sum((0, 2)).view(g.heads, g.k, g.k)
-            grad_mask = grad_mask.to(window_mask.dtype)
-        ds = dp.sub_(dsum).mul_(p)
-        del p, dp
-        grad_q = grad_k = grad_v = grad_rel = None
-        if need_v:
-            grad_v = g.fold_halos(dvt).to(v.dtype)
-        if need_k:
-            grad_k = g.fold_halos(torch.bmm(qt.transpose(1, 2), ds)).to(k.dtype)
-        dqt = torch.bmm(ds, kt) if need_q else None
+        grad_q = grad_k = grad_v = grad_rel = grad_mask = None
+        with _workspace((g.n, g.t2, g.halo2), cdt, q.device) as big:
+            p, raw = _tiled_logits(g, qt, kt, rel_pos, window_mask, border, big, want_raw=need_mask)
+            p.sub_(lse).exp_()  # the weights, compact
+            # dP_o = dout . v_o (+ the weights' own gradient), compact; the GEMMs run against the whole halo
+            if grad_out is not None:
+                dot = g.tiles(grad_out, cdt)  # (N, T2, dv)
+                if need_v:
+                    grad_v = g.fold_halos(torch.bmm(dot.transpose(1, 2), g.scatter(p, big))).to(v.dtype)
+                dp = g.gather(torch.bmm(dot, vt.transpose(1, 2), out=big),
+                              None if grad_weights is None else g.tiles(grad_weights, cdt).view(g.b, g.heads, g.nt, g.t2, g.kk))
+            else:
+                dp = g.tiles(grad_weights, cdt).view(g.compact_shape).clone()
+                if need_v:
+                    grad_v = torch.zeros_like(v)
+            ds = dp.sub_((p * dp).sum(-1, keepdim=True))  # dP - D, with D = sum_o w_o dP_o
+            if need_mask:  # d/dm_o = sum over queries of (dP_o - D) exp(raw_o - lse)
+                dm = (ds * raw.sub_(lse).exp_()).view(g.b, g.heads, -1, g.kk).sum((0, 2))
+                grad_mask = dm.view(g.heads, g.k, g.k).to(window_mask.dtype)
+            ds.mul_(p)  # d loss / d logits, compact
+            del p
+            if need_q or need_k:
+                g.scatter(ds, big)
+                if need_k:
+                    grad_k = g.fold_halos(torch.bmm(qt.transpose(1, 2), big))
+                    grad_k = grad_k.to(k.dtype)
+                dqt = torch.bmm(big, kt) if need_q else None
         if rel_pos is not None and (need_q or need_rel):
-            dqr = g.compact(ds).view(g.b, g.heads, g.nt * g.t2, g.kk)
+            dqr = ds.view(g.b, g.heads, g.nt * g.t2, g.kk)
             rel = rel_pos.reshape(-1, g.kk, g.d).to(cdt)  # (1 or heads, k*k, d)
             if need_q:
                 dqt += torch.matmul(dqr, rel).view(g.n, g.t2, g.d)
             if need_rel:
-                grad_rel = torch.matmul(dqr.transpose(2, 3), qt.view(g.b, g.heads, g.nt * g.t2, g.d)).sum(0)
                 if rel_pos.dim() == 3:
-                    grad_rel = grad_rel.sum(0)
-                grad_rel = grad_rel.view(rel_pos.shape).to(rel_pos.dtype)
+                    grad_rel = dqr.reshape(-1, g.kk).t() @ qt.view(-1, g.d)
+                else:
+                    grad_rel = torch.einsum("bhmo,bhmd->hod", dqr, qt.view(g.b, g.heads, -1, g.d))
+                grad_rel = grad_rel.reshape(rel_pos.shape).to(rel_pos.dtype)
         if need_q:
             grad_q = g.untile(dqt).to(q.dtype)
         return grad_q, grad_k, grad_v, grad_rel, grad_mask, None, None, None, None

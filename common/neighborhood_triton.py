@@ -15,7 +15,7 @@ log m to the logits, which is how the kernels apply the window mask.
 
 Algorithm (GEMM-based, flash-attention style)
 ---------------------------------------------
-Forward (`_fwd_kernel`), one program per (query tile, batch*head). A tile is
+Forward (`_fwd_kernel`), one program per (query tile, batch, head). A tile is
 TH x TW query pixels (BQ = TH*TW queries, a power of two >= 16). The union of
 their windows is the (TH+2r) x (TW+2r) "key tile" anchored at the tile origin
 minus r (it includes out-of-image positions, which load as zero keys/values).
@@ -60,8 +60,8 @@ The last line is the derivative of the un-logged form P_io = e_io m_o / sum_a e_
   result is deterministic (no atomics).
 delta is one fused torch reduction in the wrapper.
 
-fp32 inputs use IEEE fp32 dots (tf32 only if torch.backends.cuda.matmul.allow_tf32
-is set); bf16/fp16 inputs feed the tensor cores directly, P and dS are cast to
+fp32 inputs use IEEE fp32 dots by default (see "Tiling and launch" for tensor-core
+options); bf16/fp16 inputs feed the tensor cores directly, P and dS are cast to
 the input dtype for the P V / dS K GEMMs (as in flash attention), all
 accumulation and softmax arithmetic is fp32, outputs are in the input dtype;
 gradients of rel_pos and window_mask are returned in their own dtypes.
@@ -69,28 +69,46 @@ gradients of rel_pos and window_mask are returned in their own dtypes.
 return_weights: the forward kernel makes a second pass over the key tile
 and scatters exp(l - lse) into a zero-initialised (B, heads, H, W, k*k) tensor.
 
+Tiling and launch
+-----------------
+`_config` picks TH x TW (TW <= 8, BQ <= 64, and BQ <= 8192 / k*k padded so the
+[BQ, k*k] offset-order tiles of the backward stay in registers: BQ = 32 for
+k >= 11) and BN <= 64; head dims are padded to a power of two >= 16 (masked
+loads), k*k to a power of two >= 16. One 1-D grid of n_tiles * B * heads
+programs, tiles fastest, so neighbouring tiles (which share halo keys) run
+together and hit L2. fp32 inputs use IEEE dots by default (exact, but CUDA
+cores); set torch.backends.cuda.matmul.allow_tf32 or FP32_PRECISION =
+"tf32x3" / "tf32" to use tensor cores. TILE_OVERRIDE (tests) forces a tile.
+Not autotuned yet: num_warps / num_stages / tile shapes are first guesses.
+
 Limitations
 -----------
-- Odd kernel_size 1..13 (larger works but the k*k-wide offset tiles grow),
-  head dims up to 128 (q/k and v dims may differ; padded to a power of two
-  >= 16 with masked loads), any H, W >= 1 (smaller than the kernel is fine).
+- Odd kernel_size 1..13 tested (larger works but the k*k-wide offset tiles
+  grow), head dims up to 128 (q/k and v dims may differ), any H, W >= 1
+  (smaller than the kernel is fine). float32, float16, bfloat16 only.
+- Dense work over the key tile: the useful fraction is k^2 / ((TH+2r)(TW+2r)),
+  e.g. 49/196 for k=7, 9/100 for k=3 with 8x8 tiles; softmax exps are spent on
+  the wasted entries too.
 - window_mask must be >= 0 (log of a negative value is NaN). A query whose
   whole window is masked gets out = 0 and zero gradients (the oracle's
   clamp_min makes its mask gradient ~1/tiny there; the true gradient is 0/0).
 - The drel partials buffer is (B*heads*n_tiles, k*k, d) fp32 (about k*k/BQ times
-  the size of q) and only allocated when rel_pos needs a gradient.
-- Tile sizes (TH, TW, BN), num_warps and num_stages come from `_config` and
-  are not autotuned yet.
-- CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton is
-  imported, for testing); no stride/int32 overflow checks beyond using int64
-  for the per-(batch, head) base offsets.
+  the size of q) and is only allocated when rel_pos needs a gradient; the
+  dmask partials are (B*heads*n_tiles, k*k).
+- Under the interpreter (TRITON_INTERPRET=1, set before triton is imported)
+  bf16 dots are computed with fp32 operands, because the interpreter's bf16
+  tl.dot is wrong; on a GPU they run on the tensor cores.
+- Index arithmetic inside one (batch, head) slice is int32 (H*W*max(d, k*k)
+  < 2^31); the per-slice base offsets are int64.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # triton is optional: `available()` reports whether this backend can run
     import triton
@@ -103,8 +121,13 @@ except Exception:  # pragma: no cover - depends on the environment
     _HAS_TRITON = False
 
 
+# triton.jit picks interpreter vs compiler when the kernels below are decorated, i.e. at import:
+# setting TRITON_INTERPRET later does not switch an already imported module.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _HAS_TRITON and _INTERPRET
 
 
 def available() -> bool:
@@ -126,8 +149,10 @@ def _config(h: int, w: int, kernel_size: int, d: int) -> dict:
         cfg = dict(TH=4, TW=4, BN=16, num_warps=4, num_stages=2)
         cfg.update(TILE_OVERRIDE)
         return cfg
-    tw = min(8, _next_pow2(w))
-    th = min(_next_pow2(h), 64 // tw)
+    kkp = max(16, _next_pow2(kernel_size * kernel_size))
+    bq = max(16, min(64, 8192 // kkp))  # [BQ, k*k] fp32 offset-order tiles must fit in registers
+    tw = min(8, _next_pow2(w), bq)
+    th = min(_next_pow2(h), bq // tw)
     th = max(th, 16 // tw)
     r = kernel_size // 2
     nkt = (th + 2 * r) * (tw + 2 * r)
@@ -136,6 +161,14 @@ def _config(h: int, w: int, kernel_size: int, d: int) -> dict:
 
 
 if _HAS_TRITON:
+
+    @triton.jit
+    def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with fp32 accumulation. UPCAST: fp32 operands (the interpreter's bf16 dot is wrong)."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=PREC)
 
     @triton.jit
     def _query_tile(pid_t, n_tw, H, W, TH: tl.constexpr, TW: tl.constexpr):
@@ -161,19 +194,20 @@ if _HAS_TRITON:
     @triton.jit
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, rel_ptr, m_ptr, out_ptr, lse_ptr, w_ptr,
-        H, W, HEADS, n_tw, rel_head_stride,
+        H, W, HEADS, n_tw, n_tiles, rel_head_stride,
         D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
         KS: tl.constexpr, KKP: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr,
         HAS_REL: tl.constexpr, HAS_WM: tl.constexpr, MASK_BORDER: tl.constexpr,
-        RETURN_W: tl.constexpr, PREC: tl.constexpr,
+        RETURN_W: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         R: tl.constexpr = KS // 2
         KK: tl.constexpr = KS * KS
         KTW: tl.constexpr = TW + 2 * R
         NKT: tl.constexpr = (TH + 2 * R) * KTW
-        pid_t = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0)  # 1-D grid, tiles fastest: neighbouring tiles share halo keys in L2
+        pid_t = pid % n_tiles
+        bh = (pid // n_tiles).to(tl.int64)
         head = bh % HEADS
         HW = H * W
         qi, qy, qx, q_ok, y0, x0 = _query_tile(pid_t, n_tw, H, W, TH, TW)
@@ -186,7 +220,7 @@ if _HAS_TRITON:
             oo = tl.arange(0, KKP)
             relT = tl.load(rel_ptr + head * rel_head_stride + oo[None, :] * D + cd[:, None],
                            mask=(oo[None, :] < KK) & (cd[:, None] < D), other=0.0)
-            qr = tl.dot(q, relT, input_precision=PREC)  # [BQ, KKP] fp32
+            qr = _mm(q, relT, PREC, UPCAST)  # [BQ, KKP] fp32
         m_i = tl.full([TH * TW], float("-inf"), tl.float32)
         l_i = tl.zeros([TH * TW], tl.float32)
         acc = tl.zeros([TH * TW, DVP], tl.float32)
@@ -205,7 +239,7 @@ if _HAS_TRITON:
                 win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
             else:
                 win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+            s = _mm(q, tl.trans(kt), PREC, UPCAST)
             if HAS_REL:
                 s += tl.gather(qr, off, 1)
             if HAS_WM:
@@ -216,7 +250,7 @@ if _HAS_TRITON:
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+            acc = acc * alpha[:, None] + _mm(p.to(vt.dtype), vt, PREC, UPCAST)
             m_i = m_new
         nonempty = l_i > 0.0
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -238,7 +272,7 @@ if _HAS_TRITON:
                     win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
                 else:
                     win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
-                s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+                s = _mm(q, tl.trans(kt), PREC, UPCAST)
                 if HAS_REL:
                     s += tl.gather(qr, off, 1)
                 if HAS_WM:
@@ -255,15 +289,17 @@ if _HAS_TRITON:
         KS: tl.constexpr, KKP: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr,
         HAS_REL: tl.constexpr, HAS_WM: tl.constexpr, MASK_BORDER: tl.constexpr,
-        HAS_DW: tl.constexpr, REL_GRAD: tl.constexpr, WM_GRAD: tl.constexpr, PREC: tl.constexpr,
+        HAS_DW: tl.constexpr, REL_GRAD: tl.constexpr, WM_GRAD: tl.constexpr,
+        PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         R: tl.constexpr = KS // 2
         KK: tl.constexpr = KS * KS
         KTW: tl.constexpr = TW + 2 * R
         NKT: tl.constexpr = (TH + 2 * R) * KTW
         BQ: tl.constexpr = TH * TW
-        pid_t = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0)  # 1-D grid, tiles fastest: neighbouring tiles share halo keys in L2
+        pid_t = pid % n_tiles
+        bh = (pid // n_tiles).to(tl.int64)
         head = bh % HEADS
         HW = H * W
         qi, qy, qx, q_ok, y0, x0 = _query_tile(pid_t, n_tw, H, W, TH, TW)
@@ -280,7 +316,7 @@ if _HAS_TRITON:
         if HAS_REL:
             rel = tl.load(rel_ptr + head * rel_head_stride + oo[:, None] * D + cd[None, :],
                           mask=(oo[:, None] < KK) & (cd[None, :] < D), other=0.0)  # [KKP, DP]
-            qr = tl.dot(q, tl.trans(rel), input_precision=PREC)
+            qr = _mm(q, tl.trans(rel), PREC, UPCAST)
         # key-tile index of (query qi, window offset o), to gather dS back into offset order
         kidx = ((qi // TW)[:, None] + oo[None, :] // KS) * KTW + (qi % TW)[:, None] + oo[None, :] % KS
         o_ok = (oo < KK)[None, :] & q_ok[:, None]
@@ -302,7 +338,7 @@ if _HAS_TRITON:
                 win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
             else:
                 win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+            s = _mm(q, tl.trans(kt), PREC, UPCAST)
             if HAS_REL:
                 s += tl.gather(qr, off, 1)
             s = tl.where(win, s, float("-inf"))
@@ -311,11 +347,11 @@ if _HAS_TRITON:
                 p = tl.exp(s + tl.log(mval) - lse[:, None])
             else:
                 p = tl.exp(s - lse[:, None])
-            dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+            dp = _mm(do, tl.trans(vt), PREC, UPCAST)
             if HAS_DW:
                 dp += tl.load(dw_ptr + (bh * HW + qp[:, None]) * KK + off, mask=win, other=0.0).to(tl.float32)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+            dq += _mm(ds.to(kt.dtype), kt, PREC, UPCAST)
             if HAS_REL or WM_GRAD:
                 loc = kidx - c
                 sel = o_ok & (loc >= 0) & (loc < BN)
@@ -326,12 +362,12 @@ if _HAS_TRITON:
                     g = tl.exp(s - lse[:, None]) * (dp - delta[:, None])
                     g_off += tl.where(sel, tl.gather(g, loc, 1), 0.0)
         if HAS_REL:
-            dq += tl.dot(ds_off.to(rel.dtype), rel, input_precision=PREC)
+            dq += _mm(ds_off.to(rel.dtype), rel, PREC, UPCAST)
         tl.store(dq_ptr + bh * HW * D + qp[:, None] * D + cd[None, :], dq.to(dq_ptr.dtype.element_ty),
                  mask=q_ok[:, None] & (cd[None, :] < D))
         part = bh * n_tiles + pid_t
         if REL_GRAD:
-            drel = tl.dot(tl.trans(ds_off.to(q.dtype)), q, input_precision=PREC)  # [KKP, DP]
+            drel = _mm(tl.trans(ds_off.to(q.dtype)), q, PREC, UPCAST)  # [KKP, DP]
             tl.store(drel_part_ptr + part * KK * D + oo[:, None] * D + cd[None, :], drel,
                      mask=(oo[:, None] < KK) & (cd[None, :] < D))
         if WM_GRAD:
@@ -341,20 +377,21 @@ if _HAS_TRITON:
     def _bwd_dkv_kernel(
         q_ptr, k_ptr, v_ptr, rel_ptr, m_ptr, lse_ptr, do_ptr, delta_ptr, dw_ptr,
         dk_ptr, dv_ptr,
-        H, W, HEADS, n_tw, rel_head_stride,
+        H, W, HEADS, n_tw, n_tiles, rel_head_stride,
         D: tl.constexpr, DV: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
         KS: tl.constexpr, KKP: tl.constexpr,
         TH: tl.constexpr, TW: tl.constexpr, BN: tl.constexpr,
         HAS_REL: tl.constexpr, HAS_WM: tl.constexpr,
-        HAS_DW: tl.constexpr, PREC: tl.constexpr,
+        HAS_DW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         R: tl.constexpr = KS // 2
         KK: tl.constexpr = KS * KS
         QTW: tl.constexpr = TW + 2 * R
         NQT: tl.constexpr = (TH + 2 * R) * QTW
         BK: tl.constexpr = TH * TW
-        pid_t = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0)  # 1-D grid, tiles fastest: neighbouring tiles share halo keys in L2
+        pid_t = pid % n_tiles
+        bh = (pid // n_tiles).to(tl.int64)
         head = bh % HEADS
         HW = H * W
         # the tile of KEY pixels this program owns (same geometry as a query tile)
@@ -386,31 +423,38 @@ if _HAS_TRITON:
             delta = tl.load(delta_ptr + bh * HW + qp, mask=q_ok, other=0.0)
             # rows = queries [BN], columns = this program's keys [BK]; keys are in the image
             win, off = _window(qy, qx, ky, kx, q_ok, k_ok, R, KS)
-            s = tl.dot(qc, tl.trans(kt), input_precision=PREC)
+            s = _mm(qc, tl.trans(kt), PREC, UPCAST)
             if HAS_REL:
-                qr = tl.dot(qc, relT, input_precision=PREC)  # [BN, KKP]
+                qr = _mm(qc, relT, PREC, UPCAST)  # [BN, KKP]
                 s += tl.gather(qr, off, 1)
             s = tl.where(win, s, float("-inf"))
             if HAS_WM:
                 mval = tl.load(m_ptr + head * KK + off, mask=win, other=0.0)
                 s += tl.log(mval)
             p = tl.exp(s - lse[:, None])  # [BN, BK]
-            dv += tl.dot(tl.trans(p.to(doc.dtype)), doc, input_precision=PREC)
-            dp = tl.dot(doc, tl.trans(vt), input_precision=PREC)
+            dv += _mm(tl.trans(p.to(doc.dtype)), doc, PREC, UPCAST)
+            dp = _mm(doc, tl.trans(vt), PREC, UPCAST)
             if HAS_DW:
                 dp += tl.load(dw_ptr + (bh * HW + qp[:, None]) * KK + off, mask=win, other=0.0).to(tl.float32)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(qc.dtype)), qc, input_precision=PREC)
+            dk += _mm(tl.trans(ds.to(qc.dtype)), qc, PREC, UPCAST)
         tl.store(dk_ptr + bh * HW * D + kp[:, None] * D + cd[None, :], dk.to(dk_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & (cd[None, :] < D))
         tl.store(dv_ptr + bh * HW * DV + kp[:, None] * DV + cv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=k_ok[:, None] & (cv[None, :] < DV))
 
 
+# tl.dot input precision for fp32 inputs; None: "ieee" (exact, CUDA cores) unless
+# torch.backends.cuda.matmul.allow_tf32 is set ("tf32"). "tf32x3" is a near-fp32 tensor-core option.
+FP32_PRECISION: str | None = None
+
+
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    if dtype != torch.float32:
+        return "tf32"  # not used for 16-bit operands (tensor cores, fp32 accumulation)
+    if FP32_PRECISION is not None:
+        return FP32_PRECISION
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 class _Geometry:
@@ -426,13 +470,19 @@ class _Geometry:
         self.num_warps, self.num_stages = cfg["num_warps"], cfg["num_stages"]
         self.n_tw = triton.cdiv(w, self.tw)
         self.n_tiles = triton.cdiv(h, self.th) * self.n_tw
-        self.grid = (self.n_tiles, b * heads)
+        self.grid = (self.n_tiles * b * heads,)
         self.consts = dict(D=d, DV=self.dv, DP=max(16, _next_pow2(d)), DVP=max(16, _next_pow2(self.dv)),
                            KS=kernel_size, KKP=max(16, _next_pow2(self.kk)),
-                           TH=self.th, TW=self.tw, BN=self.bn, PREC=_precision(q.dtype))
+                           TH=self.th, TW=self.tw, BN=self.bn, PREC=_precision(q.dtype),
+                           UPCAST=_interpret() and q.dtype == torch.bfloat16)
 
     def launch(self):
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on t's GPU (triton uses the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 class _TritonNeighborhoodAttention(torch.autograd.Function):
@@ -449,11 +499,12 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
         weights = (torch.zeros(q.shape[:4] + (g.kk,), device=q.device, dtype=q.dtype) if return_weights
                    else lse)  # placeholder pointer when unused
         dummy = lse
-        _fwd_kernel[g.grid](
-            q, k, v, rel if rel is not None else dummy, mask if mask is not None else dummy, out, lse, weights,
-            g.h, g.w, g.heads, g.n_tw, rel_head_stride,
-            HAS_REL=rel is not None, HAS_WM=mask is not None, MASK_BORDER=border == "mask",
-            RETURN_W=return_weights, **g.consts, **g.launch())
+        with _on_device(q):
+            _fwd_kernel[g.grid](
+                q, k, v, rel if rel is not None else dummy, mask if mask is not None else dummy, out, lse, weights,
+                g.h, g.w, g.heads, g.n_tw, g.n_tiles, rel_head_stride,
+                HAS_REL=rel is not None, HAS_WM=mask is not None, MASK_BORDER=border == "mask",
+                RETURN_W=return_weights, **g.consts, **g.launch())
         ctx.geometry = g
         ctx.border = border
         ctx.return_weights = return_weights
@@ -467,6 +518,7 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
         return out, weights
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out, d_weights):
         q, k, v, rel, mask, out, lse, weights = ctx.saved_tensors
         g = ctx.geometry
@@ -494,11 +546,12 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
                          if rel_grad else dummy)
             dm_part = (torch.empty((g.b * g.heads * g.n_tiles, g.kk), device=q.device, dtype=torch.float32)
                        if wm_grad else dummy)
-            _bwd_dq_kernel[g.grid](
-                q, k, v, rel_arg, mask_arg, lse, d_out, delta, dw_arg, dq, drel_part, dm_part,
-                g.h, g.w, g.heads, g.n_tw, g.n_tiles, rel_head_stride,
-                HAS_REL=rel is not None, HAS_WM=mask is not None, MASK_BORDER=ctx.border == "mask",
-                HAS_DW=has_dw, REL_GRAD=rel_grad, WM_GRAD=wm_grad, **g.consts, **g.launch())
+            with _on_device(q):
+                _bwd_dq_kernel[g.grid](
+                    q, k, v, rel_arg, mask_arg, lse, d_out, delta, dw_arg, dq, drel_part, dm_part,
+                    g.h, g.w, g.heads, g.n_tw, g.n_tiles, rel_head_stride,
+                    HAS_REL=rel is not None, HAS_WM=mask is not None, MASK_BORDER=ctx.border == "mask",
+                    HAS_DW=has_dw, REL_GRAD=rel_grad, WM_GRAD=wm_grad, **g.consts, **g.launch())
             if rel_grad:
                 drel_part = drel_part.view(g.b, g.heads, g.n_tiles, g.kk, g.d)
                 dims = (0, 2) if rel.dim() == 4 else (0, 1, 2)
@@ -511,10 +564,11 @@ class _TritonNeighborhoodAttention(torch.autograd.Function):
         if need_k or need_v:
             dk = torch.empty_like(k)
             dv = torch.empty_like(v)
-            _bwd_dkv_kernel[g.grid](
-                q, k, v, rel_arg, mask_arg, lse, d_out, delta, dw_arg, dk, dv,
-                g.h, g.w, g.heads, g.n_tw, rel_head_stride,
-                HAS_REL=rel is not None, HAS_WM=mask is not None, HAS_DW=has_dw, **g.consts, **g.launch())
+            with _on_device(q):
+                _bwd_dkv_kernel[g.grid](
+                    q, k, v, rel_arg, mask_arg, lse, d_out, delta, dw_arg, dk, dv,
+                    g.h, g.w, g.heads, g.n_tw, g.n_tiles, rel_head_stride,
+                    HAS_REL=rel is not None, HAS_WM=mask is not None, HAS_DW=has_dw, **g.consts, **g.launch())
             dk = dk if need_k else None
             dv = dv if need_v else None
         return dq, dk, dv, drel, dmask, None, None, None
@@ -539,6 +593,8 @@ def triton_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, borde
         raise ValueError(f"rel_pos must be (k, k, d) or (heads, k, k, d), got {tuple(rel_pos.shape)}")
     if window_mask is not None and tuple(window_mask.shape) != (heads, kernel_size, kernel_size):
         raise ValueError(f"window_mask must be (heads, k, k), got {tuple(window_mask.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend supports float32, float16 and bfloat16, got {q.dtype}")
     k = k.to(q.dtype)
     v = v.to(q.dtype)
     out, weights = _TritonNeighborhoodAttention.apply(q, k, v, rel_pos, window_mask, kernel_size, border,

@@ -66,7 +66,7 @@ class BlockSelfAttention2d(AttentionLayer, nn.Module):
         q = to_blocks(self.query(x), self.heads, s) * self.scale
         k = to_blocks(self.key(x), self.heads, s)
         v = to_blocks(self.value(x), self.heads, s)
-        dy, dx = pair_offsets(s)
+        dy, dx = (t.to(x.device) for t in pair_offsets(s))
         rel = self.relative()[dy, dx].to(q.dtype)  # (s*s, s*s, d): r[key offset from query]
         logits = q @ k.transpose(-1, -2) + torch.einsum("...qd,qkd->...qk", q, rel)
         if pad_h or pad_w:

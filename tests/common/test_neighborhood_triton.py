@@ -40,7 +40,8 @@ SMALL_TILES = dict(TH=4, TW=4, BN=16)  # forces several query tiles and key chun
 
 # name -> case. Keys: shape (B, heads, H, W, d), dv (value dim, default d), ks, border,
 # rel (None | "shared" | "head"), mask (None | "grad" | "fixed" | "dead_corner"),
-# weights (return_weights), tiles (tile override or None), noncontig, dtype.
+# weights (return_weights), tiles (tile override or None), noncontig, dtype, mixed (rel_pos and
+# window_mask stay fp32 while q, k, v are 16-bit, as under autocast).
 CASES: dict[str, dict] = {
     "k3_mask_plain_w": dict(shape=(2, 2, 5, 7, 4), ks=3, border="mask", weights=True, tiles=SMALL_TILES),
     "k3_zeros_plain": dict(shape=(1, 2, 5, 7, 4), ks=3, border="zeros"),
@@ -61,11 +62,15 @@ CASES: dict[str, dict] = {
                                                      rel="shared", mask="fixed"),
     "k3_odd_dims_noncontig_w": dict(shape=(1, 2, 5, 7, 5), dv=6, ks=3, border="mask", rel="shared",
                                     mask="grad", weights=True, noncontig=True, tiles=SMALL_TILES),
+    "k13_d128_zeros_w": dict(shape=(1, 1, 3, 5, 128), ks=13, border="zeros", rel="head", mask="grad",
+                             weights=True),
     "k1_mask": dict(shape=(1, 2, 3, 4, 4), ks=1, border="mask", rel="head", mask="grad", weights=True),
     "k1_zeros": dict(shape=(1, 2, 3, 4, 4), ks=1, border="zeros", rel="shared"),
     "k3_mask_dead_corner_row": dict(shape=(1, 2, 5, 7, 4), ks=3, border="mask", rel="head",
                                     mask="dead_corner", weights=True),
     "k3_default_tiles_multi": dict(shape=(1, 2, 10, 11, 4), ks=3, border="zeros", rel="head", mask="grad"),
+    "k3_bf16_mixed_params": dict(shape=(1, 2, 5, 7, 8), ks=3, border="zeros", rel="shared", mask="grad",
+                                 weights=True, dtype="bfloat16", mixed=True),
     "k3_fp16": dict(shape=(1, 2, 5, 7, 8), ks=3, border="mask", rel="head", mask="grad", weights=True,
                     dtype="float16"),
 }
@@ -123,10 +128,10 @@ def _check_case(name: str, case: dict, device: str) -> dict:
     ks, border, want_w = case["ks"], case["border"], case.get("weights", False)
     mask_grad = case.get("mask") in ("grad",)
 
-    def leaves(cast):
+    def leaves(cast, cast_params):
         out = [cast(t).detach().requires_grad_(True) for t in (q, k, v)]
-        out.append(cast(rel).detach().requires_grad_(True) if rel is not None else None)
-        out.append(cast(mask).detach().requires_grad_(mask_grad) if mask is not None else None)
+        out.append(cast_params(rel).detach().requires_grad_(True) if rel is not None else None)
+        out.append(cast_params(mask).detach().requires_grad_(mask_grad) if mask is not None else None)
         return out
 
     def as_dtype(t):
@@ -135,8 +140,8 @@ def _check_case(name: str, case: dict, device: str) -> dict:
             t = t.transpose(0, -1).contiguous().transpose(0, -1)
         return t
 
-    lt = leaves(as_dtype)
-    lr = leaves(lambda t: t.double())
+    lt = leaves(as_dtype, (lambda t: t.float()) if case.get("mixed") else as_dtype)
+    lr = leaves(lambda t: t.double(), lambda t: t.double())
     nt.TILE_OVERRIDE = case.get("tiles")
     t0 = time.time()
     try:
@@ -160,9 +165,9 @@ def _check_case(name: str, case: dict, device: str) -> dict:
 
     errors, bad = {}, []
 
-    def compare(key, a, r):
-        if a.shape != r.shape or a.dtype != dtype:
-            bad.append(f"{key}: shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(r.shape)} {dtype}")
+    def compare(key, a, r, want_dtype=dtype):
+        if a.shape != r.shape or a.dtype != want_dtype:
+            bad.append(f"{key}: shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(r.shape)} {want_dtype}")
             return
         a = a.double()
         if not torch.isfinite(a).all():
@@ -174,7 +179,7 @@ def _check_case(name: str, case: dict, device: str) -> dict:
     if want_w:
         compare("weights", outs_t[1], outs_r[1])
     for i, gt, gr in zip(idx, grads_t, grads_r):
-        compare("d" + names[i], gt, gr)
+        compare("d" + names[i], gt, gr, lt[i].dtype)
     tol = TOL[str(dtype).split(".")[-1]]
     ok = not bad and all(e <= tol for e in errors.values())
     return dict(name=name, ok=ok, tol=tol, errors=errors, problems=bad, seconds=round(seconds, 3))
