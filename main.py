@@ -32,7 +32,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-               epilog="Tasks:\n\n" + "\n\n".join(f"  {name:<10} {text}" for name, text in TASKS.items()))
+               epilog="\b\nTasks:\n" + "\n".join(f"  {name:<10} {text}" for name, text in TASKS.items())
+               + "\n\n\b\nExamples:\n  python main.py --config configs/quickstart.yaml --task train\n"
+               "  python main.py --config configs/quickstart.yaml --resume --set train.epochs=20\n"
+               "  python main.py --task eval --load runs/quickstart/<timestamp>\n"
+               "  torchrun --nproc_per_node 8 main.py --config configs/baselines/resnet18_cifar10.yaml")
 @click.option("--config", "configs", multiple=True, metavar="YAML",
               help="Config file (repeat with --task time to compare models).")
 @click.option("--task", type=click.Choice(list(TASKS)), default="train", show_default=True, help="What to do.")
