@@ -321,6 +321,8 @@ class Trainer:
                 st.best_val_acc, st.best_epoch = val_acc, st.epoch + 1
                 self.best_state = copy.deepcopy(self.eval_model.state_dict())
                 record["new_best"] = True
+        model_metrics = self.hooks.epoch_metrics()
+        record.update(model_metrics)
         self.log.info(self._epoch_line(record))
         return record
 
@@ -348,14 +350,17 @@ class Trainer:
                     model.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
                 broadcast_module(model)
         test_loss, test_acc = evaluate(model, self.data.test, self.device, self.amp_dtype, tc.channels_last)
+        model_metrics = self.hooks.epoch_metrics()
         summary = {
             "run_dir": str(self.run_dir), "config": self.cfg.name, "model": self.cfg.model.name,
             "dataset": self.cfg.data.dataset, "params": self.params, "epochs": st.epoch,
             "best_val_acc": st.best_val_acc, "best_epoch": st.best_epoch,
             "test_acc": test_acc, "test_loss": test_loss, "test_checkpoint": source,
             "wall_time_s": elapsed_s, "world_size": self.dist.world, "device": str(self.device),
+            "model_metrics": model_metrics,
         }
         if self.dist.is_main:
+            self.hooks.training_figures(self.run_dir, self.log.history())
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.log.info(format_summary(summary))
         return summary
@@ -370,6 +375,7 @@ def format_summary(s: dict) -> str:
         f"best val acc   {best}",
         f"test acc       {100 * s['test_acc']:.2f}% ({s['test_checkpoint']} checkpoint)",
         f"epochs         {s['epochs']}",
+        *(f"{key:<14} {value:.4g}" for key, value in s.get("model_metrics", {}).items()),
         f"wall time      {_format_duration(s['wall_time_s'])}",
         f"run folder     {s['run_dir']}",
     ]

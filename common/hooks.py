@@ -4,12 +4,20 @@ Any submodule may define:
 - `extra_loss(self) -> Tensor`: a scalar added to the task loss at every step
   (e.g. adaptive span's span penalty);
 - `after_optimizer_step(self) -> None`: called after every optimiser step
-  (e.g. clamping span parameters to [0, 1]).
+  (e.g. clamping span parameters to [0, 1]);
+- `epoch_metrics(self) -> dict[str, float]`: numbers to log at the end of every
+  epoch and in the final summary (e.g. learned spans), keyed by a name that is
+  prefixed with the module's path in the model;
+- `training_figures(self, run_dir, history) -> None`: called once on the main
+  rank when training ends, with the list of per-epoch metric records, to draw
+  figures into the run folder (e.g. spans over epochs). Modules of the same
+  class are asked once (the first one), so a figure can cover every layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,12 +27,22 @@ from torch import nn
 class ModelHooks:
     loss_terms: list[nn.Module]
     after_step: list[nn.Module]
+    metrics: list[tuple[str, nn.Module]]
+    figures: list[nn.Module]
 
     @classmethod
     def collect(cls, model: nn.Module) -> "ModelHooks":
-        modules = list(model.modules())
+        named = list(model.named_modules())
+        modules = [m for _, m in named]
+        figure_types, figures = set(), []
+        for m in modules:
+            if callable(getattr(m, "training_figures", None)) and type(m) not in figure_types:
+                figure_types.add(type(m))
+                figures.append(m)
         return cls(loss_terms=[m for m in modules if callable(getattr(m, "extra_loss", None))],
-                   after_step=[m for m in modules if callable(getattr(m, "after_optimizer_step", None))])
+                   after_step=[m for m in modules if callable(getattr(m, "after_optimizer_step", None))],
+                   metrics=[(name, m) for name, m in named if callable(getattr(m, "epoch_metrics", None))],
+                   figures=figures)
 
     def extra_loss(self) -> torch.Tensor | None:
         if not self.loss_terms:
@@ -35,3 +53,14 @@ class ModelHooks:
     def after_optimizer_step(self) -> None:
         for m in self.after_step:
             m.after_optimizer_step()
+
+    def epoch_metrics(self) -> dict[str, float]:
+        out = {}
+        for name, m in self.metrics:
+            for key, value in m.epoch_metrics().items():
+                out[f"{name}/{key}" if name else key] = float(value)
+        return out
+
+    def training_figures(self, run_dir: Path, history: list[dict]) -> None:
+        for m in self.figures:
+            m.training_figures(run_dir, history)

@@ -36,6 +36,12 @@ class RunLogger:
                 if line.strip() and json.loads(line).get("epoch", -1) < epoch]
         self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
+    def history(self) -> list[dict]:
+        """Every epoch record logged so far (across resumes)."""
+        if self.metrics_path is None or not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
     def progress(self, total: int, initial: int, description: str):
         """A tqdm bar over one epoch's steps (a no-op object in quiet mode)."""
         return tqdm(total=total, initial=initial, desc=description, disable=self.quiet, leave=False,

@@ -164,6 +164,12 @@ class SpanLike(nn.Module):
         self.after_calls += 1
         self.z.clamp_(0.5, 1.0)
 
+    def epoch_metrics(self):
+        return {f"z{i}": v for i, v in enumerate(self.z.tolist())}
+
+    def training_figures(self, run_dir, history):
+        (run_dir / "z.txt").write_text(" ".join(str(r["span/z0"]) for r in history))
+
 
 def test_model_hooks_add_loss_and_run_after_each_step(write_config, tmp_path):
     created = {}
@@ -184,11 +190,14 @@ def test_model_hooks_add_loss_and_run_after_each_step(write_config, tmp_path):
         return net
 
     try:
-        cfg = load_config(write_config({"model": {"name": "test_hooked"}, "train": {"epochs": 1}}))
-        tasks.train(cfg, output=str(tmp_path / "run"))
+        cfg = load_config(write_config({"model": {"name": "test_hooked"}, "train": {"epochs": 2}}))
+        summary = tasks.train(cfg, output=str(tmp_path / "run"))
         span = created["span"]
-        assert span.after_calls == 4  # 128 training samples / batch 32
+        assert span.after_calls == 8  # 128 training samples / batch 32, two epochs
         assert torch.equal(span.z.detach(), torch.full((4,), 0.5))  # the penalty pushed z down, the clamp held it
+        records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["span/z3"] for r in records] == [0.5, 0.5] and summary["model_metrics"]["span/z0"] == 0.5
+        assert (tmp_path / "run" / "z.txt").read_text() == "0.5 0.5"
     finally:
         MODELS._entries.pop("test_hooked")
 
