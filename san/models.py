@@ -1,0 +1,156 @@
+"""SAN10/15/19, pairwise and patchwise: the networks of the paper's Table 1, and a CIFAR layout.
+
+Network (the official architecture, whose parameter counts these reproduce exactly):
+
+    stem     1x1 conv 3 -> 64 (no bias), BN, ReLU
+    stage s  [2x2 max pool], 1x1 conv (no bias) to width c_s, n_s SAN bottlenecks, BN, ReLU
+             widths 64, 256, 512, 1024, 2048; kernels 3, 7, 7, 7, 7
+    head     global average pool, linear
+
+SAN bottleneck (pre-activation): x + conv1x1(ReLU(BN(SA(ReLU(BN(x)))))) with SA the self-attention
+operation on rel_planes = c/16, out_planes = mid = c/4, share_planes = 8; the 1x1 conv (mid -> c)
+has a bias, as in the official code.
+
+Layouts (`stem`): "imagenet" pools before every stage, 224 -> 112, 56, 28, 14, 7. At 32x32 that
+gives 16, 8, 4, 2, 1, and reflection padding of 3 cannot work below 4x4 (the official code
+crashes). "cifar" drops the first two pools, the way CIFAR ResNets drop the ImageNet stem's /4:
+stages run at 32, 32, 16, 8, 4, each still larger than the window radius 3.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from common.registry import ArgumentError, register_model
+from san.attention import DEFAULT_RELATION, MODES, SelfAttention2d
+from san.footprint import PADDINGS
+
+DEPTHS = {10: (2, 1, 2, 4, 1), 15: (3, 2, 3, 5, 2), 19: (3, 3, 4, 6, 3)}
+WIDTHS = (64, 256, 512, 1024, 2048)
+KERNELS = (3, 7, 7, 7, 7)
+LAYOUTS = {"imagenet": (True, True, True, True, True), "cifar": (False, False, True, True, True)}  # pool per stage
+
+
+def _norm_act(channels: int) -> list[nn.Module]:
+    return [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+
+
+class Bottleneck(nn.Module):
+    """The pre-activation SAN block of width c: BN-ReLU, self-attention to c/4, BN-ReLU, 1x1 conv to c, + x."""
+
+    def __init__(self, channels: int, kernel_size: int, **attention):
+        super().__init__()
+        mid = channels // 4
+        self.norm_in = nn.Sequential(*_norm_act(channels))
+        self.attention = SelfAttention2d(channels, channels // 16, mid, kernel_size, **attention)
+        self.norm_mid = nn.Sequential(*_norm_act(mid))
+        self.expand = nn.Conv2d(mid, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.expand(self.norm_mid(self.attention(self.norm_in(x))))
+
+
+class SAN(nn.Module):
+    """Stem, stages of SAN bottlenecks, pool, classifier; see the module docstring.
+
+    `attention` options (mode, relation, padding, position, share_planes, backend) go to every
+    self-attention layer. `pools` says which stages are entered by a 2x2 max pool.
+    """
+
+    def __init__(self, layers: Sequence[int], widths: Sequence[int] = WIDTHS, kernels: Sequence[int] = KERNELS,
+                 pools: Sequence[bool] = LAYOUTS["imagenet"], num_classes: int = 1000, in_chans: int = 3,
+                 **attention):
+        super().__init__()
+        if not len(layers) == len(widths) == len(kernels) == len(pools):
+            raise ValueError("layers, widths, kernels and pools need one entry per stage")
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 1, bias=False), *_norm_act(widths[0]))
+        stages, channels = [], widths[0]
+        for depth, width, kernel_size, pooled in zip(layers, widths, kernels, pools):
+            stages.append(nn.Sequential(nn.MaxPool2d(2) if pooled else nn.Identity(),
+                                        nn.Conv2d(channels, width, 1, bias=False),
+                                        *[Bottleneck(width, kernel_size, **attention) for _ in range(depth)],
+                                        *_norm_act(width)))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # The project's backbone convention (common/resnet.py): Kaiming fan-out convs, unit BN.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
+
+
+def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True) -> SAN:
+    """SAN-`depth` with `mode` attention; option errors name the option (config files point at it)."""
+    if stem not in LAYOUTS:
+        raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
+    if relation not in MODES[mode]:
+        raise ArgumentError(f"{mode} relation must be one of {', '.join(MODES[mode])}, got {relation!r}",
+                            key="relation")
+    if padding not in PADDINGS:
+        raise ArgumentError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}", key="padding")
+    return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, mode=mode, relation=relation,
+               padding=padding, position=position)
+
+
+PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELATION["patchwise"]
+
+
+@register_model
+def san10_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
+                   padding: str = "reflection", position: bool = True) -> SAN:
+    """SAN10 pairwise (blocks 2,1,2,4,1): 10,531,848 parameters on ImageNet with subtraction."""
+    return san(10, "pairwise", num_classes, stem, relation, padding, position)
+
+
+@register_model
+def san15_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
+                   padding: str = "reflection", position: bool = True) -> SAN:
+    """SAN15 pairwise (blocks 3,2,3,5,2): 14,065,436 parameters on ImageNet with subtraction."""
+    return san(15, "pairwise", num_classes, stem, relation, padding, position)
+
+
+@register_model
+def san19_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
+                   padding: str = "reflection", position: bool = True) -> SAN:
+    """SAN19 pairwise (blocks 3,3,4,6,3): 17,596,156 parameters on ImageNet with subtraction."""
+    return san(19, "pairwise", num_classes, stem, relation, padding, position)
+
+
+@register_model
+def san10_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
+                    padding: str = "reflection") -> SAN:
+    """SAN10 patchwise (blocks 2,1,2,4,1): 11,841,124 parameters on ImageNet with concatenation."""
+    return san(10, "patchwise", num_classes, stem, relation, padding)
+
+
+@register_model
+def san15_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
+                    padding: str = "reflection") -> SAN:
+    """SAN15 patchwise (blocks 3,2,3,5,2): 16,181,310 parameters on ImageNet with concatenation."""
+    return san(15, "patchwise", num_classes, stem, relation, padding)
+
+
+@register_model
+def san19_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
+                    padding: str = "reflection") -> SAN:
+    """SAN19 patchwise (blocks 3,3,4,6,3): 20,518,470 parameters on ImageNet with concatenation."""
+    return san(19, "patchwise", num_classes, stem, relation, padding)
