@@ -1,0 +1,101 @@
+"""Adaptive span: a layer with small learned spans computes a small window, so it costs less than at full span.
+
+    python bench/adaptive_span.py [--device cpu|cuda] [--batch 8] [--repeats 7] [--threads 2] [--backend auto]
+
+One AdaptiveSpanAttention2d layer, 64 -> 64 channels as 4 heads, a 32x32 map, largest span S = 8, ramp R = 2,
+fp32, border="mask". Three settings of the same layer, forward+backward (the median of --repeats runs after
+warm-up, in interleaved rounds so that load from other processes hits all of them alike):
+
+- full:  z = 1 for every head -> window 2S + 1 = 17;
+- small: z = 0.1 -> S z + R = 2.8 -> window 5;
+- local5: the fixed-window layer with k = 5 (no mask): what the small window costs without the mask.
+
+Everything is printed as a ratio measured in this process; nothing is asserted. The PASS/FAIL line reports the
+target: the small-span layer is faster than the full-span one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d  # noqa: E402
+
+CHANNELS, HEADS, SIZE, MAX_SPAN, RAMP = 64, 4, 32, 8, 2.0
+
+
+def timed_rounds(steps: dict, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each step(), with the steps run in interleaved rounds."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(batch: int, device: torch.device, repeats: int, backend: str) -> bool:
+    torch.manual_seed(0)
+    layers = {}
+    for name, z in (("full", 1.0), ("small", 0.1)):
+        torch.manual_seed(0)  # the same weights in both
+        m = AdaptiveSpanAttention2d(CHANNELS, CHANNELS, heads=HEADS, max_span=MAX_SPAN, R=RAMP, span_init=z,
+                                    backend=backend).to(device)
+        layers[name] = m
+    layers["local5"] = LocalAttention2d(CHANNELS, CHANNELS, kernel_size=5, heads=HEADS, backend=backend).to(device)
+    x = torch.randn(batch, CHANNELS, SIZE, SIZE, device=device, requires_grad=True)
+
+    def step_of(m):
+        def step():
+            m(x).sum().backward()
+        return step
+
+    times = timed_rounds({name: step_of(m) for name, m in layers.items()}, repeats, device)
+    windows = {name: m.window(SIZE, SIZE) for name, m in layers.items()}
+    print(f"\nB={batch}, {CHANNELS} channels, {HEADS} heads, {SIZE}x{SIZE}, S={MAX_SPAN}, R={RAMP:g}, fp32, "
+          f"backend={backend}, device={device}, threads={torch.get_num_threads()}, median of {repeats}")
+    print(f"{'layer':<8} {'window':>7} {'fwd+bwd ms':>11} {'full / this':>12}")
+    for name, t in times.items():
+        print(f"{name:<8} {windows[name]:>4}x{windows[name]:<2} {t * 1e3:>11.1f} {times['full'] / t:>12.2f}")
+    ratio = times["full"] / times["small"]
+    ok = ratio > 1.0
+    print(f"{'PASS' if ok else 'FAIL'} small spans are cheaper: full span / small span = {ratio:.2f}x "
+          f"(window {windows['full']} vs {windows['small']}; target > 1)")
+    return ok
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
+    parser.add_argument("--backend", default="auto", help="neighbourhood-attention backend (auto, tiled, reference)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    run(args.batch, device, args.repeats, args.backend)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
