@@ -1,6 +1,6 @@
 """Attention Augmented Convolutional Networks (Bello et al. 2019).
 
-Importing the package registers the mixers `aa` and `unaugmented` and the
+Importing the package registers the mixer `aa` and the
 models aa_resnet50, aa_wrn28_10, cnn3 and aa_cnn3.
 """
 

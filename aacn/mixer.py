@@ -16,7 +16,6 @@ import math
 
 from aacn.layer import AugmentedConv2d
 from common.registry import register_mixer
-from common.resnet import ConvMixer
 
 
 def attention_widths(out_channels: int, kappa: float, upsilon: float, heads: int,
@@ -36,22 +35,10 @@ def aa_mixer(in_channels: int, out_channels: int, stride: int = 1, kappa: float 
              max_size: int | tuple[int, int] = 64) -> AugmentedConv2d:
     """The backbone's spatial mixer slot filled with an attention-augmented convolution.
 
-    max_size: the largest attention grid of any layer built with these options
-    (the backbone passes one set of options to every stage, so every layer's
-    tables are sized for the largest grid; see AugmentedConv2d).
+    max_size: the largest attention grid of the layers built with these options
+    (a network gives each stage its own options, sized for that stage's grid;
+    see AugmentedConv2d).
     """
     dk, dv = attention_widths(out_channels, kappa, upsilon, heads, min_key_head_dim)
     return AugmentedConv2d(in_channels, out_channels, kernel_size, dk, dv, heads, relative=relative,
                            stride=stride, max_size=max_size)
-
-
-@register_mixer(name="unaugmented")
-def unaugmented_mixer(in_channels: int, out_channels: int, stride: int = 1, kappa: float = 0.2,
-                      upsilon: float = 0.1, heads: int = 8, min_key_head_dim: int = 20, relative: bool = True,
-                      kernel_size: int = 3, max_size: int | tuple[int, int] = 64) -> ConvMixer:
-    """A plain k x k conv for the stages an AA network leaves alone (AA-ResNet-50's first stage).
-
-    It takes the `aa` options and ignores all but kernel_size, because the
-    backbone passes one `mixer_kwargs` to every stage and `conv` would reject them.
-    """
-    return ConvMixer(in_channels, out_channels, stride=stride, kernel_size=kernel_size)

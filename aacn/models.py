@@ -14,10 +14,8 @@ least 20 dimensions per key head, relative logits (see `aacn.mixer`).
   public code augments all 28 convs and has 206M parameters): 36.33M
   parameters (paper 36.2M, WRN-28-10 36.5M).
 
-The relative tables of every layer are sized for the network's largest
-attention grid (the backbone gives every stage the same mixer options), so
-later stages carry some offsets their grids never reach: 12k parameters in
-aa_resnet50, 13k in aa_wrn28_10.
+Each stage gets its own mixer options, so every layer's relative tables are
+sized for its own stage's attention grid.
 """
 
 from __future__ import annotations
@@ -39,13 +37,14 @@ def aa_resnet50(num_classes: int = 1000, image_size: int = 224, kappa: float = 0
                 heads: int = 8, min_key_head_dim: int = 20, relative: bool = True, in_chans: int = 3) -> ResNet:
     """AA-ResNet-50: bottleneck [3,4,6,3], the last three stages' 3x3 convs augmented; 25.8M parameters.
 
-    image_size: the largest input side; it sizes the relative tables for the
-    second stage's grid, ceil(image_size / 8) (28 at 224).
+    image_size: the largest input side; it sizes each stage's relative tables
+    for that stage's grid (28, 14, 7 at 224).
     """
-    options = aa_options(kappa, upsilon, heads, min_key_head_dim, relative, max_size=math.ceil(image_size / 8))
+    grids = [math.ceil(image_size / 2 ** s) for s in (3, 4, 5)]  # stages 2-4: 28, 14, 7 at 224
+    options = [{}] + [aa_options(kappa, upsilon, heads, min_key_head_dim, relative, max_size=g) for g in grids]
     return ResNet(block="bottleneck", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem="imagenet",
                   stem_width=64, num_classes=num_classes, in_chans=in_chans,
-                  mixer=["unaugmented", "aa", "aa", "aa"], mixer_kwargs=options, downsample="stride")
+                  mixer=["conv", "aa", "aa", "aa"], mixer_kwargs=options, downsample="stride")
 
 
 @register_model
@@ -56,6 +55,7 @@ def aa_wrn28_10(num_classes: int = 100, dropout: float = 0.0, image_size: int = 
 
     image_size: the largest input side, the first stage's grid (32 on CIFAR).
     """
-    options = aa_options(kappa, upsilon, heads, min_key_head_dim, relative, max_size=image_size)
+    options = [aa_options(kappa, upsilon, heads, min_key_head_dim, relative, max_size=math.ceil(image_size / 2 ** s))
+               for s in (0, 1, 2)]  # the three stages' grids: 32, 16, 8 on CIFAR
     return wrn28_10(num_classes=num_classes, dropout=dropout, mixer="aa", mixer_kwargs=options,
                     basic_mixers="first", in_chans=in_chans)

@@ -148,7 +148,8 @@ class ResNet(nn.Module):
     """Stem, stages of residual blocks, global average pool, linear classifier.
 
     mixer: a mixer name for every stage, or one name per stage.
-    mixer_kwargs: options passed to every mixer (e.g. kernel_size, heads).
+    mixer_kwargs: options passed to every mixer (e.g. kernel_size, heads), or one
+    dict per stage (e.g. attention tables sized for each stage's grid).
     widths: the `planes` of each stage (bottleneck output = 4 x planes).
     preact: pre-activation basic blocks (WRN); the stem then has no BN/ReLU
     and a final BN-ReLU precedes the pool.
@@ -157,7 +158,7 @@ class ResNet(nn.Module):
     def __init__(self, block: str = "bottleneck", layers: Sequence[int] = (3, 4, 6, 3),
                  widths: Sequence[int] = (64, 128, 256, 512), strides: Sequence[int] | None = None,
                  stem: str = "imagenet", stem_width: int = 64, num_classes: int = 1000, in_chans: int = 3,
-                 mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | None = None,
+                 mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | Sequence[dict] | None = None,
                  downsample: str = "stride", preact: bool = False, dropout: float = 0.0,
                  basic_mixers: str = "all", zero_init_residual: bool = False, stem_kwargs: dict | None = None):
         super().__init__()
@@ -167,13 +168,15 @@ class ResNet(nn.Module):
             raise ValueError(f"widths ({len(widths)}) and layers ({len(layers)}) must have the same length")
         strides = tuple(strides) if strides is not None else (1,) + (2,) * (len(layers) - 1)
         mixers = [mixer] * len(layers) if isinstance(mixer, str) else list(mixer)
-        if len(strides) != len(layers) or len(mixers) != len(layers):
-            raise ValueError("strides and per-stage mixers need one entry per stage")
+        options = [mixer_kwargs] * len(layers) if mixer_kwargs is None or isinstance(mixer_kwargs, dict) \
+            else list(mixer_kwargs)
+        if len(strides) != len(layers) or len(mixers) != len(layers) or len(options) != len(layers):
+            raise ValueError("strides, per-stage mixers and per-stage mixer_kwargs need one entry per stage")
         block_cls = BLOCKS[block]
         self.stem = create_stem(stem, in_chans, stem_width, norm_act=not preact, **(stem_kwargs or {}))
         stages, channels = [], stem_width
-        for planes, depth, stride, name in zip(widths, layers, strides, mixers):
-            spec = MixerSpec(name, mixer_kwargs, downsample)
+        for planes, depth, stride, name, kwargs in zip(widths, layers, strides, mixers, options):
+            spec = MixerSpec(name, kwargs, downsample)
             blocks = []
             for i in range(depth):
                 blocks.append(block_cls(channels, planes, stride if i == 0 else 1, spec, preact=preact,
@@ -214,7 +217,7 @@ class ResNet(nn.Module):
 @register_model
 def resnet(block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), widths: Sequence[int] = (64, 128, 256, 512),
            strides: Sequence[int] | None = None, stem: str = "cifar", stem_width: int = 64, num_classes: int = 10,
-           in_chans: int = 3, mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | None = None,
+           in_chans: int = 3, mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | Sequence[dict] | None = None,
            downsample: str = "stride", preact: bool = False, dropout: float = 0.0, basic_mixers: str = "all",
            zero_init_residual: bool = False, stem_kwargs: dict | None = None) -> ResNet:
     """Any ResNet from its configuration: the way to define small or custom networks in YAML."""
@@ -265,7 +268,8 @@ def resnet50(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv
 
 
 @register_model
-def wrn28_10(num_classes: int = 100, dropout: float = 0.0, mixer: str = "conv", mixer_kwargs: dict | None = None,
+def wrn28_10(num_classes: int = 100, dropout: float = 0.0, mixer: str | Sequence[str] = "conv",
+             mixer_kwargs: dict | Sequence[dict] | None = None,
              basic_mixers: str = "all", in_chans: int = 3) -> ResNet:
     """Wide ResNet-28-10 (Zagoruyko & Komodakis): pre-activation basic blocks, 4 per stage, widths 160/320/640."""
     return ResNet(block="basic", layers=(4, 4, 4), widths=(160, 320, 640), strides=(1, 2, 2), stem="cifar",

@@ -73,3 +73,11 @@ def test_zero_init_residual_makes_blocks_identity_at_init():
     x = torch.randn(1, 3, 16, 16)
     stem_out = model.stem(x)
     assert torch.allclose(model.stages(stem_out), stem_out)
+
+
+def test_mixer_options_can_differ_per_stage():
+    model = create_model("resnet", layers=[1, 1], widths=[8, 16], stem_width=8,
+                         mixer_kwargs=[{"kernel_size": 5}, {"kernel_size": 1}])
+    assert model.stages[0][0].mix1.kernel_size == (5, 5) and model.stages[1][0].mix1.kernel_size == (1, 1)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        create_model("resnet", layers=[1, 1], widths=[8, 16], mixer_kwargs=[{}])
