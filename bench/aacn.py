@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aacn import AugmentedConv2d  # noqa: E402
 from aacn.layer import merge_heads, split_heads  # noqa: E402
+from common.memory import SavedTensors  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -59,17 +60,10 @@ def straightforward_forward(layer: AugmentedConv2d, x: torch.Tensor) -> torch.Te
 
 def saved_bytes(fn) -> int:
     """Bytes of the distinct storages autograd saves for backward during fn()."""
-    storages = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedTensors() as saved:
         out = fn()
     del out
-    return sum(storages.values())
+    return saved.bytes
 
 
 def step_seconds(fn, grad: torch.Tensor) -> float:

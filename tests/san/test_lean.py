@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from san import Bottleneck
-from san.saved_memory import SavedTensors
+from common.memory import SavedTensors
 
 
 def pair(channels=64, kernel_size=3, dtype=torch.float64, **attention):
