@@ -18,13 +18,9 @@ from sasa.relative import RelativeEmbedding2d
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, heads*d, H, W) -> (B, heads, H, W, d), contiguous: head h owns channels [h*d, (h+1)*d).
-
-    Contiguous so that every attention backend gets the same memory layout; a strided view broke
-    the tiled backend's backward (an internal `.view`). The copy is small beside the k*k attention.
-    """
+    """(B, heads*d, H, W) -> (B, heads, H, W, d), a view: head h owns channels [h*d, (h+1)*d)."""
     b, c, h, w = t.shape
-    return t.reshape(b, heads, c // heads, h, w).permute(0, 1, 3, 4, 2).contiguous()
+    return t.reshape(b, heads, c // heads, h, w).permute(0, 1, 3, 4, 2)
 
 
 def merge_heads(t: torch.Tensor) -> torch.Tensor:
