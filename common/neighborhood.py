@@ -17,7 +17,8 @@ on the query; at the image border it is clipped, not shifted.
 Backends share this signature; `reference` is the plain unfold formulation and
 the test oracle for the others. `backend="auto"` picks "tiled" on the CPU and, on
 CUDA, "triton" (common/neighborhood_triton.py, imported lazily on the first CUDA
-call and registered if it imports and reports itself available) or else "tiled".
+call and registered if it imports and reports itself available, and trusted once it
+has matched `reference` on a small problem on that device) or else "tiled".
 
 The "tiled" backend (pure PyTorch, a torch.autograd.Function with its own backward)
 ----------------------------------------------------------------------------------
@@ -64,6 +65,7 @@ import contextlib
 import copy
 import functools
 import importlib
+import warnings
 import math
 import threading
 from typing import Callable
@@ -551,13 +553,44 @@ def _ensure_triton() -> bool:
     return True
 
 
+_TRITON_VERIFIED: dict[torch.device, bool] = {}
+
+
+def _triton_verified(device: torch.device) -> bool:
+    """Once per device: do the Triton kernels compile and agree with `reference` (forward and gradients)?
+
+    "auto" only trusts a fused kernel that has passed this on the device at hand; a kernel that fails
+    to compile or disagrees there (a new GPU generation, a Triton upgrade) costs a warning and the
+    tiled backend, not a crash or silently wrong attention. backend="triton" skips the check.
+    """
+    if device not in _TRITON_VERIFIED:
+        gen = torch.Generator(device=device).manual_seed(0)
+        inputs = [torch.randn(2, 2, 6, 7, 8, device=device, generator=gen, requires_grad=True) for _ in range(3)]
+        rel_pos = torch.randn(5, 5, 8, device=device, generator=gen, requires_grad=True)
+        mask = torch.rand(2, 5, 5, device=device, generator=gen).requires_grad_()
+        try:
+            results = []
+            for fn in (BACKENDS["triton"], reference_attention):
+                out = fn(*inputs, 5, rel_pos=rel_pos, window_mask=mask, border="mask")
+                results.append([out, *torch.autograd.grad((out * out).sum(), [*inputs, rel_pos, mask])])
+            ok = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(*results))
+            problem = "disagrees with the reference"
+        except Exception as exc:  # noqa: BLE001 - any failure of an untrusted kernel means "do not use it"
+            ok, problem = False, f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        if not ok:
+            warnings.warn(f"neighborhood_attention: the Triton backend {problem} on {device}; "
+                          f"backend='auto' uses 'tiled' instead", RuntimeWarning, stacklevel=3)
+        _TRITON_VERIFIED[device] = ok
+    return _TRITON_VERIFIED[device]
+
+
 def select_backend(q: torch.Tensor, needs_grad: bool, k=None, v=None, kernel_size=None, rel_pos=None,
                    window_mask=None, border: str = "mask", return_weights: bool = False) -> str:
     """The fastest correct backend for this request: on CUDA "triton" for fp32/fp16/bf16 when it is
     registered (lazily, see `_ensure_triton`) and, if the Triton module defines `supports(q, k, v,
     kernel_size, rel_pos=..., window_mask=..., border=..., return_weights=...) -> bool`, that accepts the
     request; otherwise "tiled" (CPU and CUDA, with or without grad)."""
-    if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES and _ensure_triton():
+    if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES and _ensure_triton() and _triton_verified(q.device):
         supports = _TRITON["supports"]
         if supports is None or kernel_size is None or supports(
                 q, k if k is not None else q, v if v is not None else q, kernel_size, rel_pos=rel_pos,

@@ -331,6 +331,7 @@ def _fake_triton(available=True, supports=None):
 def triton_slot(monkeypatch):
     """A clean slate for the lazy Triton registration, restored afterwards."""
     monkeypatch.setattr(nb, "_TRITON", {"tried": False, "supports": None})
+    monkeypatch.setattr(nb, "_triton_verified", lambda device: True)  # the fakes cannot run a self-check
     monkeypatch.delitem(nb.BACKENDS, "triton", raising=False)
     yield lambda module: monkeypatch.setitem(sys.modules, "common.neighborhood_triton", module)
     nb.BACKENDS.pop("triton", None)
@@ -359,6 +360,23 @@ def test_triton_supports_hook_is_consulted(triton_slot):
     triton_slot(_fake_triton(supports=lambda q, k, v, kernel_size, **kw: not kw["return_weights"]))
     assert nb.select_backend(_FakeCuda(), True, kernel_size=7) == "triton"
     assert nb.select_backend(_FakeCuda(), True, kernel_size=7, return_weights=True) == "tiled"
+
+
+@pytest.mark.parametrize("kernel, trusted", [
+    (reference_attention, True),
+    (lambda *a, **kw: reference_attention(*a, **kw) * 1.01, False),  # silently wrong
+    (lambda *a, **kw: 1 / 0, False),  # fails to compile or run
+])
+def test_auto_trusts_a_fused_kernel_only_after_it_matches_the_reference(monkeypatch, kernel, trusted):
+    monkeypatch.setitem(nb.BACKENDS, "triton", kernel)
+    monkeypatch.setattr(nb, "_TRITON_VERIFIED", {})
+    device = torch.device("cpu")  # the check runs on whatever device it is given
+    if trusted:
+        assert nb._triton_verified(device)
+    else:
+        with pytest.warns(RuntimeWarning, match="backend='auto' uses 'tiled' instead"):
+            assert not nb._triton_verified(device)
+    assert nb._TRITON_VERIFIED[device] is trusted  # checked once per device
 
 
 def test_clear_errors():
