@@ -25,20 +25,8 @@ from torch import nn
 from adaptive_span.mask import AdaptiveSpanMask
 from adaptive_span.relative import CroppedRelativeEmbedding2d
 from common.inspect import AttentionLayer, windows_to_dense
-from common.neighborhood import neighborhood_attention
+from common.neighborhood import merge_heads, neighborhood_attention, split_heads
 from common.registry import register_mixer
-
-
-def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, heads*d, H, W) -> (B, heads, H, W, d), contiguous (every backend gets the same layout)."""
-    b, c, h, w = t.shape
-    return t.reshape(b, heads, c // heads, h, w).permute(0, 1, 3, 4, 2).contiguous()
-
-
-def _merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """(B, heads, H, W, d) -> (B, heads*d, H, W)."""
-    b, heads, h, w, d = t.shape
-    return t.permute(0, 1, 4, 2, 3).reshape(b, heads * d, h, w)
 
 
 class LocalAttention2d(AttentionLayer, nn.Module):
@@ -82,9 +70,9 @@ class LocalAttention2d(AttentionLayer, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         k_size = self.window(height, width)
-        q = _split_heads(self.query(x), self.heads) * self.scale
-        k = _split_heads(self.key(x), self.heads)
-        v = _split_heads(self.value(x), self.heads)
+        q = split_heads(self.query(x), self.heads) * self.scale
+        k = split_heads(self.key(x), self.heads)
+        v = split_heads(self.value(x), self.heads)
         rel_pos = self.relative(k_size).to(q.dtype)  # one dtype inside the op under bf16 autocast
         options = dict(rel_pos=rel_pos, window_mask=self.window_mask(k_size), border=self.border,
                        backend=self.backend)
@@ -94,7 +82,7 @@ class LocalAttention2d(AttentionLayer, nn.Module):
             self.record(lambda index: windows_to_dense(weights, k_size, grid, index), grid, grid)
         else:
             out = neighborhood_attention(q, k, v, k_size, **options)
-        return self.pool(_merge_heads(out))
+        return self.pool(merge_heads(out))
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, heads={self.heads}, border={self.border!r}, backend={self.backend!r}"

@@ -17,9 +17,7 @@ target: the small-span layer is faster than the full-span one.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,29 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d  # noqa: E402
+from common.timing import timed_rounds  # noqa: E402
 
 CHANNELS, HEADS, SIZE, MAX_SPAN, RAMP = 64, 4, 32, 8, 2.0
-
-
-def timed_rounds(steps: dict, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each step(), with the steps run in interleaved rounds."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run(batch: int, device: torch.device, repeats: int, backend: str) -> bool:

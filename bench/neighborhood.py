@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 
@@ -55,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import neighborhood as nb  # noqa: E402
 from common.memory import SavedTensors  # noqa: E402
+from common.timing import timed_rounds  # noqa: E402
 
 HEADS, HEAD_DIM, SIZE, KERNEL = 8, 8, 32, 7
 SPEED_TARGET, MEMORY_TARGET = 4.0, 0.25
@@ -66,27 +65,6 @@ def saved_bytes(fn) -> int:
         out = fn()
     del out
     return saved.bytes
-
-
-def timed_rounds(steps: dict, repeats: int, device: torch.device, warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each step(), with the steps run in interleaved rounds."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def run(batch: int, device: torch.device, repeats: int) -> bool:

@@ -501,6 +501,21 @@ def tiled_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, border
     return _TiledAttention.apply(q, k, v, rel_pos, window_mask, kernel_size, border, return_weights, tile)
 
 
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, heads*d, H, W) conv features -> (B, heads, H, W, d), the op's layout, as a view.
+
+    Head h owns channels [h*d, (h+1)*d).
+    """
+    b, c, h, w = t.shape
+    return t.reshape(b, heads, c // heads, h, w).permute(0, 1, 3, 4, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, H, W, d) -> (B, heads*d, H, W), the inverse of `split_heads`."""
+    b, heads, h, w, d = t.shape
+    return t.permute(0, 1, 4, 2, 3).reshape(b, heads * d, h, w)
+
+
 Backend = Callable[..., torch.Tensor]
 BACKENDS: dict[str, Backend] = {"reference": reference_attention, "tiled": tiled_attention}
 

@@ -530,3 +530,30 @@ def write_results(results: list[TimingResult], out_dir: Path) -> tuple[Path, Pat
     json_path.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n", encoding="utf-8")
     md_path.write_text("# Model cost\n\n" + format_table(results) + "\n" + _MD_NOTES, encoding="utf-8")
     return json_path, md_path
+
+
+def timed_rounds(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                 warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each step(), the steps run in interleaved rounds.
+
+    Interleaving makes a burst of load from other processes hit every step
+    alike, so the ratios between steps (what benchmarks report) stay meaningful
+    on a shared machine.
+    """
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

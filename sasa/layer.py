@@ -12,21 +12,9 @@ import torch
 from torch import nn
 
 from common.inspect import AttentionLayer, windows_to_dense
-from common.neighborhood import neighborhood_attention
+from common.neighborhood import merge_heads, neighborhood_attention, split_heads
 from common.registry import register_mixer
 from sasa.relative import RelativeEmbedding2d
-
-
-def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, heads*d, H, W) -> (B, heads, H, W, d), a view: head h owns channels [h*d, (h+1)*d)."""
-    b, c, h, w = t.shape
-    return t.reshape(b, heads, c // heads, h, w).permute(0, 1, 3, 4, 2)
-
-
-def merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """(B, heads, H, W, d) -> (B, heads*d, H, W), the inverse of `split_heads`."""
-    b, heads, h, w, d = t.shape
-    return t.permute(0, 1, 4, 2, 3).reshape(b, heads * d, h, w)
 
 
 class LocalSelfAttention2d(AttentionLayer, nn.Module):
