@@ -192,6 +192,31 @@ if _HAS_TRITON:
         return win, off
 
     @triton.jit
+    def _chunk_scores(q, qr, k_ptr, k_base, c, y0, x0, qy, qx, q_ok, cd, H, W,
+                      D: tl.constexpr, R: tl.constexpr, KS: tl.constexpr, KTW: tl.constexpr, NKT: tl.constexpr,
+                      BN: tl.constexpr, HAS_REL: tl.constexpr, MASK_BORDER: tl.constexpr,
+                      PREC: tl.constexpr, UPCAST: tl.constexpr):
+        """One chunk of BN keys of the tile's halo: the keys, their pixel index and in-image flag, each
+        query's window test and window offset for them, and the scores q . k (+ q . rel_pos[offset])
+        before any masking. `qr` (q . rel_pos for every offset) is only read when HAS_REL."""
+        kj = c + tl.arange(0, BN)
+        ky = y0 - R + kj // KTW
+        kx = x0 - R + kj % KTW
+        kt_ok = kj < NKT
+        k_img = kt_ok & (ky >= 0) & (ky < H) & (kx >= 0) & (kx < W)
+        kp = ky * W + kx
+        kt = tl.load(k_ptr + k_base + kp[:, None] * D + cd[None, :], mask=k_img[:, None] & (cd[None, :] < D),
+                     other=0.0)
+        if MASK_BORDER:
+            win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
+        else:
+            win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
+        s = _mm(q, tl.trans(kt), PREC, UPCAST)
+        if HAS_REL:
+            s += tl.gather(qr, off, 1)
+        return kt, kp, k_img, win, off, s
+
+    @triton.jit
     def _fwd_kernel(
         q_ptr, k_ptr, v_ptr, rel_ptr, m_ptr, out_ptr, lse_ptr, w_ptr,
         H, W, HEADS, n_tw, n_tiles, rel_head_stride,
@@ -221,27 +246,17 @@ if _HAS_TRITON:
             relT = tl.load(rel_ptr + head * rel_head_stride + oo[None, :] * D + cd[:, None],
                            mask=(oo[None, :] < KK) & (cd[:, None] < D), other=0.0)
             qr = _mm(q, relT, PREC, UPCAST)  # [BQ, KKP] fp32
+        else:
+            qr = q  # unused: _chunk_scores reads qr only with HAS_REL
         m_i = tl.full([TH * TW], float("-inf"), tl.float32)
         l_i = tl.zeros([TH * TW], tl.float32)
         acc = tl.zeros([TH * TW, DVP], tl.float32)
         for c in range(0, NKT, BN):
-            kj = c + tl.arange(0, BN)
-            ky = y0 - R + kj // KTW
-            kx = x0 - R + kj % KTW
-            kt_ok = kj < NKT
-            k_img = kt_ok & (ky >= 0) & (ky < H) & (kx >= 0) & (kx < W)
-            kp = ky * W + kx
-            kt = tl.load(k_ptr + bh * HW * D + kp[:, None] * D + cd[None, :],
-                         mask=k_img[:, None] & (cd[None, :] < D), other=0.0)
+            kt, kp, k_img, win, off, s = _chunk_scores(q, qr, k_ptr, bh * HW * D, c, y0, x0, qy, qx, q_ok, cd, H,
+                                                       W, D, R, KS, KTW, NKT, BN, HAS_REL, MASK_BORDER, PREC,
+                                                       UPCAST)
             vt = tl.load(v_ptr + bh * HW * DV + kp[:, None] * DV + cv[None, :],
                          mask=k_img[:, None] & (cv[None, :] < DV), other=0.0)
-            if MASK_BORDER:
-                win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
-            else:
-                win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
-            s = _mm(q, tl.trans(kt), PREC, UPCAST)
-            if HAS_REL:
-                s += tl.gather(qr, off, 1)
             if HAS_WM:
                 s += tl.log(tl.load(m_ptr + head * KK + off, mask=win, other=1.0))
             s = tl.where(win, s, float("-inf"))
@@ -260,21 +275,9 @@ if _HAS_TRITON:
         tl.store(lse_ptr + bh * HW + qp, lse, mask=q_ok)
         if RETURN_W:  # second pass: scatter the normalised weights into (.., k*k) rows
             for c in range(0, NKT, BN):
-                kj = c + tl.arange(0, BN)
-                ky = y0 - R + kj // KTW
-                kx = x0 - R + kj % KTW
-                kt_ok = kj < NKT
-                k_img = kt_ok & (ky >= 0) & (ky < H) & (kx >= 0) & (kx < W)
-                kp = ky * W + kx
-                kt = tl.load(k_ptr + bh * HW * D + kp[:, None] * D + cd[None, :],
-                             mask=k_img[:, None] & (cd[None, :] < D), other=0.0)
-                if MASK_BORDER:
-                    win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
-                else:
-                    win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
-                s = _mm(q, tl.trans(kt), PREC, UPCAST)
-                if HAS_REL:
-                    s += tl.gather(qr, off, 1)
+                kt, kp, k_img, win, off, s = _chunk_scores(q, qr, k_ptr, bh * HW * D, c, y0, x0, qy, qx, q_ok, cd,
+                                                           H, W, D, R, KS, KTW, NKT, BN, HAS_REL, MASK_BORDER,
+                                                           PREC, UPCAST)
                 if HAS_WM:
                     s += tl.log(tl.load(m_ptr + head * KK + off, mask=win, other=1.0))
                 p = tl.exp(tl.where(win, s, float("-inf")) - lse[:, None])
@@ -317,6 +320,8 @@ if _HAS_TRITON:
             rel = tl.load(rel_ptr + head * rel_head_stride + oo[:, None] * D + cd[None, :],
                           mask=(oo[:, None] < KK) & (cd[None, :] < D), other=0.0)  # [KKP, DP]
             qr = _mm(q, tl.trans(rel), PREC, UPCAST)
+        else:
+            qr = q  # unused: _chunk_scores reads qr only with HAS_REL
         # key-tile index of (query qi, window offset o), to gather dS back into offset order
         kidx = ((qi // TW)[:, None] + oo[None, :] // KS) * KTW + (qi % TW)[:, None] + oo[None, :] % KS
         o_ok = (oo < KK)[None, :] & q_ok[:, None]
@@ -324,23 +329,11 @@ if _HAS_TRITON:
         ds_off = tl.zeros([BQ, KKP], tl.float32)
         g_off = tl.zeros([BQ, KKP], tl.float32)
         for c in range(0, NKT, BN):
-            kj = c + tl.arange(0, BN)
-            ky = y0 - R + kj // KTW
-            kx = x0 - R + kj % KTW
-            kt_ok = kj < NKT
-            k_img = kt_ok & (ky >= 0) & (ky < H) & (kx >= 0) & (kx < W)
-            kp = ky * W + kx
-            kt = tl.load(k_ptr + bh * HW * D + kp[:, None] * D + cd[None, :],
-                         mask=k_img[:, None] & (cd[None, :] < D), other=0.0)
+            kt, kp, k_img, win, off, s = _chunk_scores(q, qr, k_ptr, bh * HW * D, c, y0, x0, qy, qx, q_ok, cd, H,
+                                                       W, D, R, KS, KTW, NKT, BN, HAS_REL, MASK_BORDER, PREC,
+                                                       UPCAST)
             vt = tl.load(v_ptr + bh * HW * DV + kp[:, None] * DV + cv[None, :],
                          mask=k_img[:, None] & (cv[None, :] < DV), other=0.0)
-            if MASK_BORDER:
-                win, off = _window(qy, qx, ky, kx, q_ok, k_img, R, KS)
-            else:
-                win, off = _window(qy, qx, ky, kx, q_ok, kt_ok, R, KS)
-            s = _mm(q, tl.trans(kt), PREC, UPCAST)
-            if HAS_REL:
-                s += tl.gather(qr, off, 1)
             s = tl.where(win, s, float("-inf"))
             if HAS_WM:
                 mval = tl.load(m_ptr + head * KK + off, mask=win, other=0.0)
