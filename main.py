@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from common.errors import UserError
+from common.errors import TrainingInterrupted, UserError
 
 TASKS = {
     "train": "train the config's model; writes checkpoints, logs and a summary into the run folder",
@@ -54,8 +54,11 @@ def main(configs, task, overrides, output, resume, load, quiet):
     except UserError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(UserError.exit_code)
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
-        click.echo("interrupted; continue a training run with --resume", err=True)
+        click.echo("aborted; a training run continues from its last checkpoint with --resume", err=True)
         sys.exit(130)
 
 

@@ -15,6 +15,8 @@ import contextlib
 import copy
 import inspect
 import json
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from common.config import Config, config_to_dict
 from common.data import DataBundle, Loader
 from common.distributed import DistInfo, all_reduce_sum, broadcast_module
 from common.ema import ModelEMA
-from common.errors import UserError
+from common.errors import TrainingInterrupted, UserError
 from common.hooks import ModelHooks
 from common.logger import RunLogger
 from common.optim import build_optimizer, build_scheduler
@@ -195,7 +197,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """Ctrl-C or a scheduler's SIGTERM (preemption) ends the current step, saves last.ckpt and stops.
+
+        A second Ctrl-C aborts at once (the previous checkpoint stays intact).
+        """
+        self._stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum, _frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self.log.info(f"{signal.Signals(signum).name}: stopping after this step and saving "
+                          f"(Ctrl-C again to abort without saving)")
+
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_requested(self, at_window_end: bool) -> bool:
+        # With several ranks the decision is a collective, taken at window ends (the same step everywhere).
+        if not self.dist.distributed:
+            return self._stop_signal is not None
+        if not at_window_end:
+            return False
+        flag = torch.tensor([int(self._stop_signal is not None)], device=self.device)
+        return all_reduce_sum(flag).item() > 0
+
     def fit(self) -> dict:
+        with self._stop_on_signals():
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg, st = self.cfg, self.state
         start_time, start_elapsed = time.perf_counter(), st.elapsed_s
         elapsed = lambda: start_elapsed + time.perf_counter() - start_time  # noqa: E731
@@ -260,6 +300,18 @@ class Trainer:
                     st.epoch_sums = sums.tolist() + [epoch_seconds]
                     self._save(ckpt.LAST, elapsed())
                     tick = time.perf_counter()
+            if self._stop_requested(at_window_end=not window):
+                if window:
+                    self._check_finite(torch.stack(window).float(), window_start)
+                bar.close()
+                st.epoch_sums = sums.tolist() + [epoch_seconds + time.perf_counter() - tick]
+                self._save(ckpt.LAST, elapsed())
+                self.log.close()
+                signum = self._stop_signal or signal.SIGTERM
+                raise TrainingInterrupted(
+                    f"{signal.Signals(signum).name}: stopped at epoch {st.epoch + 1} step {st.step_in_epoch}, "
+                    f"saved {self.run_dir / ckpt.LAST}; continue with the same command and --resume "
+                    f"(or --output {self.run_dir})", signum)
         bar.close()
         st.epoch_sums = sums.tolist() + [epoch_seconds]
 

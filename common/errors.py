@@ -10,3 +10,11 @@ class UserError(Exception):
     """Bad input: the message says what is wrong and how to fix it."""
 
     exit_code = 2
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM: the run finished its current step, saved last.ckpt and stopped (exit 128 + signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -312,3 +312,25 @@ def test_an_image_that_does_not_decode_is_a_one_line_error(write_config, tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot decode image") and str(written.corrupt) in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_saves_the_current_step_and_resume_finishes(write_config, tmp_path, signum):
+    path = write_config({"data": {"synthetic": {"train_size": 2000}}, "train": {"epochs": 3, "batch_size": 16},
+                         "log": {"tensorboard": False}})
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), "--config", str(path), "--output", str(out)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "last.ckpt").exists() and time.time() < deadline:  # the first epoch has ended
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert "stopped at epoch" in line and "--resume" in line and "Traceback" not in stderr
+    state = read_state(out / "last.ckpt")["state"]
+    assert f"epoch {state['epoch'] + 1} step {state['step_in_epoch']}," in line  # saved exactly where it stopped
+    resumed = run_main("--config", str(path), "--output", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_state(out / "last.ckpt")["state"]["epoch"] == 3
