@@ -253,6 +253,8 @@ class Trainer:
             st.step_in_epoch = 0
             st.epoch_sums = [0.0, 0.0, 0.0, 0.0]
             self.log.epoch(record, st.global_step)
+            if self.dist.is_main and self.hooks.images:
+                self.log.images(self.hooks.epoch_images(), st.global_step)
             self._save(ckpt.LAST, elapsed())
             if record.get("new_best"):
                 self._save(ckpt.BEST, elapsed())

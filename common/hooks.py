@@ -8,6 +8,9 @@ Any submodule may define:
 - `epoch_metrics(self) -> dict[str, float]`: numbers to log at the end of every
   epoch and in the final summary (e.g. learned spans), keyed by a name that is
   prefixed with the module's path in the model;
+- `epoch_images(self) -> dict[str, Tensor]`: images (C, H, W) in [0, 1] to log to
+  TensorBoard at the end of every epoch on the main rank (e.g. Gaussian heads'
+  contours), keyed like `epoch_metrics`;
 - `training_figures(self, run_dir, history) -> None`: called once on the main
   rank when training ends, with the list of per-epoch metric records, to draw
   figures into the run folder (e.g. spans over epochs). Modules of the same
@@ -28,6 +31,7 @@ class ModelHooks:
     loss_terms: list[nn.Module]
     after_step: list[nn.Module]
     metrics: list[tuple[str, nn.Module]]
+    images: list[tuple[str, nn.Module]]
     figures: list[nn.Module]
 
     @classmethod
@@ -42,6 +46,7 @@ class ModelHooks:
         return cls(loss_terms=[m for m in modules if callable(getattr(m, "extra_loss", None))],
                    after_step=[m for m in modules if callable(getattr(m, "after_optimizer_step", None))],
                    metrics=[(name, m) for name, m in named if callable(getattr(m, "epoch_metrics", None))],
+                   images=[(name, m) for name, m in named if callable(getattr(m, "epoch_images", None))],
                    figures=figures)
 
     def extra_loss(self) -> torch.Tensor | None:
@@ -59,6 +64,14 @@ class ModelHooks:
         for name, m in self.metrics:
             for key, value in m.epoch_metrics().items():
                 out[f"{name}/{key}" if name else key] = float(value)
+        return out
+
+    @torch.no_grad()
+    def epoch_images(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, m in self.images:
+            for key, image in m.epoch_images().items():
+                out[f"{name}/{key}" if name else key] = image
         return out
 
     def training_figures(self, run_dir: Path, history: list[dict]) -> None:

@@ -68,6 +68,13 @@ class RunLogger:
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
+    def images(self, images: dict, step: int) -> None:
+        """TensorBoard images, (C, H, W) tensors in [0, 1]."""
+        if self.writer is not None:
+            for key, image in images.items():
+                self.writer.add_image(key, image, step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

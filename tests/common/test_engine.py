@@ -167,6 +167,9 @@ class SpanLike(nn.Module):
     def epoch_metrics(self):
         return {f"z{i}": v for i, v in enumerate(self.z.tolist())}
 
+    def epoch_images(self):
+        return {"z_image": self.z.detach().view(1, 2, 2).clamp(0, 1)}
+
     def training_figures(self, run_dir, history):
         (run_dir / "z.txt").write_text(" ".join(str(r["span/z0"]) for r in history))
 
@@ -198,6 +201,9 @@ def test_model_hooks_add_loss_and_run_after_each_step(write_config, tmp_path):
         records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [r["span/z3"] for r in records] == [0.5, 0.5] and summary["model_metrics"]["span/z0"] == 0.5
         assert (tmp_path / "run" / "z.txt").read_text() == "0.5 0.5"
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(tmp_path / "run" / "tb")).Reload()
+        assert len(events.Images("span/z_image")) == 2  # one image per epoch
     finally:
         MODELS._entries.pop("test_hooked")
 
