@@ -23,6 +23,17 @@ from common.errors import UserError
 FORMAT = "vision-attention-checkpoint"
 VERSION = 1
 LAST, BEST = "last.ckpt", "best.ckpt"
+EPOCHS_DIR = "epochs"
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """Where `train.keep_every_epochs` keeps the checkpoint of a finished epoch, inside the run folder."""
+    return f"{EPOCHS_DIR}/epoch_{epoch:04d}.ckpt"
+
+
+def epoch_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The kept per-epoch checkpoints of a run folder, in epoch order."""
+    return sorted((Path(run_dir) / EPOCHS_DIR).glob("epoch_*.ckpt"))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -31,6 +42,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
     A crash at any moment leaves either the old or the new file, never a torn one.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:

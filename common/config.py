@@ -106,6 +106,7 @@ class TrainConfig:
     ema_decay: Optional[float] = _bounded(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     bn_momentum: Optional[float] = _bounded(None, lo=0.0, hi=1.0)  # torch convention: 1 - TF's decay
     checkpoint_every_steps: int = _bounded(0, lo=0)  # 0: only at epoch ends
+    keep_every_epochs: int = _bounded(0, lo=0)  # also keep epochs/epoch_NNNN.ckpt every N epochs (0: off)
     eval_every_epochs: int = _bounded(1, lo=1)
 
 

@@ -258,6 +258,9 @@ class Trainer:
             self._save(ckpt.LAST, elapsed())
             if record.get("new_best"):
                 self._save(ckpt.BEST, elapsed())
+            keep = cfg.train.keep_every_epochs
+            if keep and (st.epoch % keep == 0 or st.epoch == cfg.train.epochs):
+                self._save(ckpt.epoch_checkpoint_name(st.epoch), elapsed())
         summary = self._finish(elapsed())
         self.log.close()
         return summary

@@ -340,3 +340,11 @@ def test_sigterm_or_ctrl_c_saves_the_current_step_and_resume_finishes(write_conf
     resumed = run_main("--config", str(path), "--output", str(out))
     assert resumed.returncode == 0, resumed.stderr
     assert read_state(out / "last.ckpt")["state"]["epoch"] == 3
+
+
+def test_keep_every_epochs_keeps_numbered_checkpoints(write_config, tmp_path):
+    cfg = load_config(write_config({"train": {"epochs": 3, "keep_every_epochs": 2}}))
+    tasks.train(cfg, output=str(tmp_path / "run"))
+    kept = ckpt.epoch_checkpoints(tmp_path / "run")
+    assert [p.name for p in kept] == ["epoch_0002.ckpt", "epoch_0003.ckpt"]  # every 2nd, and the last
+    assert [ckpt.load_checkpoint(p)["state"]["epoch"] for p in kept] == [2, 3]
