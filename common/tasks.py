@@ -28,7 +28,7 @@ from common.timing import format_table, measure, write_results
 
 # Keys that may change between a run and its resumption; anything else would silently change the method.
 RESUMABLE_CHANGES = ("name", "output_root", "train.epochs", "train.eval_every_epochs", "train.checkpoint_every_steps",
-                     "log.", "data.root", "data.download", "data.num_workers", "time.")
+                     "train.keep_every_epochs", "log.", "data.root", "data.download", "data.num_workers", "time.")
 
 
 def seed_everything(seed: int) -> None:
