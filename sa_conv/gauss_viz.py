@@ -1,0 +1,207 @@
+"""gauss_viz: where each Gaussian head of a model looks, one panel per layer, one figure per checkpoint.
+
+For the centre query pixel (H // 2, W // 2) of the model's grid, each head h of a layer attends with
+a_h(delta) = -1/2 (delta - Delta_h)^T P_h (delta - Delta_h): a Gaussian N(Delta_h, P_h^-1) over offsets.
+The contour enclosing a fraction m of its mass is the ellipse
+(delta - Delta_h)^T P_h (delta - Delta_h) = -2 ln(1 - m): m = 50% solid, m = 90% dotted (the continuous
+Gaussian's mass; on the integer key grid a very sharp head puts nearly all its weight on one cell, inside
+its small ellipses). Offsets are in grid cells (2 image pixels each after the 2x2 space-to-depth), y down;
+the panel spans the offsets the centre query can reach on the grid, with the query pixel as a black square.
+
+Entry points:
+- `has_gaussian_heads(model)`: whether there is anything to draw;
+- `draw_checkpoints(model, checkpoints, out_dir)`: one PNG per checkpoint (files or run folders), written
+  as gauss_epoch_EEEE.png (EEEE = epochs finished; mid-epoch checkpoints add _stepSSSSSS);
+- `draw_current(model, out_dir)`: one PNG of the model's current weights (no checkpoint);
+- `draw_gaussian_heads(model)`: that figure as a matplotlib Figure (also the per-epoch TensorBoard image).
+
+matplotlib's object API with the Agg canvas: no global backend is changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from common.checkpoint import load_checkpoint
+from common.errors import UserError
+from sa_conv.attention import GaussianScores
+
+MASSES = ((0.5, "-"), (0.9, ":"))  # (mass enclosed, line style)
+
+
+def gaussian_layers(model: nn.Module) -> list[tuple[str, GaussianScores]]:
+    """The Gaussian score modules of the model, in network order, with their module paths."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GaussianScores)]
+
+
+def has_gaussian_heads(model: nn.Module) -> bool:
+    return bool(gaussian_layers(model))
+
+
+def _require_gaussian(model: nn.Module) -> None:
+    if not has_gaussian_heads(model):
+        raise UserError(f"gauss_viz draws Gaussian attention heads, and this model ({type(model).__name__}) has "
+                        f"none; use a quadratic-attention model (sa_quadratic, sa_quadratic_aniso, or sa_conv "
+                        f"with attention: quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml")
+
+
+def ellipse(centre: torch.Tensor, precision: torch.Tensor, mass: float, points: int = 181) -> torch.Tensor:
+    """(points, 2) (y, x) on the contour of N(centre, precision^-1) that encloses `mass`.
+
+    A direction with (near) zero precision is an unbounded band: its radius is clamped to 1e6 cells,
+    which the panel clips.
+    """
+    level = -2.0 * math.log(1.0 - mass)  # the chi-square(2) quantile
+    eigvals, eigvecs = torch.linalg.eigh(precision.double())
+    radii = (level / eigvals.clamp_min(level * 1e-12)).sqrt()
+    t = torch.linspace(0, 2 * math.pi, points, dtype=torch.float64)
+    circle = torch.stack([t.cos(), t.sin()])  # (2, points)
+    return (centre.double()[:, None] + eigvecs @ (radii[:, None] * circle)).t()
+
+
+def _colours(heads: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if heads <= 10 else "tab20"]
+    return [cmap(h % cmap.N) for h in range(heads)]
+
+
+def draw_gaussian_heads(model: nn.Module, title: str | None = None, dpi: int = 100):
+    """A matplotlib Figure (Agg canvas): one panel per layer, every head's 50% and 90% contours."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    _require_gaussian(model)
+    layers = gaussian_layers(model)
+    n = len(layers)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(3.3 * cols, 3.3 * rows + 0.5), dpi=dpi, constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for i, (ax, (name, scores)) in enumerate(zip(axes, layers)):
+        with torch.no_grad():
+            centres = scores.centres.detach().cpu().double()
+            precision = scores.precision().detach().cpu().double()
+        height, width = scores.grid
+        qy, qx = height // 2, width // 2
+        lo_y, hi_y, lo_x, hi_x = -qy - 0.5, height - 1 - qy + 0.5, -qx - 0.5, width - 1 - qx + 0.5
+        for h, colour in enumerate(_colours(scores.heads)):
+            for mass, style in MASSES:
+                pts = ellipse(centres[h], precision[h], mass)
+                ax.plot(pts[:, 1], pts[:, 0], style, color=colour, linewidth=1.2)
+            cy, cx = centres[h].tolist()
+            if lo_y <= cy <= hi_y and lo_x <= cx <= hi_x:
+                ax.plot(cx, cy, ".", color=colour, markersize=4)
+        ax.add_patch(Rectangle((-0.5, -0.5), 1, 1, facecolor="black", edgecolor="black", zorder=3))
+        ax.set_xlim(lo_x, hi_x)
+        ax.set_ylim(hi_y, lo_y)  # y down, as in the image
+        ax.set_aspect("equal")
+        step = max(1, round(max(height, width) / 8))
+        ax.set_xticks(range(-(qx // step) * step, width - qx, step))
+        ax.set_yticks(range(-(qy // step) * step, height - qy, step))
+        ax.set_xticks(range(-qx, width - qx), minor=True)
+        ax.set_yticks(range(-qy, height - qy), minor=True)
+        ax.grid(which="both", color="0.85", linewidth=0.5)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"layer {i + 1}", fontsize=9)
+        if i % cols == 0:
+            ax.set_ylabel("key offset dy (grid cells)", fontsize=7)
+        if i + cols >= n:
+            ax.set_xlabel("key offset dx (grid cells)", fontsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color="0.3", linestyle=style, label=f"{mass:.0%} of the head's mass")
+               for mass, style in MASSES]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle(title or "Gaussian attention heads around the centre query (black)", fontsize=10)
+    return fig
+
+
+def figure_to_tensor(fig) -> torch.Tensor:
+    """(3, H, W) float in [0, 1] from a figure with an Agg canvas (for TensorBoard)."""
+    fig.canvas.draw()
+    rgba = torch.frombuffer(bytearray(fig.canvas.buffer_rgba()), dtype=torch.uint8)
+    width, height = fig.canvas.get_width_height()
+    return rgba.reshape(height, width, 4)[..., :3].permute(2, 0, 1).float() / 255.0
+
+
+def draw_current(model: nn.Module, out_dir: str | Path, name: str = "gauss_init.png", dpi: int = 100) -> Path:
+    """One PNG of the model's current weights (e.g. a fresh init when no checkpoint is given)."""
+    _require_gaussian(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / name
+    draw_gaussian_heads(model, title="Gaussian heads, current weights", dpi=dpi).savefig(png)
+    return png
+
+
+def checkpoint_files(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
+    """Each given file, or every *.ckpt inside a given run folder (recursively); (path, from_folder)."""
+    out = []
+    for item in paths:
+        item = Path(item)
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*.ckpt") if p.is_file())
+            if not found:
+                raise UserError(f"no checkpoint (*.ckpt) in {item}")
+            out += [(p, True) for p in found]
+        elif item.is_file():
+            out.append((item, False))
+        else:
+            raise UserError(f"checkpoint not found: {item}")
+    return out
+
+
+def draw_checkpoints(model: nn.Module, checkpoints: Sequence[str | Path], out_dir: str | Path,
+                     prefer_ema: bool = True, dpi: int = 100) -> list[Path]:
+    """One PNG per checkpoint in `out_dir`, drawn from a copy of `model` loaded with its weights.
+
+    checkpoints: files (each gets its PNG) and/or run folders (every *.ckpt inside, e.g. last.ckpt,
+    best.ckpt and kept per-epoch files; one PNG per distinct saved training position). `prefer_ema` draws the
+    EMA weights when a checkpoint has them (what eval uses). Returns the PNG paths in saved-epoch order.
+    """
+    _require_gaussian(model)
+    files = checkpoint_files(checkpoints)
+    if not files:
+        raise UserError("gauss_viz needs at least one checkpoint (a .ckpt file or a run folder)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).cpu().eval()
+    drawn: dict[tuple, Path] = {}  # (epoch, step in epoch, global step) -> first PNG of that position
+    written: list[tuple[tuple, Path]] = []
+    used_names: set[str] = set()
+    for path, from_folder in files:
+        saved = load_checkpoint(path)
+        state = saved.get("state") or {}
+        position = (int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)), int(state.get("global_step", 0)))
+        if from_folder and position in drawn:
+            continue  # best.ckpt and last.ckpt of the same epoch hold the same weights
+        weights = saved["ema"] if prefer_ema and saved.get("ema") is not None else saved.get("model")
+        try:
+            model.load_state_dict(weights)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"checkpoint {path} does not fit this model ({first[:200]}); check --config") from None
+        epoch, step, _ = position
+        name = f"gauss_epoch_{epoch:04d}" + (f"_step{step:06d}" if step else "")
+        label = f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
+        suffix, n = "", 1
+        while name + suffix in used_names:  # the same position from another file: keep both
+            n += 1
+            suffix = f"_{n}"
+        used_names.add(name + suffix)
+        png = out_dir / f"{name}{suffix}.png"
+        fig = draw_gaussian_heads(model, title=f"Gaussian heads, {label} ({path.name})", dpi=dpi)
+        fig.savefig(png)
+        drawn.setdefault(position, png)
+        written.append((position, png))
+    return [png for _, png in sorted(written, key=lambda item: (item[0], str(item[1])))]
