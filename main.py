@@ -17,7 +17,9 @@ TASKS = {
     "viz": "attention maps averaged over queries, per layer and head",
     "viz_1": "attention maps of one query pixel, per layer and head",
     "gauss_viz": "Gaussian attention heads' contours per checkpoint (sa_conv models)",
-    "time": "params, MACs/FLOPs, throughput, latency and peak memory; several --config give one table",
+    "time": "params, MACs/FLOPs, throughput, latency and peak memory; several --config (or a config list such "
+            "as configs/compare/cifar.yaml) give one table and a throughput-vs-params plot",
+    "report": "table of run folders (--runs): accuracy mean and 95% CI over seeds, next to the paper's number",
 }
 
 
@@ -36,6 +38,9 @@ def _one_line(exc: BaseException) -> str:
                + "\n\n\b\nExamples:\n  python main.py --config configs/quickstart.yaml --task train\n"
                "  python main.py --config configs/quickstart.yaml --resume --set train.epochs=20\n"
                "  python main.py --task eval --load runs/quickstart/<timestamp>\n"
+               "  python main.py --task viz_1 --load runs/<config>/<timestamp> --index 3 --pixel 10 20\n"
+               "  python main.py --task time --config configs/compare/cifar.yaml\n"
+               "  python main.py --task report --runs runs/\n"
                "  torchrun --nproc_per_node 8 main.py --config configs/baselines/resnet18_cifar10.yaml")
 @click.option("--config", "configs", multiple=True, metavar="YAML",
               help="Config file (repeat with --task time to compare models).")
@@ -47,10 +52,21 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--resume", is_flag=True, help="Continue the latest run of this config (or the --output run).")
 @click.option("--load", metavar="DIR|FILE", help="Checkpoint (or run folder) for eval, viz and time.")
 @click.option("--quiet", is_flag=True, help="No progress bar: one line per epoch (for batch jobs).")
-def main(configs, task, overrides, output, resume, load, quiet):
+@click.option("--image", metavar="PATH", help="viz/viz_1: an image file (any format Pillow reads) to look at.")
+@click.option("--index", type=int, metavar="N", help="viz/viz_1: image N of the dataset's test split [default: 0].")
+@click.option("--pixel", type=int, nargs=2, metavar="Y X", help="viz_1: the query pixel [default: the centre].")
+@click.option("--layers", metavar="SPEC", help="viz/viz_1: layers to draw: indices, names or globs, comma-separated "
+                                               "(e.g. 0,3,-1 or 'stages.2.*'), or 'all' [default: at most 8].")
+@click.option("--runs", multiple=True, metavar="DIR", help="report: run folders or folders of run folders "
+                                                           "(--runs A B C, or repeat --runs).")
+@click.argument("more_runs", nargs=-1, metavar="")
+def main(configs, task, overrides, output, resume, load, quiet, image, index, pixel, layers, runs, more_runs):
     """Self-attention as a replacement for convolution: train, evaluate, time and inspect the papers' models."""
     try:
-        run(configs, task, overrides, output, resume, load, quiet)
+        if more_runs and not runs:
+            raise UserError(f"unexpected argument(s): {' '.join(more_runs)} (options start with --; see --help)")
+        run(configs, task, overrides, output, resume, load, quiet, image=image, index=index,
+            pixel=tuple(pixel) if pixel else None, layers=layers, runs=list(runs) + list(more_runs))
     except UserError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(UserError.exit_code)
@@ -62,13 +78,32 @@ def main(configs, task, overrides, output, resume, load, quiet):
         sys.exit(130)
 
 
-def run(configs, task, overrides, output, resume, load, quiet):
+def run(configs, task, overrides, output, resume, load, quiet, image=None, index=None, pixel=None, layers=None,
+        runs=()):
     from common import tasks
-    from common.config import load_config
+    from common.config import expand_config_lists, load_config
 
-    if not configs and not (task == "eval" and load):
+    if task == "report":
+        if not runs:
+            raise UserError("--task report needs --runs DIR [DIR ...] (run folders, or folders that hold them)")
+        if configs:
+            raise UserError("--task report reads each run's own config.yaml; drop --config")
+        from common import report
+
+        report.report(runs, output)
+        return
+    if runs:
+        raise UserError(f"--runs is for --task report, not {task}")
+    viz_options = {"--image": image, "--index": index, "--pixel": pixel, "--layers": layers}
+    given = [name for name, value in viz_options.items() if value is not None]
+    if given and task not in ("viz", "viz_1"):
+        raise UserError(f"{', '.join(given)} only apply to --task viz and viz_1, not {task}")
+    if not configs and not (task in ("eval", "viz", "viz_1") and load):
         raise UserError("--config is required (e.g. --config configs/quickstart.yaml)")
-    cfgs = [load_config(path, overrides) for path in configs]
+    paths, lists = expand_config_lists(configs)
+    if lists and task != "time":
+        raise UserError(f"{lists[0]} is a config list, which only --task time accepts; pass one of its configs")
+    cfgs = [load_config(path, overrides) for path in paths]
     if len(cfgs) > 1 and task != "time":
         raise UserError(f"several --config are only accepted by --task time, not {task}")
     if task == "train":
@@ -80,7 +115,8 @@ def run(configs, task, overrides, output, resume, load, quiet):
     elif task == "time":
         tasks.time_models(cfgs, load=load, output=output)
     else:
-        tasks.visualize(task, cfgs[0], load=load)
+        tasks.visualize(task, cfgs[0] if cfgs else None, load=load, output=output, image=image, index=index,
+                        pixel=pixel, layers=layers)
 
 
 if __name__ == "__main__":

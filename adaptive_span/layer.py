@@ -156,6 +156,12 @@ class AdaptiveSpanAttention2d(LocalAttention2d):
         out["window_px"] = float(2 * self.radius + 1)
         return out
 
+    def viz_overlay(self) -> list[float]:
+        """Each head's effective window radius in pixels of this layer's grid, drawn by the attention figures
+        (`common.viz`): S * z_h + ring_offset, the ring up to which the head's mask is 1 (it then falls to 0
+        over R more pixels)."""
+        return (self.span.spans_px() + self.span.ring_offset).tolist()
+
     def training_figures(self, run_dir: Path, history: list[dict]) -> None:
         from adaptive_span.figures import plot_spans  # matplotlib only when a run ends
 

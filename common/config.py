@@ -115,6 +115,7 @@ class LogConfig:
     quiet: bool = False  # no progress bar: one line per epoch
     every_steps: int = _bounded(10, lo=1)  # progress-bar refresh and non-finite-loss check
     tensorboard: bool = True
+    viz_every_epochs: int = _bounded(0, lo=0)  # the `viz` grid of a fixed val image to TensorBoard every N epochs
 
 
 @dataclass
@@ -160,6 +161,46 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         _set_source(sources, key, value, f"--set {item}")
     raw.setdefault("name", path.stem)
     return build_config(raw, sources, default_source=str(path))
+
+
+def is_config_list(path: str | Path) -> bool:
+    """Whether a YAML file is a config list (`configs: [...]`, e.g. configs/compare/cifar.yaml)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    data = _load_yaml(path)
+    return "configs" in data
+
+
+def expand_config_lists(paths) -> tuple[list[Path], list[Path]]:
+    """The --config arguments with every config list replaced by the configs it names, and the lists found.
+
+    A config list is a YAML file whose one key is `configs:`, a list of config paths relative to the file;
+    `--set` overrides then apply to each listed config.
+    """
+    out, lists = [], []
+    for path in map(Path, paths):
+        if not is_config_list(path):
+            out.append(path)
+            continue
+        lists.append(path)
+        data = _load_yaml(path)
+        extra = sorted(k for k in data if k != "configs")
+        if extra:
+            raise UserError(f"{path}: a config list has only the key 'configs', found {', '.join(map(repr, extra))}; "
+                            f"put settings in the listed configs or pass them with --set")
+        entries = data["configs"]
+        if not isinstance(entries, list) or not entries or not all(isinstance(e, str) for e in entries):
+            raise UserError(f"{path}: 'configs' must be a non-empty list of config paths relative to the file, "
+                            f"got {entries!r}")
+        for entry in entries:
+            target = path.parent / entry
+            if not target.is_file():
+                raise UserError(f"{path}: listed config not found: {entry} (looked at {target})")
+            if is_config_list(target):
+                raise UserError(f"{path}: {entry} is itself a config list; list its configs directly")
+            out.append(target)
+    return out, lists
 
 
 def config_from_dict(raw: dict, source: str = "<dict>") -> Config:

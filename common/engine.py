@@ -255,6 +255,8 @@ class Trainer:
             self.log.epoch(record, st.global_step)
             if self.dist.is_main and self.hooks.images:
                 self.log.images(self.hooks.epoch_images(), st.global_step)
+            if cfg.log.viz_every_epochs and st.epoch % cfg.log.viz_every_epochs == 0 and self.dist.is_main:
+                self._log_attention_figure(st.global_step)
             self._save(ckpt.LAST, elapsed())
             if record.get("new_best"):
                 self._save(ckpt.BEST, elapsed())
@@ -264,6 +266,25 @@ class Trainer:
         summary = self._finish(elapsed())
         self.log.close()
         return summary
+
+    def _log_attention_figure(self, step: int) -> None:
+        """log.viz_every_epochs: the `viz` grid (attention averaged over queries) of a fixed validation image."""
+        from common import viz
+        from common.inspect import has_attention
+
+        if self.log.writer is None or getattr(self, "_viz_off", False):
+            return
+        if not has_attention(self.model):
+            self._viz_off = True
+            self.log.info(f"log.viz_every_epochs: {self.cfg.model.name} has no attention layers; no figure logged")
+            return
+        if getattr(self, "_viz_image", None) is None:
+            loader = self.data.val if self.data.val is not None else self.data.test
+            loader.set_epoch(0)
+            self._viz_image = next(iter(loader))[0][:1]
+        title = f"{self.cfg.name}: {self.cfg.model.name}, epoch {self.state.epoch}"
+        image = viz.tensorboard_image(self.eval_model, self._viz_image, self.data.mean, self.data.std, title)
+        self.log.images({"attention/viz": image}, step)
 
     def _train_epoch(self, elapsed) -> None:
         cfg, st, tc = self.cfg, self.state, self.cfg.train

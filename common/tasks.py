@@ -181,16 +181,66 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
     out_dir = Path(output) if output else Path(cfgs[0].output_root) / "time" / _timestamp()
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = write_results(results, out_dir)
+    from common.report import plot_cost
+
+    plot_path = plot_cost(results, out_dir / "time_vs_params.png")
     print(format_table(results))
-    print(f"wrote {json_path} and {md_path}")
+    print(f"wrote {json_path}, {md_path} and {plot_path}")
     return results
 
 
-def visualize(task: str, cfg: Config, load: str | None = None) -> None:
-    model = _model_for(cfg, load)
+def _checkpoint_run_dir(path: Path) -> Path:
+    """The run folder a checkpoint belongs to (kept per-epoch checkpoints live one folder down)."""
+    folder = path.parent
+    if not (folder / "config.yaml").is_file() and (folder.parent / "config.yaml").is_file():
+        return folder.parent
+    return folder
+
+
+def visualize(task: str, cfg: Config | None, load: str | None = None, output: str | None = None,
+              image: str | None = None, index: int | None = None, pixel: tuple[int, int] | None = None,
+              layers: str | None = None) -> list[Path]:
+    """`viz` / `viz_1`: attention figures of the config's model (random init, or the --load checkpoint).
+
+    The config defaults to the checkpoint's own. Output: --output, else `<run>/viz/` beside the checkpoint,
+    else `runs/<config name>/viz/<timestamp>`.
+    """
+    from common import viz
+
+    path = saved = None
+    if load:
+        path = ckpt.resolve_checkpoint(load)
+        saved = ckpt.load_checkpoint(path)
+        cfg = cfg or config_from_dict(saved["config"], source=str(path))
+    input_size, num_classes = input_spec(cfg.data)
+    seed_everything(cfg.seed)  # the same random-init figures every time
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
     if not has_attention(model):
         raise UserError(f"model '{cfg.model.name}' has no attention layers, so `{task}` has nothing to draw; "
                         f"use a config of an attention model (sasa, adaptive_span, aacn, sa_conv, san or vit)")
-    raise UserError(f"`{task}` figures are not part of this version yet (they land with the visualisation "
-                    f"issue); the attention maps are available through common.inspect.record_attention")
-
+    if task == "gauss_viz":
+        raise UserError(f"`{task}` figures are not part of this version yet (they land with the sa_conv "
+                        f"issue); the attention maps are available through common.inspect.record_attention")
+    if saved is not None:
+        which = _load_weights(model, saved, path)
+        weights = f"weights {path} ({which}, epoch {saved['state']['epoch']})"
+    else:
+        weights = "random init (no --load)"
+    if image is not None and index is not None:
+        raise UserError("give either --image PATH or --index N (an image of the test split), not both")
+    if image is not None:
+        picture = viz.image_from_file(image, cfg.data, input_size, cfg.seed)
+    else:
+        picture = viz.image_from_dataset(cfg.data, 0 if index is None else index, cfg.seed)
+    if output:
+        out_dir = Path(output)
+    elif path is not None:
+        out_dir = _checkpoint_run_dir(path) / "viz"
+    else:
+        out_dir = Path(cfg.output_root) / cfg.name / "viz" / _timestamp()
+    request = viz.VizRequest(task=task, model=model, image=picture, output_dir=out_dir, pixel=pixel,
+                             layers=layers, title=f"{cfg.name}: {cfg.model.name}, {weights}",
+                             model_name=cfg.model.name, device=select_device(cfg.device))
+    written = viz.run(request)
+    print("wrote " + "\n      ".join(str(p) for p in written))
+    return written

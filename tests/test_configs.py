@@ -7,12 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import load_config
+from common.config import expand_config_lists, is_config_list, load_config
 from common.data import input_spec
 from common.engine import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-RUNNABLE = [p for p in CONFIGS if p.name != "metafile.yaml" and "datasets" not in p.parts]
+LISTS = [p for p in CONFIGS if p.name != "metafile.yaml" and is_config_list(p)]  # e.g. configs/compare/cifar.yaml
+RUNNABLE = [p for p in CONFIGS if p.name != "metafile.yaml" and "datasets" not in p.parts and p not in LISTS]
+
+
+@pytest.mark.parametrize("path", LISTS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_config_lists_name_runnable_configs(path):
+    listed, _ = expand_config_lists([path])
+    assert listed and all(p.resolve() in {r.resolve() for r in RUNNABLE} for p in listed)
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(p.parents[1])))
