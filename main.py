@@ -98,7 +98,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
     given = [name for name, value in viz_options.items() if value is not None]
     if given and task not in ("viz", "viz_1"):
         raise UserError(f"{', '.join(given)} only apply to --task viz and viz_1, not {task}")
-    if not configs and not (task in ("eval", "viz", "viz_1") and load):
+    if not configs and not (task in ("eval", "viz", "viz_1", "gauss_viz") and load):
         raise UserError("--config is required (e.g. --config configs/quickstart.yaml)")
     paths, lists = expand_config_lists(configs)
     if lists and task != "time":

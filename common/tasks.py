@@ -219,8 +219,7 @@ def visualize(task: str, cfg: Config | None, load: str | None = None, output: st
         raise UserError(f"model '{cfg.model.name}' has no attention layers, so `{task}` has nothing to draw; "
                         f"use a config of an attention model (sasa, adaptive_span, aacn, sa_conv, san or vit)")
     if task == "gauss_viz":
-        raise UserError(f"`{task}` figures are not part of this version yet (they land with the sa_conv "
-                        f"issue); the attention maps are available through common.inspect.record_attention")
+        return _gauss_viz(cfg, model, load, output)
     if saved is not None:
         which = _load_weights(model, saved, path)
         weights = f"weights {path} ({which}, epoch {saved['state']['epoch']})"
@@ -242,5 +241,24 @@ def visualize(task: str, cfg: Config | None, load: str | None = None, output: st
                              layers=layers, title=f"{cfg.name}: {cfg.model.name}, {weights}",
                              model_name=cfg.model.name, device=select_device(cfg.device))
     written = viz.run(request)
+    print("wrote " + "\n      ".join(str(p) for p in written))
+    return written
+
+
+def _gauss_viz(cfg: Config, model: nn.Module, load: str | None, output: str | None) -> list[Path]:
+    """Gaussian heads' contours: one PNG per checkpoint of --load (a run folder: every kept epoch)."""
+    from sa_conv.gauss_viz import draw_checkpoints, draw_current, has_gaussian_heads
+
+    if not has_gaussian_heads(model):
+        raise UserError(f"`gauss_viz` draws Gaussian attention heads and model '{cfg.model.name}' has none; "
+                        f"use a quadratic-attention model (sa_quadratic, sa_quadratic_aniso)")
+    if load:
+        source = Path(load)
+        run_dir = source if source.is_dir() else _checkpoint_run_dir(source)
+        out_dir = Path(output) if output else run_dir / "gauss_viz"
+        written = draw_checkpoints(model, [source], out_dir)
+    else:
+        out_dir = Path(output) if output else Path(cfg.output_root) / cfg.name / "gauss_viz" / _timestamp()
+        written = [draw_current(model, out_dir)]
     print("wrote " + "\n      ".join(str(p) for p in written))
     return written

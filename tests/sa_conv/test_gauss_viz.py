@@ -103,3 +103,25 @@ def test_epoch_image_hook():
     assert image.dim() == 3 and image.shape[0] == 3 and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.min() < 0.5  # not blank
     assert tiny("sa_learned", layers=1).epoch_images() == {}
+
+
+def test_gauss_viz_task_follows_a_training_run_epoch_by_epoch(write_config, tmp_path):
+    from tests.helpers import run_main
+
+    path = write_config({"model": {"name": "sa_quadratic", "layers": 2, "heads": 4, "hidden": 8,
+                                   "intermediate": 8, "image_size": 16},
+                         "train": {"epochs": 2, "keep_every_epochs": 1}, "log": {"tensorboard": False}})
+    run = tmp_path / "run"
+    assert run_main("--config", str(path), "--output", str(run)).returncode == 0
+    result = run_main("--task", "gauss_viz", "--load", str(run))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (run / "gauss_viz").glob("*.png")) == ["gauss_epoch_0001.png",
+                                                                         "gauss_epoch_0002.png"]
+    conv = write_config({"train": {"epochs": 1}}, name="conv")
+    refused = run_main("--config", str(conv), "--task", "gauss_viz")
+    assert refused.returncode == 2 and "has no attention layers" in refused.stderr
+    sasa = write_config({"model": {"name": "resnet", "layers": [1], "widths": [8], "stem_width": 8,
+                                   "mixer": "sasa", "mixer_kwargs": {"kernel_size": 3, "heads": 2}}}, name="sasa")
+    refused = run_main("--config", str(sasa), "--task", "gauss_viz", "--output", str(tmp_path / "g"))
+    assert refused.returncode == 2 and "has none; use a quadratic-attention model" in refused.stderr
+    assert not (tmp_path / "g").exists()
