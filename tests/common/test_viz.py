@@ -16,11 +16,20 @@ from common import tasks, viz
 from common.config import load_config
 from common.errors import UserError
 from common.inspect import AttentionLayer, record_attention, windows_to_dense
+from common.registry import create_model
 from common.resnet import ResNet
 from tests.helpers import run_main
 
 SASA = {"name": "resnet", "block": "bottleneck", "layers": [1, 1], "widths": [8, 16], "stem": "attention_cifar",
         "stem_width": 8, "mixer": "sasa", "mixer_kwargs": {"kernel_size": 3, "heads": 2}, "downsample": "avgpool"}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures built directly by the tests are closed after each (viz.run closes its own)."""
+    yield
+    import matplotlib.pyplot as plt
+    plt.close("all")
 
 
 def tiny_models() -> dict:
@@ -38,6 +47,8 @@ def tiny_models() -> dict:
         "san_pairwise": SAN((1, 1), widths=(32, 64), kernels=(3, 5), pools=(False, True), num_classes=3),
         "san_patchwise": SAN((1, 1), widths=(32, 64), kernels=(3, 5), pools=(False, True), num_classes=3,
                              mode="patchwise"),
+        "sa_conv": create_model("sa_quadratic", num_classes=3, layers=2, heads=4, hidden=8, intermediate=8,
+                                image_size=16),
     }
 
 
