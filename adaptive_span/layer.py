@@ -24,8 +24,8 @@ from torch import nn
 
 from adaptive_span.mask import AdaptiveSpanMask
 from adaptive_span.relative import CroppedRelativeEmbedding2d
-from common.inspect import AttentionLayer, windows_to_dense
-from common.neighborhood import merge_heads, neighborhood_attention, split_heads
+from common.inspect import AttentionLayer
+from common.neighborhood import attend_and_record, even_head_dim, merge_heads, split_heads
 from common.registry import register_mixer
 
 
@@ -41,12 +41,7 @@ class LocalAttention2d(AttentionLayer, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, heads: int = 4, stride: int = 1,
                  border: str = "mask", backend: str = "auto"):
         super().__init__()
-        if out_channels % heads:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
-        head_dim = out_channels // heads
-        if head_dim % 2:
-            raise ValueError(f"the head dimension out_channels/heads = {head_dim} must be even "
-                             "(half for row offsets, half for column offsets)")
+        head_dim = even_head_dim(out_channels, heads)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
         if stride < 1:
@@ -74,14 +69,8 @@ class LocalAttention2d(AttentionLayer, nn.Module):
         k = split_heads(self.key(x), self.heads)
         v = split_heads(self.value(x), self.heads)
         rel_pos = self.relative(k_size).to(q.dtype)  # one dtype inside the op under bf16 autocast
-        options = dict(rel_pos=rel_pos, window_mask=self.window_mask(k_size), border=self.border,
-                       backend=self.backend)
-        if self.recording:
-            out, weights = neighborhood_attention(q, k, v, k_size, return_weights=True, **options)
-            grid = (height, width)
-            self.record(lambda index: windows_to_dense(weights, k_size, grid, index), grid, grid)
-        else:
-            out = neighborhood_attention(q, k, v, k_size, **options)
+        out = attend_and_record(self, q, k, v, k_size, rel_pos=rel_pos, window_mask=self.window_mask(k_size),
+                                border=self.border, backend=self.backend)
         return self.pool(merge_heads(out))
 
     def extra_repr(self) -> str:

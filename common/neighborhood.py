@@ -73,6 +73,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from common.inspect import windows_to_dense
+
 BORDERS = ("mask", "zeros")
 
 
@@ -499,6 +501,28 @@ def tiled_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, border
     """The fast pure-PyTorch backend (see the module docstring); same results as `reference_attention`.
     `tile` overrides the target tile side (default TILE)."""
     return _TiledAttention.apply(q, k, v, rel_pos, window_mask, kernel_size, border, return_weights, tile)
+
+
+def even_head_dim(out_channels: int, heads: int) -> int:
+    """The per-head width of a layer whose relative embedding splits each head into row and column halves."""
+    if out_channels % heads:
+        raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
+    head_dim = out_channels // heads
+    if head_dim % 2:
+        raise ValueError(f"the head dimension out_channels/heads = {head_dim} must be even "
+                         "(half for row offsets, half for column offsets)")
+    return head_dim
+
+
+def attend_and_record(layer, q, k, v, kernel_size: int, **options) -> torch.Tensor:
+    """`neighborhood_attention` for an `AttentionLayer`: when it is recording, the windows are also
+    handed to the capture contract as dense maps; otherwise nothing beyond the output is computed."""
+    if not layer.recording:
+        return neighborhood_attention(q, k, v, kernel_size, **options)
+    out, weights = neighborhood_attention(q, k, v, kernel_size, return_weights=True, **options)
+    grid = tuple(q.shape[2:4])
+    layer.record(lambda index: windows_to_dense(weights, kernel_size, grid, index), grid, grid)
+    return out
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.inspect import AttentionLayer, windows_to_dense
-from common.neighborhood import merge_heads, neighborhood_attention, split_heads
+from common.inspect import AttentionLayer
+from common.neighborhood import attend_and_record, even_head_dim, merge_heads, split_heads
 from common.registry import register_mixer
 from sasa.relative import RelativeEmbedding2d
 
@@ -40,12 +40,7 @@ class LocalSelfAttention2d(AttentionLayer, nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 7, heads: int = 8, stride: int = 1,
                  border: str = "mask", backend: str = "auto"):
         super().__init__()
-        if out_channels % heads:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by heads ({heads})")
-        head_dim = out_channels // heads
-        if head_dim % 2:
-            raise ValueError(f"the head dimension out_channels/heads = {head_dim} must be even "
-                             "(half for row offsets, half for column offsets)")
+        head_dim = even_head_dim(out_channels, heads)
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         self.kernel_size, self.heads, self.head_dim = kernel_size, heads, head_dim
@@ -58,19 +53,13 @@ class LocalSelfAttention2d(AttentionLayer, nn.Module):
         self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
         q = split_heads(self.query(x), self.heads) * self.scale
         k = split_heads(self.key(x), self.heads)
         v = split_heads(self.value(x), self.heads)
         # Cast so bf16 autocast keeps one dtype inside the op (the table is an fp32 parameter).
         rel_pos = self.relative().to(q.dtype)
-        options = dict(rel_pos=rel_pos, border=self.border, backend=self.backend)
-        if self.recording:
-            out, weights = neighborhood_attention(q, k, v, self.kernel_size, return_weights=True, **options)
-            grid = (height, width)
-            self.record(lambda index: windows_to_dense(weights, self.kernel_size, grid, index), grid, grid)
-        else:
-            out = neighborhood_attention(q, k, v, self.kernel_size, **options)
+        out = attend_and_record(self, q, k, v, self.kernel_size, rel_pos=rel_pos, border=self.border,
+                                backend=self.backend)
         return self.pool(merge_heads(out))
 
     def extra_repr(self) -> str:

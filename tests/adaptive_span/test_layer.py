@@ -7,6 +7,7 @@ import torch
 
 import adaptive_span.layer as layer_module
 from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d
+from common import neighborhood
 from common.hooks import ModelHooks
 from common.inspect import record_attention
 from common.registry import create_mixer
@@ -63,13 +64,13 @@ def test_matches_the_formula_written_out(backend):
 
 def test_window_shrinks_with_the_spans_and_equals_full_window_attention(monkeypatch):
     calls = []
-    real = layer_module.neighborhood_attention
+    real = neighborhood.neighborhood_attention
 
     def spy(q, k, v, kernel_size, **kwargs):
         calls.append(kernel_size)
         return real(q, k, v, kernel_size, **kwargs)
 
-    monkeypatch.setattr(layer_module, "neighborhood_attention", spy)
+    monkeypatch.setattr(neighborhood, "neighborhood_attention", spy)  # the op the layer's attend_and_record calls
     x = torch.randn(2, 4, 12, 12, dtype=torch.double)
     for z, window in [((1.0, 1.0), 9), ((0.5, 0.2), 7), ((0.2, 0.1), 5), ((0.0, 0.0), 3)]:
         m = adaptive(z=z, max_span=4, R=2.0)

@@ -397,3 +397,28 @@ def test_clear_errors():
         neighborhood_attention(q, k, v, 3, rel_pos=torch.zeros(5, 5, D))
     with pytest.raises(ValueError, match="window_mask"):
         neighborhood_attention(q, k, v, 3, window_mask=torch.ones(HEADS + 1, 3, 3))
+
+
+def test_attend_and_record_records_only_while_recording():
+    from torch import nn
+
+    from common.inspect import AttentionLayer, record_attention
+
+    class Layer(AttentionLayer, nn.Module):
+        def forward(self, q):
+            return nb.attend_and_record(self, q, q, q, 3)
+
+    layer, (q, _, _, _, _) = Layer(), make_inputs(4, 5, 3)
+    torch.testing.assert_close(layer(q), reference_attention(q, q, q, 3), atol=1e-5, rtol=1e-5)
+    with record_attention(layer) as maps:
+        layer(q)
+    assert len(maps) == 1 and maps[0].weights.shape == (*q.shape[:2], 4, 5, 4, 5)
+    torch.testing.assert_close(maps[0].weights.sum((-2, -1)), torch.ones(q.shape[:2] + (4, 5)))
+
+
+def test_even_head_dim_errors():
+    assert nb.even_head_dim(64, 8) == 8
+    with pytest.raises(ValueError, match="divisible"):
+        nb.even_head_dim(30, 8)
+    with pytest.raises(ValueError, match="must be even"):
+        nb.even_head_dim(24, 8)
