@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import adaptive_span.layer as layer_module
 from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d
 from common import neighborhood
 from common.hooks import ModelHooks
