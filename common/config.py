@@ -50,9 +50,24 @@ class SyntheticConfig:
 
 @dataclass
 class AugmentConfig:
+    """Training-time augmentation, in this order: crop and flip, policy, normalisation, erasing, mixing."""
+
     crop_padding: int = _bounded(4, lo=0)  # random crop after zero padding; 0 turns it off
     hflip: bool = True
     random_resized_crop: bool = True  # imagefolder only; in-memory datasets use crop_padding
+    policy: Literal["none", "autoaugment", "randaugment"] = "none"
+    autoaugment_policy: Literal["cifar10", "imagenet", "svhn"] = "cifar10"
+    randaugment_ops: int = _bounded(2, lo=1)
+    randaugment_magnitude: int = _bounded(9, lo=0, hi=30)
+    erase_prob: float = _bounded(0.0, lo=0.0, hi=1.0)  # random erasing of one box per image
+    erase_area: list[float] = field(default_factory=lambda: [0.02, 0.4])  # box area, fraction of the image
+    erase_min_aspect: float = _bounded(0.3, lo=0.0, hi=1.0, lo_open=True)  # aspect in [min, 1/min]
+    erase_value: Literal["random", "zero"] = "random"  # fill: N(0, 1) noise or 0 (the mean) after normalising
+    repeats: int = _bounded(1, lo=1)  # repeated augmentation: each epoch shows N/repeats images repeats times
+    mixup_alpha: float = _bounded(0.0, lo=0.0)  # 0: off
+    cutmix_alpha: float = _bounded(0.0, lo=0.0)  # 0: off
+    mix_prob: float = _bounded(1.0, lo=0.0, hi=1.0)  # chance that a batch is mixed at all
+    mix_switch_prob: float = _bounded(0.5, lo=0.0, hi=1.0)  # chance of CutMix rather than mixup when both are on
 
 
 @dataclass
@@ -503,6 +518,10 @@ def _check_consistency(cfg: Config, sources: dict, default_source: str) -> None:
     if sorted(sched.milestones) != sched.milestones:
         raise UserError(f"{source('train.schedule.milestones')}: train.schedule.milestones must be increasing, "
                         f"got {sched.milestones}")
+    area = cfg.data.augment.erase_area
+    if len(area) != 2 or not 0.0 < area[0] <= area[1] <= 1.0:
+        raise UserError(f"{source('data.augment.erase_area')}: data.augment.erase_area must be [min, max] fractions "
+                        f"of the image with 0 < min <= max <= 1, got {area}")
     for key in ("mean", "std"):
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:

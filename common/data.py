@@ -4,12 +4,19 @@ In-memory datasets (synthetic, CIFAR, SVHN, MNIST) are held as uint8 on the
 training device; random crop, flip and normalisation run batched there, and
 the shuffle is an on-device index permutation. That removes the input
 pipeline from the critical path on GPUs (the trick behind fast CIFAR
-training). Large datasets (imagefolder) go through a DataLoader with workers
-and a DistributedSampler.
+training). Large datasets (imagefolder) go through a DataLoader with workers,
+each rank reading its shard of the epoch's order.
 
-Every random choice of an epoch (order, crop offsets, flips) is drawn from a
-generator seeded by (seed, epoch), so a run resumed mid-epoch sees exactly the
-batches the interrupted run would have seen.
+Every random choice of an epoch (order, crop offsets, flips, policy ops,
+erased boxes) is drawn from a generator seeded by (seed, epoch), and each
+batch's erasing noise and mixing from one seeded by (seed, epoch, step), so a
+run resumed mid-epoch sees exactly the batches the interrupted run would have
+seen.
+
+Training augmentation runs in this order: random crop and flip, the policy
+(AutoAugment or RandAugment), normalisation, random erasing, then mixup or
+CutMix of the whole batch (`common.mix`), which turns the labels into class
+probabilities.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from typing import Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from common import datasets, synthetic
-from common.config import DataConfig
+from common.augment import BatchAugment, BatchErasing
+from common.config import AugmentConfig, DataConfig
 from common.errors import UserError
+from common.mix import MixedBatches
 
 # Offsets keep the synthetic test set and each epoch's draws apart from other seeds.
 _SYNTHETIC_TEST_SEED_OFFSET = 7919
@@ -71,23 +80,39 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def epoch_order(n: int, repeats: int, generator: torch.Generator) -> torch.Tensor:
+    """The sample order of one training epoch: a permutation of range(n), or with repeated augmentation
+    (Hoffer et al. 2020) ceil(n / repeats) random samples, each `repeats` times in a row, n in all."""
+    order = torch.randperm(n, generator=generator)
+    if repeats > 1:
+        order = order[:-(-n // repeats)].repeat_interleave(repeats)[:n]
+    return order
+
+
+def _batch_seed(seed: int, epoch: int, step: int) -> int:
+    return (seed * _EPOCH_SEED_STRIDE + epoch) * _EPOCH_SEED_STRIDE + step
+
+
 class DeviceLoader:
     """Batches of an in-memory uint8 dataset, shuffled and augmented on `device`.
 
-    Each rank takes every `world`-th sample of the epoch's permutation. Training
-    drops the incomplete last batch so all ranks take the same number of steps;
+    Each rank takes every `world`-th sample of the epoch's order (so the copies of a repeated sample land on
+    different ranks). Training drops the incomplete last batch so all ranks take the same number of steps;
     evaluation keeps every sample exactly once across ranks.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
                  mean, std, train: bool, crop_padding: int = 0, hflip: bool = False, seed: int = 0,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, policy: BatchAugment | None = None,
+                 erasing: BatchErasing | None = None, repeats: int = 1):
         self.images = images.permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W) uint8
         self.labels = labels.to(device)
         self.num_samples = len(labels)
         self.batch_size, self.device, self.train = batch_size, device, train
         self.crop_padding = crop_padding if train else 0
         self.hflip = hflip and train
+        self.policy, self.erasing = (policy, erasing) if train else (None, None)
+        self.repeats = repeats if train else 1
         self.seed, self.rank, self.world = seed, rank, world
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -95,20 +120,25 @@ class DeviceLoader:
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         n = self.num_samples
+        self._epoch = epoch
         if self.train:
+            # Draws are per position in the epoch's order, so repeated copies of a sample differ.
             g = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
-            order = torch.randperm(n, generator=g)
+            order = epoch_order(n, self.repeats, g)
             offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
             flips = torch.rand(n, generator=g) < 0.5
-            usable = n - n % self.world
-            shard = order[:usable][self.rank::self.world]
-            self._steps = len(shard) // self.batch_size
+            positions = torch.arange(n - n % self.world)[self.rank::self.world]
+            self._steps = len(positions) // self.batch_size
             if self._steps == 0:
                 raise UserError(f"the training split has {n} samples, fewer than one batch per rank "
                                 f"({self.batch_size} x {self.world}): lower train.batch_size")
-            self._index = shard.to(self.device)
-            self._offsets = offsets[shard].to(self.device)
-            self._flips = (flips[shard] & self.hflip).to(self.device)
+            self._index = order[positions].to(self.device)
+            self._offsets = offsets[positions].to(self.device)
+            self._flips = (flips[positions] & self.hflip).to(self.device)
+            if self.policy is not None:
+                self._plan = self.policy.draw(n, g)[positions].to(self.device)
+            if self.erasing is not None:
+                self._boxes = self.erasing.draw(n, tuple(self.images.shape[-2:]), g)[positions].to(self.device)
         else:
             self._index = torch.arange(self.rank, n, self.world, device=self.device)
             self._steps = -(-len(self._index) // self.batch_size)
@@ -124,44 +154,52 @@ class DeviceLoader:
             x = self.images[idx]
             if self.train and (self.crop_padding > 0 or self.hflip):
                 x = augment_batch(x, self._offsets[sl], self._flips[sl], self.crop_padding)
-            yield (x.float() - self.mean) / self.std, self.labels[idx]
+            if self.policy is not None:
+                x = self.policy(x, self._plan[sl])
+            x = (x.float() - self.mean) / self.std
+            if self.erasing is not None:
+                noise = torch.Generator(self.device).manual_seed(_batch_seed(self.seed, self._epoch, step))
+                x = self.erasing(x, self._boxes[sl], noise)
+            yield x, self.labels[idx]
         self._start = 0
 
 
 class _EpochSampler(torch.utils.data.Sampler):
     """This rank's indices for one epoch.
 
-    Training: DistributedSampler's shuffled, equal-sized shards, optionally
-    starting after the first `skip` samples (mid-epoch resume). Evaluation:
-    every `world`-th index without padding, so each sample counts exactly once.
+    Training: every `world`-th position of the epoch's order (`epoch_order`), the same number on every rank,
+    optionally starting after the first `skip` samples (mid-epoch resume). Evaluation: every `world`-th
+    index without padding, so each sample counts exactly once.
     """
 
-    def __init__(self, n: int, train: bool, seed: int, rank: int, world: int):
-        self.train, self.skip = train, 0
-        self.shards = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                         drop_last=True) if train else None
-        self.indices = None if train else list(range(rank, n, world))
+    def __init__(self, n: int, train: bool, seed: int, rank: int, world: int, repeats: int = 1):
+        self.n, self.train, self.seed, self.rank, self.world, self.repeats = n, train, seed, rank, world, repeats
+        self.skip, self.indices = 0, list(range(rank, n, world))
+        if train:
+            self.set_epoch(0, 0)
 
     def set_epoch(self, epoch: int, skip: int) -> None:
         if self.train:
-            self.shards.set_epoch(epoch)
+            g = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
+            order = epoch_order(self.n, self.repeats, g)
+            self.indices = order[:self.n - self.n % self.world][self.rank::self.world].tolist()
             self.skip = skip
 
     def __iter__(self):
-        return iter(list(self.shards)[self.skip:] if self.train else self.indices)
+        return iter(self.indices[self.skip:])
 
     def __len__(self):
-        return len(self.shards) - self.skip if self.train else len(self.indices)
+        return len(self.indices) - self.skip
 
 
 class WorkerLoader:
     """A DataLoader with workers over a map-style dataset, batches moved to `device`."""
 
     def __init__(self, dataset, batch_size: int, device: torch.device, train: bool, num_workers: int,
-                 seed: int, rank: int, world: int):
+                 seed: int, rank: int, world: int, repeats: int = 1):
         self.num_samples = len(dataset)
         self.batch_size, self.device = batch_size, device
-        self.sampler = _EpochSampler(len(dataset), train, seed, rank, world)
+        self.sampler = _EpochSampler(len(dataset), train, seed, rank, world, repeats if train else 1)
         per_rank = len(self.sampler)
         self._steps = per_rank // batch_size if train else -(-per_rank // batch_size)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
@@ -236,16 +274,30 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     std = tuple(cfg.std) if cfg.std is not None else stats[1]
     train_idx, val_idx = split_indices(len(train_y), cfg.val_fraction, cfg.split_seed)
     aug = cfg.augment
+    _, h, w, c = train_x.shape
+    policy = None if aug.policy == "none" else BatchAugment(
+        aug.policy, (h, w), autoaugment_policy=aug.autoaugment_policy, num_ops=aug.randaugment_ops,
+        magnitude=aug.randaugment_magnitude)
+    erasing = BatchErasing(aug.erase_prob, tuple(aug.erase_area), aug.erase_min_aspect, aug.erase_value) \
+        if aug.erase_prob > 0 else None
 
     def loader(x, y, train: bool):
         return DeviceLoader(x, y, train_bs if train else eval_bs, device, mean, std, train=train,
-                            crop_padding=aug.crop_padding, hflip=aug.hflip, seed=seed, rank=rank, world=world)
+                            crop_padding=aug.crop_padding, hflip=aug.hflip, seed=seed, rank=rank, world=world,
+                            policy=policy, erasing=erasing, repeats=aug.repeats)
 
     val = loader(train_x[val_idx], train_y[val_idx], False) if len(val_idx) else None
-    _, h, w, c = train_x.shape
-    return DataBundle(train=loader(train_x[train_idx], train_y[train_idx], True), val=val,
-                      test=loader(test_x, test_y, False), num_classes=len(classes), classes=classes,
-                      input_size=(c, h, w), mean=mean, std=std)
+    train = _mixed(loader(train_x[train_idx], train_y[train_idx], True), aug, len(classes), seed)
+    return DataBundle(train=train, val=val, test=loader(test_x, test_y, False), num_classes=len(classes),
+                      classes=classes, input_size=(c, h, w), mean=mean, std=std)
+
+
+def _mixed(train: Loader, aug: AugmentConfig, num_classes: int, seed: int) -> Loader:
+    """The training loader, wrapped in mixup / CutMix when the config turns either on."""
+    if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
+        return train
+    return MixedBatches(train, num_classes, aug.mixup_alpha, aug.cutmix_alpha, prob=aug.mix_prob,
+                        switch_prob=aug.mix_switch_prob, seed=seed)
 
 
 def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, seed: int, rank: int,
@@ -256,14 +308,15 @@ def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, see
 
     def transform(train: bool):
         return datasets.imagefolder_transform(train, cfg.image_size, mean, std,
-                                              random_resized_crop=aug.random_resized_crop, hflip=aug.hflip)
+                                              random_resized_crop=aug.random_resized_crop, hflip=aug.hflip,
+                                              augment=aug)
 
     train_all = datasets.imagefolder_dataset(cfg.root, train=True, transform=transform(True))
     train_idx, val_idx = split_indices(len(train_all), cfg.val_fraction, cfg.split_seed)
 
     def loader(dataset, train: bool):
         return WorkerLoader(dataset, train_bs if train else eval_bs, device, train, cfg.num_workers, seed, rank,
-                            world)
+                            world, repeats=aug.repeats)
 
     val = None
     if len(val_idx):
@@ -271,6 +324,7 @@ def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, see
         val = loader(Subset(val_all, val_idx.tolist()), False)
     test = datasets.imagefolder_dataset(cfg.root, train=False, transform=transform(False))
     classes = list(train_all.classes)
-    return DataBundle(train=loader(Subset(train_all, train_idx.tolist()), True), val=val, test=loader(test, False),
+    train = _mixed(loader(Subset(train_all, train_idx.tolist()), True), aug, len(classes), seed)
+    return DataBundle(train=train, val=val, test=loader(test, False),
                       num_classes=len(classes), classes=classes, input_size=(3, cfg.image_size, cfg.image_size),
                       mean=mean, std=std)

@@ -481,13 +481,16 @@ def imagefolder_transform(
     std,
     random_resized_crop: bool = True,
     hflip: bool = True,
+    augment=None,
 ):
     """PIL image -> normalized float tensor (3, image_size, image_size).
 
     Eval is the standard ImageNet protocol (resize the short side to
     image_size / 0.875, center-crop). Training without random_resized_crop
     takes random crops at that same scale, so train and eval see objects at
-    the same size.
+    the same size. `augment` (the `data.augment` config) adds its policy
+    after the flip and random erasing after normalisation, as torchvision
+    implements them.
     """
     resize = round(image_size / EVAL_CROP_FRACTION)
     if not train:
@@ -498,5 +501,13 @@ def imagefolder_transform(
         steps = [T.Resize(resize), T.RandomCrop(image_size)]
     if train and hflip:
         steps.append(T.RandomHorizontalFlip())
+    if train and augment is not None and augment.policy == "autoaugment":
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy(augment.autoaugment_policy)))
+    elif train and augment is not None and augment.policy == "randaugment":
+        steps.append(T.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if train and augment is not None and augment.erase_prob > 0:
+        aspect = augment.erase_min_aspect
+        steps.append(T.RandomErasing(augment.erase_prob, scale=tuple(augment.erase_area), ratio=(aspect, 1 / aspect),
+                                     value="random" if augment.erase_value == "random" else 0))
     return T.Compose(steps)

@@ -302,7 +302,8 @@ class Trainer:
         for x, y in loader:
             loss, logits = self._step(x, y)
             window.append(loss.detach())
-            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+            hard = y.argmax(1) if y.ndim == 2 else y  # mixed batches carry class probabilities: the larger share
+            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == hard).sum().double(),
                                  torch.tensor(len(y), dtype=torch.float64, device=self.device)])
             st.step_in_epoch += 1
             st.global_step += 1

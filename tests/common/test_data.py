@@ -156,3 +156,68 @@ def test_imagefolder_eval_shards_count_every_image_once(tmp_path):
         data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0, rank=rank, world=2)
         seen += torch.cat([y for _, y in data.test]).tolist()
     assert sorted(seen) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # 9 images over 2 ranks: none padded or dropped
+
+
+def recipe_config(**augment) -> DataConfig:
+    """Synthetic data with the ViT recipe's strong augmentation (see configs/vit/recipe.yaml)."""
+    options = dict(policy="autoaugment", erase_prob=0.5, erase_value="random", repeats=3, mixup_alpha=1.0,
+                   cutmix_alpha=1.0, mix_prob=0.5)
+    options.update(augment)
+    return DataConfig(synthetic=SyntheticConfig(train_size=120, test_size=20, image_size=16), val_fraction=0.0,
+                      augment=AugmentConfig(**options))
+
+
+def test_repeated_augmentation_shows_each_drawn_sample_repeats_times_in_a_row():
+    from common.data import epoch_order
+
+    order = epoch_order(10, 3, torch.Generator().manual_seed(0))
+    assert len(order) == 10 and len(set(order.tolist())) == 4  # ceil(10 / 3) samples, cut to 10 positions
+    assert all(order[i] == order[i - i % 3] for i in range(10))
+    assert torch.equal(epoch_order(7, 1, torch.Generator().manual_seed(1)).sort().values, torch.arange(7))
+    data = build_data(recipe_config(policy="randaugment", mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0),
+                      batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    data.train.set_epoch(0)
+    x, y = next(iter(data.train))
+    assert torch.equal(y[0::3], y[1::3]) and torch.equal(y[0::3], y[2::3])
+    assert not torch.equal(x[0], x[1])  # the copies of a sample are augmented independently
+
+
+def test_strong_augmentation_and_mixing_resume_mid_epoch_exactly():
+    data = build_data(recipe_config(), batch_size=12, eval_batch_size=16, device=CPU, seed=4)
+    data.train.set_epoch(2)
+    full = list(data.train)
+    data.train.set_epoch(2, start_step=4)
+    rest = list(data.train)
+    assert len(rest) == len(full) - 4 > 0
+    for (xa, ya), (xb, yb) in zip(full[4:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, target = full[0]
+    assert target.shape == (12, 10) and torch.allclose(target.sum(1), torch.ones(12))
+    assert any(t.max() < 1 for _, t in full for t in t)  # some batches were mixed
+    data.train.set_epoch(3)
+    assert not torch.equal(next(iter(data.train))[0], x)
+
+
+def test_evaluation_is_never_augmented_or_mixed():
+    plain = build_data(recipe_config(policy="none", erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+                       batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    strong = build_data(recipe_config(), batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    for a, b in zip(plain.test, strong.test):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].ndim == 1
+
+
+def test_imagefolder_takes_the_same_recipe_through_torchvision(tmp_path):
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=6, size=20)
+    augment = AugmentConfig(policy="randaugment", erase_prob=1.0, erase_value="zero", repeats=2,
+                            cutmix_alpha=1.0)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
+                     augment=augment)
+    data = build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
+    names = [type(t).__name__ for t in data.train.loader.loader.dataset.dataset.transform.transforms]
+    assert names[-4:] == ["RandAugment", "ToTensor", "Normalize", "RandomErasing"]
+    data.train.set_epoch(0)
+    order = data.train.loader.sampler.indices
+    assert all(order[i] == order[i - i % 2] for i in range(len(order)))  # repeated augmentation, pairs
+    x, target = next(iter(data.train))
+    assert x.shape == (4, 3, 16, 16) and target.shape == (4, 2)
+    assert (x == 0).any()  # the erased boxes
