@@ -20,6 +20,10 @@ where `weights_fn(query_index)` returns the probabilities (B, heads, Q, Hk, Wk)
 for the flat, row-major query indices given (all queries when None). Layers
 with local windows build the dense maps with `windows_to_dense`. When nothing
 is recording, `self.recording` is one attribute lookup: no maps are built.
+
+A query that is a token without a place in the image (a ViT's CLS token) is
+recorded as its own map with `query_grid=(1, 1)` and `query_token="cls"`; the
+map is named `<layer>[cls]`, and figures draw it without a query position.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class AttentionMap:
     query_grid: tuple[int, int]
     key_grid: tuple[int, int]
     queries: list[tuple[int, int]] | None = None  # chosen query pixels, image coordinates
+    query_token: str | None = None  # the query is this token (e.g. "cls"), not a grid cell
 
     @property
     def heads(self) -> int:
@@ -62,8 +67,9 @@ class AttentionLayer:
     def recording(self) -> bool:
         return self._attention_recorder is not None
 
-    def record(self, weights_fn: WeightsFn, query_grid: tuple[int, int], key_grid: tuple[int, int]) -> None:
-        self._attention_recorder.add(self, weights_fn, tuple(query_grid), tuple(key_grid))
+    def record(self, weights_fn: WeightsFn, query_grid: tuple[int, int], key_grid: tuple[int, int],
+               query_token: str | None = None) -> None:
+        self._attention_recorder.add(self, weights_fn, tuple(query_grid), tuple(key_grid), query_token)
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -80,7 +86,7 @@ class _Recorder:
         self.image_size: tuple[int, int] | None = None
         self.maps: list[AttentionMap] = []
 
-    def add(self, layer, weights_fn: WeightsFn, query_grid, key_grid) -> None:
+    def add(self, layer, weights_fn: WeightsFn, query_grid, key_grid, query_token: str | None = None) -> None:
         hq, wq = query_grid
         if self.queries is None:
             w = weights_fn(None)
@@ -89,8 +95,9 @@ class _Recorder:
             h, wd = self.image_size
             index = [min(hq - 1, y * hq // h) * wq + min(wq - 1, x * wq // wd) for y, x in self.queries]
             w = weights_fn(torch.tensor(index, dtype=torch.long))
-        self.maps.append(AttentionMap(self.names[id(layer)], w.detach().float(), self.image_size, query_grid,
-                                      key_grid, self.queries))
+        name = self.names[id(layer)] + (f"[{query_token}]" if query_token else "")
+        self.maps.append(AttentionMap(name, w.detach().float(), self.image_size, query_grid, key_grid,
+                                      self.queries, query_token))
 
 
 @contextlib.contextmanager

@@ -170,6 +170,7 @@ class LayerAttention:
     entropy_nats: list[float] | None = None
     signed: bool = False  # weights are not probabilities (statistics use |w| normalised)
     finite: bool = True
+    query_token: str | None = None  # the query is a token with no position (a ViT's CLS), not a grid cell
 
     @property
     def heads(self) -> int:
@@ -188,6 +189,8 @@ class LayerAttention:
                "key_grid": list(self.key_grid), "key_stride_px": list(self.key_stride),
                "mean_distance_px": _json_floats(self.mean_distance_px),
                "entropy_nats": _json_floats(self.entropy_nats), "signed": self.signed}
+        if self.query_token is not None:
+            out["query_token"] = self.query_token
         if self.window_radius is not None:
             out["window_radius_px"] = _json_floats([r * self.key_stride[0] for r in self.window_radius])
         return out
@@ -208,7 +211,7 @@ def _unique_names(maps: list[AttentionMap]) -> list[str]:
 
 
 def _overlay(model: nn.Module, name: str) -> list[float] | None:
-    module = dict(model.named_modules()).get(name.split("#")[0])
+    module = dict(model.named_modules()).get(re.split(r"[#\[]", name)[0])
     fn = getattr(module, "viz_overlay", None)
     if not callable(fn):
         return None
@@ -281,7 +284,7 @@ def one_query(model: nn.Module, x: torch.Tensor, pixel: tuple[int, int], model_n
         out.append(LayerAttention(name, m.image_size, m.query_grid, m.key_grid, w.numpy(),
                                   query_cell=query_cell(pixel, m.image_size, m.query_grid),
                                   window_radius=_overlay(model, name), signed=bool((w < 0).any()),
-                                  finite=bool(torch.isfinite(w).all())))
+                                  finite=bool(torch.isfinite(w).all()), query_token=m.query_token))
     return out
 
 
@@ -323,11 +326,12 @@ def averaged(model: nn.Module, x: torch.Tensor, model_name: str = "model", budge
     out = []
     for name, m, acc in zip(_unique_names(probe), probe, accs):
         mean_map = (acc.map_sum / acc.count).float().cpu().numpy()
+        # A token query (CLS) has no position, so it has no attention distance.
+        distance = [math.nan] * m.heads if m.query_token else (acc.dist_sum / acc.count).tolist()
         out.append(LayerAttention(name, m.image_size, m.query_grid, m.key_grid, mean_map,
-                                  window_radius=_overlay(model, name),
-                                  mean_distance_px=(acc.dist_sum / acc.count).tolist(),
+                                  window_radius=_overlay(model, name), mean_distance_px=distance,
                                   entropy_nats=(acc.ent_sum / acc.count).tolist(), signed=acc.signed,
-                                  finite=acc.finite))
+                                  finite=acc.finite, query_token=m.query_token))
     return out, note
 
 
@@ -458,13 +462,14 @@ def attention_grid(layers: list[LayerAttention], image: np.ndarray, text: Figure
             title = f"{layer.name} / head {head}" + ("" if finite.all() else " (non-finite)")
             ax.set_title(title, fontsize=6.5)
             if head == 0:
-                ax.set_ylabel(f"{layer.query_grid[0]}x{layer.query_grid[1]} grid", fontsize=6)
+                ax.set_ylabel(f"{layer.query_token.upper()} query" if layer.query_token else
+                              f"{layer.query_grid[0]}x{layer.query_grid[1]} grid", fontsize=6)
             cb = fig.colorbar(im, cax=ax.inset_axes([1.04, 0.0, 0.06, 1.0]))
             cb.locator = ticker.MaxNLocator(4)
             cb.formatter = ticker.FormatStrFormatter("%.2g")
             cb.update_ticks()
             cb.ax.tick_params(labelsize=5)
-            if query is not None:
+            if query is not None and layer.query_token is None:
                 cy, cx = layer.query_cell
                 qy, qx = layer.query_stride
                 centre = ((cy + 0.5) * qy, (cx + 0.5) * qx)
@@ -593,6 +598,8 @@ def run(req: VizRequest) -> list[Path]:
             "definitions": {"mean_distance_px": "mean over queries of sum_k w_qk * Euclidean distance between the "
                                                 "query's and key's cell centres, in input-image pixels",
                             "entropy_nats": "mean over queries of -sum_k w_qk ln w_qk",
+                            "query_token": "the layer's map of a token query with no position (a ViT's CLS "
+                                           "token): its mean_distance_px is null",
                             "signed": "weights are not probabilities; the statistics use |w| normalised"},
             "layers": [layer.stats() for layer in layers],
         })
