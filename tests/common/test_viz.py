@@ -49,6 +49,8 @@ def tiny_models() -> dict:
                              mode="patchwise"),
         "sa_conv": create_model("sa_quadratic", num_classes=3, layers=2, heads=4, hidden=8, intermediate=8,
                                 image_size=16),
+        "vit": create_model("vit", num_classes=3, image_size=16, patch_size=4, dim=8, depth=2, heads=2,
+                            spt=True, lsa=True),
     }
 
 
