@@ -385,7 +385,9 @@ def _suggest(dotted: str) -> str:
     siblings = [k for k in valid if k.rpartition(".")[0] == parent]
     same_leaf = [k for k in valid if k.rpartition(".")[2] == leaf]
     # A key put in the wrong section is the commonest slip, so an exact name elsewhere comes first.
-    close = same_leaf[:1] or difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.5) or \
+    # A key given without its suffix (mixup for mixup_alpha) comes next.
+    extended = [k for k in siblings if k.rpartition(".")[2].startswith(leaf)] if len(leaf) >= 3 else []
+    close = same_leaf[:1] or extended[:1] or difflib.get_close_matches(dotted, siblings, n=1, cutoff=0.5) or \
         difflib.get_close_matches(dotted, valid, n=1, cutoff=0.6)
     if close:
         return f" (did you mean '{close[0]}'?)"

@@ -113,6 +113,9 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # A small head starts the loss at ln(classes); Xavier here gives logits of std ~1 on unit-variance
+        # features (the original ViT zero-initialises it, which leaves only the head to learn at step one).
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if tuple(x.shape[-2:]) != self.image_size:

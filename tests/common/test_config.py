@@ -74,6 +74,13 @@ def test_round_trip_through_the_saved_form(tmp_path):
     ({"model": {"name": "resnet99"}}, [], "unknown model 'resnet99'"),
     ({"model": {"name": "resnet18", "depth": 3}}, [], "model 'resnet18' has no option 'depth'"),
     ({"train": {"schedule": {"name": "multistep"}}}, [], "a multistep schedule needs train.schedule.milestones"),
+    ({"data": {"augment": {"policy": "autoaugmnet"}}}, [], "(did you mean 'autoaugment'?)"),
+    ({"data": {"augment": {"erase_area": [0.4, 0.1]}}}, [], "data.augment.erase_area must be [min, max]"),
+    ({"data": {"augment": {"randaugment_magnitude": 31}}}, [], "data.augment.randaugment_magnitude must be an "
+                                                              "integer >= 0 and <= 30"),
+    ({"data": {"augment": {"mixup": 1.0}}}, [], "did you mean 'data.augment.mixup_alpha'?"),
+    ({"model": {"name": "vit_cifar", "patch": 2}}, [], "model 'vit_cifar' has no option 'patch' (did you mean "
+                                                      "'patch_size'?)"),
 ])
 def test_errors_name_key_file_and_what_is_allowed(tmp_path, data, overrides, expected):
     path = write(tmp_path / "bad.yaml", data)
