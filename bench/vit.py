@@ -34,7 +34,7 @@ def written_out(layer: TokenSelfAttention, x: torch.Tensor) -> torch.Tensor:
     q, k, v = layer._scaled_qkv(x)
     logits = q @ k.transpose(-1, -2)
     if layer.locality:
-        logits = logits.masked_fill(~layer._mask(x.shape[1], x.device), float("-inf"))
+        logits = logits.masked_fill(~layer.attend, float("-inf"))
     out = logits.softmax(-1) @ v
     return layer.proj(out.transpose(1, 2).flatten(2))
 

@@ -54,8 +54,9 @@ class MixedBatches:
         lam = float(rng.beta(alpha, alpha))
         if use_cutmix:
             top, left, height, width = cutmix_box(x.shape[-2:], lam, rng)
+            box = (..., slice(top, top + height), slice(left, left + width))
             x = x.clone()
-            x[..., top:top + height, left:left + width] = x.flip(0)[..., top:top + height, left:left + width]
+            x[box] = x[box].flip(0)
             lam = 1.0 - height * width / (x.shape[-2] * x.shape[-1])
         else:
             x = lam * x + (1.0 - lam) * x.flip(0)

@@ -44,6 +44,9 @@ class TokenSelfAttention(AttentionLayer, nn.Module):
             self.scale = nn.Parameter(torch.full((heads,), head_dim ** -0.5))
         else:
             self.register_buffer("scale", torch.full((heads,), head_dim ** -0.5), persistent=False)
+        # LSA's mask, True where a query may attend to a key: everywhere but the diagonal. Built once.
+        tokens = prefix_tokens + self.grid[0] * self.grid[1]
+        self.register_buffer("attend", ~torch.eye(tokens, dtype=torch.bool) if locality else None, persistent=False)
 
     def _scaled_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (times each head's scale), k, v, each (B, heads, N, head_dim)."""
@@ -51,15 +54,9 @@ class TokenSelfAttention(AttentionLayer, nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return q * self.scale.to(q.dtype).view(1, -1, 1, 1), k, v
 
-    def _mask(self, n: int, device) -> torch.Tensor | None:
-        """True where a query may attend to a key: everywhere but the diagonal under LSA."""
-        if not self.locality:
-            return None
-        return ~torch.eye(n, dtype=torch.bool, device=device)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._scaled_qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(x.shape[1], x.device),
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.attend,
                                              dropout_p=self.attn_dropout if self.training else 0.0, scale=1.0)
         if self.recording:
             self._record(q, k)
