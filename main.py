@@ -5,22 +5,32 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 
 import click
 
 from common.errors import TrainingInterrupted, UserError
 
+# The core's tasks; model packages add figure tasks of their own (common.registry.register_figure_task).
 TASKS = {
     "train": "train the config's model; writes checkpoints, logs and a summary into the run folder",
     "eval": "accuracy of a checkpoint (--load) on the val and test splits",
     "viz": "attention maps averaged over queries, per layer and head",
     "viz_1": "attention maps of one query pixel, per layer and head",
-    "gauss_viz": "Gaussian attention heads' contours per checkpoint (sa_conv models)",
     "time": "params, MACs/FLOPs, throughput, latency and peak memory; several --config (or a config list such "
             "as configs/compare/cifar.yaml) give one table and a throughput-vs-params plot",
     "report": "table of run folders (--runs): accuracy mean and 95% CI over seeds, next to the paper's number",
 }
+
+
+EXAMPLES = ("\b\nExamples:\n  python main.py --config configs/quickstart.yaml --task train\n"
+            "  python main.py --config configs/quickstart.yaml --resume --set train.epochs=20\n"
+            "  python main.py --task eval --load runs/quickstart/<timestamp>\n"
+            "  python main.py --task viz_1 --load runs/<config>/<timestamp> --index 3 --pixel 10 20\n"
+            "  python main.py --task time --config configs/compare/cifar.yaml\n"
+            "  python main.py --task report --runs runs/\n"
+            "  torchrun --nproc_per_node 8 main.py --config configs/baselines/resnet18_cifar10.yaml")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -33,24 +43,49 @@ def _one_line(exc: BaseException) -> str:
     return line.split(prefix, 1)[-1]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-               epilog="\b\nTasks:\n" + "\n".join(f"  {name:<10} {text}" for name, text in TASKS.items())
-               + "\n\n\b\nExamples:\n  python main.py --config configs/quickstart.yaml --task train\n"
-               "  python main.py --config configs/quickstart.yaml --resume --set train.epochs=20\n"
-               "  python main.py --task eval --load runs/quickstart/<timestamp>\n"
-               "  python main.py --task viz_1 --load runs/<config>/<timestamp> --index 3 --pixel 10 20\n"
-               "  python main.py --task time --config configs/compare/cifar.yaml\n"
-               "  python main.py --task report --runs runs/\n"
-               "  torchrun --nproc_per_node 8 main.py --config configs/baselines/resnet18_cifar10.yaml")
+class _Command(click.Command):
+    """Lists the figure tasks of the model packages in --help (importing them only when help is asked for)."""
+
+    def format_epilog(self, ctx, formatter):
+        from common.registry import figure_tasks
+
+        tasks = {**TASKS, **{name: task.help for name, task in figure_tasks().items()}}
+        self.epilog = ("\b\nTasks:\n" + "\n".join(f"  {name:<10} {text}" for name, text in tasks.items())
+                       + "\n\n" + EXAMPLES)
+        super().format_epilog(ctx, formatter)
+
+
+def is_known_task(task: str) -> bool:
+    """A core task, or a figure task registered by the packages imported so far."""
+    if task in TASKS:
+        return True
+    from common.registry import figure_tasks
+
+    return task in figure_tasks()
+
+
+def check_task(task: str) -> None:
+    """A one-line error with a suggestion unless the task is known."""
+    if is_known_task(task):
+        return
+    from common.registry import figure_tasks
+
+    known = [*TASKS, *figure_tasks()]
+    close = difflib.get_close_matches(task, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise UserError(f"unknown task '{task}'{hint}; tasks: {', '.join(known)}")
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--config", "configs", multiple=True, metavar="YAML",
               help="Config file (repeat with --task time to compare models).")
-@click.option("--task", type=click.Choice(list(TASKS)), default="train", show_default=True, help="What to do.")
+@click.option("--task", default="train", show_default=True, metavar="TASK", help="What to do (tasks below).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key, value parsed as YAML (repeatable), e.g. --set train.epochs=5.")
 @click.option("--output", metavar="DIR", help="Run / output folder [default: runs/<config name>/<timestamp>]. "
                                               "Training into a folder that holds a run resumes it.")
 @click.option("--resume", is_flag=True, help="Continue the latest run of this config (or the --output run).")
-@click.option("--load", metavar="DIR|FILE", help="Checkpoint (or run folder) for eval, viz and time.")
+@click.option("--load", metavar="DIR|FILE", help="Checkpoint (or run folder) for eval, viz, time and figure tasks.")
 @click.option("--quiet", is_flag=True, help="No progress bar: one line per epoch (for batch jobs).")
 @click.option("--image", metavar="PATH", help="viz/viz_1: an image file (any format Pillow reads) to look at.")
 @click.option("--index", type=int, metavar="N", help="viz/viz_1: image N of the dataset's test split [default: 0].")
@@ -80,15 +115,19 @@ def main(configs, task, overrides, output, resume, load, quiet, image, index, pi
 
 def run(configs, task, overrides, output, resume, load, quiet, image=None, index=None, pixel=None, layers=None,
         runs=()):
-    from common import tasks
     from common.config import expand_config_lists, load_config
 
+    # A figure task may come from a package that the config imports (custom_imports): it is known once the
+    # config (or, with --load alone, the checkpoint's config) is loaded.
+    pending = not is_known_task(task)
+    if pending and not (configs or load):
+        check_task(task)
     if task == "report":
         if not runs:
             raise UserError("--task report needs --runs DIR [DIR ...] (run folders, or folders that hold them)")
         if configs:
             raise UserError("--task report reads each run's own config.yaml; drop --config")
-        from common import report
+        from common.inspect import report
 
         report.report(runs, output)
         return
@@ -98,14 +137,18 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
     given = [name for name, value in viz_options.items() if value is not None]
     if given and task not in ("viz", "viz_1"):
         raise UserError(f"{', '.join(given)} only apply to --task viz and viz_1, not {task}")
-    if not configs and not (task in ("eval", "viz", "viz_1", "gauss_viz") and load):
+    if not configs and not (task not in ("train", "time") and load):
         raise UserError("--config is required (e.g. --config configs/quickstart.yaml)")
     paths, lists = expand_config_lists(configs)
     if lists and task != "time":
         raise UserError(f"{lists[0]} is a config list, which only --task time accepts; pass one of its configs")
     cfgs = [load_config(path, overrides) for path in paths]
+    if pending and cfgs:
+        check_task(task)
     if len(cfgs) > 1 and task != "time":
         raise UserError(f"several --config are only accepted by --task time, not {task}")
+    from common import tasks
+
     if task == "train":
         tasks.train(cfgs[0], output=output, resume=resume, quiet=quiet)
     elif task == "eval":
@@ -114,9 +157,11 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
         tasks.evaluate_checkpoint(cfgs[0] if cfgs else None, load, output)
     elif task == "time":
         tasks.time_models(cfgs, load=load, output=output)
-    else:
+    elif task in ("viz", "viz_1"):
         tasks.visualize(task, cfgs[0] if cfgs else None, load=load, output=output, image=image, index=index,
                         pixel=pixel, layers=layers)
+    else:
+        tasks.draw_model_figure(task, cfgs[0] if cfgs else None, load=load, output=output)
 
 
 if __name__ == "__main__":

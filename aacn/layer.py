@@ -16,7 +16,7 @@ from torch import nn
 
 from aacn.attention import attention_probabilities, relative_attention
 from aacn.relative import RelativeTables
-from common.inspect import AttentionLayer
+from common.inspect.capture import AttentionLayer
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import math
 
+from common.models.resnet import ResNet, wrn28_10
 from common.registry import register_model
-from common.resnet import ResNet, wrn28_10
 
 
 def aa_options(kappa: float, upsilon: float, heads: int, min_key_head_dim: int, relative: bool,

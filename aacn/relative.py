@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.optim import mark_no_weight_decay
+from common.models.weight_decay import mark_no_weight_decay
 
 
 def pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:

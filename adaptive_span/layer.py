@@ -24,8 +24,8 @@ from torch import nn
 
 from adaptive_span.mask import AdaptiveSpanMask
 from adaptive_span.relative import CroppedRelativeEmbedding2d
-from common.inspect import AttentionLayer
-from common.neighborhood import attend_and_record, even_head_dim, merge_heads, split_heads
+from common.inspect.capture import AttentionLayer
+from common.ops.neighborhood import attend_and_record, even_head_dim, merge_heads, split_heads
 from common.registry import register_mixer
 
 
@@ -84,7 +84,7 @@ def _refresh_after_load(module: "AdaptiveSpanAttention2d", incompatible_keys) ->
 class AdaptiveSpanAttention2d(LocalAttention2d):
     """Local attention whose window is learned per head by an `AdaptiveSpanMask` (Parker et al. 2020).
 
-    Hooks for the training engine (`common.hooks`): `extra_loss` = span_penalty * sum_h z_h (summed over the
+    Hooks for the training engine (`common.models.hooks`): `extra_loss` = span_penalty * sum_h z_h (summed over the
     layers by the engine), `after_optimizer_step` clamps z to [0, 1], `epoch_metrics` reports each head's
     span S * z_h in pixels and the current window, `training_figures` draws `spans.png`.
 
@@ -147,7 +147,7 @@ class AdaptiveSpanAttention2d(LocalAttention2d):
 
     def viz_overlay(self) -> list[float]:
         """Each head's effective window radius in pixels of this layer's grid, drawn by the attention figures
-        (`common.viz`): S * z_h + ring_offset, the ring up to which the head's mask is 1 (it then falls to 0
+        (`common.inspect.viz`): S * z_h + ring_offset, the ring up to which the head's mask is 1 (it then falls to 0
         over R more pixels)."""
         return (self.span.spans_px() + self.span.ring_offset).tolist()
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.optim import mark_no_weight_decay
+from common.models.weight_decay import mark_no_weight_decay
 
 
 def chebyshev_rings(radius: int, device=None) -> torch.Tensor:
@@ -35,7 +35,7 @@ class AdaptiveSpanMask(nn.Module):
 
     `z` ((heads,), no weight decay) is the only parameter. Calling the module with a window radius r returns
     the (heads, 2r + 1, 2r + 1) mask, differentiable in z: the `window_mask` that
-    `common.neighborhood.neighborhood_attention` multiplies into the softmax weights (then renormalises).
+    `common.ops.neighborhood.neighborhood_attention` multiplies into the softmax weights (then renormalises).
     `required_radius()` is the smallest radius whose window holds every head's non-zero mask.
     """
 

@@ -15,8 +15,8 @@ is learned). Unset options take the defaults below (the seed's best medium recip
 
 from __future__ import annotations
 
+from common.models.resnet import ResNet
 from common.registry import ArgumentError, register_model
-from common.resnet import ResNet
 
 ARCHITECTURES = {  # planes per stage, blocks per stage, stride per stage
     "small": ((32, 64, 128), (1, 1, 1), (2, 2, 2)),

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.optim import mark_no_weight_decay
+from common.models.weight_decay import mark_no_weight_decay
 
 
 class CroppedRelativeEmbedding2d(nn.Module):
     """Row and column tables of `max_size` (odd) offsets x dim/2; `forward(k)` gives the (k, k, dim) table of
     the centred k x k window, indexed [dy + k//2, dx + k//2] (the `rel_pos` layout of
-    `common.neighborhood.neighborhood_attention`).
+    `common.ops.neighborhood.neighborhood_attention`).
 
     Init std 1, no weight decay: the table is added to the keys, which are O(1) per channel at init, so
     position and content start on the same scale (the convention of the sasa package).

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aacn import AugmentedConv2d  # noqa: E402
 from aacn.layer import merge_heads, split_heads  # noqa: E402
-from common.memory import SavedTensors  # noqa: E402
+from common.inspect.memory import SavedTensors  # noqa: E402
 
 MIB = 2 ** 20
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d  # noqa: E402
-from common.timing import timed_rounds  # noqa: E402
+from common.inspect.timing import timed_rounds  # noqa: E402
 
 CHANNELS, HEADS, SIZE, MAX_SPAN, RAMP = 64, 4, 32, 8, 2.0
 

@@ -22,8 +22,8 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.augment import BatchAugment, BatchErasing  # noqa: E402
-from common.data import DeviceLoader  # noqa: E402
+from common.data.augment import BatchAugment, BatchErasing  # noqa: E402
+from common.data.loaders import DeviceLoader  # noqa: E402
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 

@@ -51,9 +51,9 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import neighborhood as nb  # noqa: E402
-from common.memory import SavedTensors  # noqa: E402
-from common.timing import timed_rounds  # noqa: E402
+from common.inspect.memory import SavedTensors  # noqa: E402
+from common.inspect.timing import timed_rounds  # noqa: E402
+from common.ops import neighborhood as nb  # noqa: E402
 
 HEADS, HEAD_DIM, SIZE, KERNEL = 8, 8, 32, 7
 SPEED_TARGET, MEMORY_TARGET = 4.0, 0.25

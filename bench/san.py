@@ -6,7 +6,7 @@
 For a pairwise (subtraction) and a patchwise (concatenation) bottleneck with the same weights in
 both implementations (`backend="lean"` and `backend="unfold"` of san.SelfAttention2d), it measures
 the forward+backward time (median of --reps after one warm-up) and the bytes autograd saves for
-backward (torch.autograd.graph.saved_tensors_hooks, each storage once: common.memory). The
+backward (torch.autograd.graph.saved_tensors_hooks, each storage once: common.inspect.memory). The
 default block is stage 2 of the ImageNet models (c = 256, k = 7) at 28x28.
 Target: the lean block saves at most half of what the unfold block saves. Prints a table and PASS/FAIL.
 """
@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.inspect.memory import SavedTensors  # noqa: E402
 from san import Bottleneck  # noqa: E402
-from common.memory import SavedTensors  # noqa: E402
 
 TARGET = 0.5  # lean saved bytes / unfold saved bytes
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.inspect.timing import count_macs, timed_rounds  # noqa: E402
 from common.registry import create_model  # noqa: E402
-from common.timing import count_macs, timed_rounds  # noqa: E402
 
 TARGET = 2.0
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.memory import SavedTensors  # noqa: E402
-from common.timing import timed_rounds  # noqa: E402
+from common.inspect.memory import SavedTensors  # noqa: E402
+from common.inspect.timing import timed_rounds  # noqa: E402
 from vit.attention import TokenSelfAttention  # noqa: E402
 
 SIZES = {"vit_cifar": dict(dim=192, heads=12, grid=(8, 8)), "vit_re": dict(dim=400, heads=9, grid=(16, 16))}

@@ -154,6 +154,9 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False  # deterministic kernels: exact resume and reruns, slower on GPU
     output_root: str = "runs"
+    # Packages to import before the model is built, so that a package outside common.registry.MODEL_PACKAGES
+    # registers its models, mixers and figure tasks (mmengine's custom_imports).
+    custom_imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -342,9 +345,19 @@ def build_config(raw: dict, sources: dict, default_source: str) -> Config:
     raw = dict(raw)
     model_raw = raw.pop("model", None)
     cfg = _build_dataclass(Config, raw, "", sources, default_source)
+    _import_custom(cfg.custom_imports, sources.get("custom_imports", default_source))
     cfg.model = _build_model(model_raw, sources, default_source)
     _check_consistency(cfg, sources, default_source)
     return cfg
+
+
+def _import_custom(packages: list[str], source: str) -> None:
+    from common import registry
+
+    try:
+        registry.import_packages(packages)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
 
 
 def _build_model(raw: Any, sources: dict, default_source: str) -> ModelConfig:

@@ -1,10 +1,13 @@
-"""Name -> constructor registries: models, spatial mixers and stems.
+"""Name -> constructor registries: models, spatial mixers, stems, and the figure tasks of model packages.
 
 Models are registered with `@register_model` on a factory function; its
 keyword parameters are the options a config's `model:` block may set.
 Mixers (what replaces the 3x3 conv of a ResNet block) and stems are
 registered the same way, so a paper package that registers a mixer gets every
-backbone built from it without a new network class.
+backbone built from it without a new network class. A package whose models can
+draw a figure of their own registers a figure task (`register_figure_task`): its
+name becomes a `--task`, and models take part through the `figures` hook
+(common/models/hooks.py).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import difflib
 import fnmatch
 import importlib
 import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 from common.errors import UserError
 
-# Packages whose import registers models; listed here so that `create_model`
-# sees every model without the caller importing the paper packages itself.
-MODEL_PACKAGES = ("common.resnet", "sasa", "adaptive_span", "aacn", "sa_conv", "san", "vit")
+# Packages whose import registers models and figure tasks; listed here so that
+# `create_model` sees every model without the caller importing the paper packages
+# itself. This is the one place in common/ that names the paper packages.
+MODEL_PACKAGES = ("common.models.resnet", "sasa", "adaptive_span", "aacn", "sa_conv", "san", "vit")
 
 
 class ArgumentError(UserError):
@@ -86,6 +91,18 @@ def _import_model_packages() -> None:
         importlib.import_module(package)
 
 
+def import_packages(packages: list[str]) -> None:
+    """Import packages that register models, mixers or figure tasks (a config's `custom_imports`)."""
+    for package in packages:
+        if not isinstance(package, str) or not package:
+            raise UserError(f"custom_imports must list importable package names, got {package!r}")
+        try:
+            importlib.import_module(package)
+        except ImportError as exc:
+            raise UserError(f"custom_imports: cannot import '{package}' ({exc}); it must be importable from the "
+                            f"repository root or be installed") from None
+
+
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
     _import_model_packages()
@@ -113,3 +130,32 @@ def create_mixer(name: str, in_channels: int, out_channels: int, stride: int = 1
 def create_stem(name: str, in_channels: int, out_channels: int, **kwargs):
     _import_model_packages()
     return STEMS.create(name, in_channels, out_channels, **kwargs)
+
+
+@dataclass(frozen=True)
+class FigureTask:
+    """A `--task` that draws a figure some models can make of their weights, once per checkpoint."""
+
+    name: str
+    help: str  # one line for --help
+    needs: str  # what a model must have to draw it, e.g. "Gaussian attention heads"
+    hint: str  # how to get such a model, for the error when a model has none
+    file_stem: str  # PNGs are <file_stem>_epoch_EEEE.png (<file_stem>_init.png without a checkpoint)
+
+
+FIGURE_TASKS: dict[str, FigureTask] = {}
+
+
+def register_figure_task(name: str, help: str, needs: str, hint: str, file_stem: str | None = None) -> FigureTask:
+    """Declare a figure task; models that can draw it return it from their `figures()` hook."""
+    task = FigureTask(name, help, needs, hint, file_stem or name)
+    if FIGURE_TASKS.get(name, task) != task:
+        raise ValueError(f"figure task '{name}' is registered twice")
+    FIGURE_TASKS[name] = task
+    return task
+
+
+def figure_tasks() -> dict[str, FigureTask]:
+    """Every registered figure task, by name."""
+    _import_model_packages()
+    return dict(sorted(FIGURE_TASKS.items()))

@@ -5,10 +5,10 @@ Importing the package registers the models `sa_conv` (keyword `attention`), `sa_
 `sa_conv.gauss_viz` draws the Gaussian heads (`draw_checkpoints`, `has_gaussian_heads`).
 """
 
+from sa_conv import gauss_viz, model  # noqa: F401  (registration of the models and the gauss_viz task)
 from sa_conv.attention import ContentScores, GaussianScores, ImageSelfAttention, LearnedPositionScores
 from sa_conv.model import SelfAttentionImageClassifier
 from sa_conv.theorem1 import QuadraticAttention2d, conv_as_attention
-from sa_conv import model  # noqa: F401  (registration)
 
 __all__ = ["ContentScores", "GaussianScores", "ImageSelfAttention", "LearnedPositionScores", "QuadraticAttention2d",
            "SelfAttentionImageClassifier", "conv_as_attention"]

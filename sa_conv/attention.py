@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.inspect import AttentionLayer
-from common.optim import mark_no_weight_decay
+from common.inspect.capture import AttentionLayer
+from common.models.weight_decay import mark_no_weight_decay
 
 ATTENTIONS = ("quadratic", "quadratic_aniso", "learned", "learned_query", "learned_content")
 INIT_STD = 0.02  # BERT's initializer range, for every learned weight and table

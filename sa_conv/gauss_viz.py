@@ -8,6 +8,9 @@ Gaussian's mass; on the integer key grid a very sharp head puts nearly all its w
 its small ellipses). Offsets are in grid cells (2 image pixels each after the 2x2 space-to-depth), y down;
 the panel spans the offsets the centre query can reach on the grid, with the query pixel as a black square.
 
+The figure reaches the core as the figure task `gauss_viz` (registered here) and the model's `figures`
+hook (sa_conv/model.py); `python main.py --task gauss_viz --load RUN_DIR` draws it per kept checkpoint.
+
 Entry points:
 - `has_gaussian_heads(model)`: whether there is anything to draw;
 - `draw_checkpoints(model, checkpoints, out_dir)`: one PNG per checkpoint (files or run folders), written
@@ -20,7 +23,6 @@ matplotlib's object API with the Agg canvas: no global backend is changed.
 
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 from typing import Sequence
@@ -28,11 +30,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from common.checkpoint import load_checkpoint
 from common.errors import UserError
+from common.registry import register_figure_task
 from sa_conv.attention import GaussianScores
 
 MASSES = ((0.5, "-"), (0.9, ":"))  # (mass enclosed, line style)
+QUADRATIC_HINT = ("use a quadratic-attention model (sa_quadratic, sa_quadratic_aniso, or sa_conv with attention: "
+                  "quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml")
+GAUSS_VIZ = register_figure_task(
+    "gauss_viz", help="Gaussian attention heads' contours per checkpoint (sa_conv's quadratic models)",
+    needs="Gaussian attention heads", hint=QUADRATIC_HINT, file_stem="gauss")
 
 
 def gaussian_layers(model: nn.Module) -> list[tuple[str, GaussianScores]]:
@@ -47,8 +54,7 @@ def has_gaussian_heads(model: nn.Module) -> bool:
 def _require_gaussian(model: nn.Module) -> None:
     if not has_gaussian_heads(model):
         raise UserError(f"gauss_viz draws Gaussian attention heads, and this model ({type(model).__name__}) has "
-                        f"none; use a quadratic-attention model (sa_quadratic, sa_quadratic_aniso, or sa_conv "
-                        f"with attention: quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml")
+                        f"none; {QUADRATIC_HINT}")
 
 
 def ellipse(centre: torch.Tensor, precision: torch.Tensor, mass: float, points: int = 181) -> torch.Tensor:
@@ -134,74 +140,16 @@ def figure_to_tensor(fig) -> torch.Tensor:
     return rgba.reshape(height, width, 4)[..., :3].permute(2, 0, 1).float() / 255.0
 
 
-def draw_current(model: nn.Module, out_dir: str | Path, name: str = "gauss_init.png", dpi: int = 100) -> Path:
+def draw_current(model: nn.Module, out_dir: str | Path, dpi: int = 100) -> Path:
     """One PNG of the model's current weights (e.g. a fresh init when no checkpoint is given)."""
-    _require_gaussian(model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    png = out_dir / name
-    draw_gaussian_heads(model, title="Gaussian heads, current weights", dpi=dpi).savefig(png)
-    return png
+    from common.tasks import model_figures
 
-
-def checkpoint_files(paths: Sequence[str | Path]) -> list[tuple[Path, bool]]:
-    """Each given file, or every *.ckpt inside a given run folder (recursively); (path, from_folder)."""
-    out = []
-    for item in paths:
-        item = Path(item)
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*.ckpt") if p.is_file())
-            if not found:
-                raise UserError(f"no checkpoint (*.ckpt) in {item}")
-            out += [(p, True) for p in found]
-        elif item.is_file():
-            out.append((item, False))
-        else:
-            raise UserError(f"checkpoint not found: {item}")
-    return out
+    return model_figures.draw_current(model, GAUSS_VIZ, out_dir, dpi=dpi)
 
 
 def draw_checkpoints(model: nn.Module, checkpoints: Sequence[str | Path], out_dir: str | Path,
                      prefer_ema: bool = True, dpi: int = 100) -> list[Path]:
-    """One PNG per checkpoint in `out_dir`, drawn from a copy of `model` loaded with its weights.
+    """One PNG per checkpoint (files, or every checkpoint of a run folder), in saved-epoch order."""
+    from common.tasks import model_figures
 
-    checkpoints: files (each gets its PNG) and/or run folders (every *.ckpt inside, e.g. last.ckpt,
-    best.ckpt and kept per-epoch files; one PNG per distinct saved training position). `prefer_ema` draws the
-    EMA weights when a checkpoint has them (what eval uses). Returns the PNG paths in saved-epoch order.
-    """
-    _require_gaussian(model)
-    files = checkpoint_files(checkpoints)
-    if not files:
-        raise UserError("gauss_viz needs at least one checkpoint (a .ckpt file or a run folder)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model).cpu().eval()
-    drawn: dict[tuple, Path] = {}  # (epoch, step in epoch, global step) -> first PNG of that position
-    written: list[tuple[tuple, Path]] = []
-    used_names: set[str] = set()
-    for path, from_folder in files:
-        saved = load_checkpoint(path)
-        state = saved.get("state") or {}
-        position = (int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)), int(state.get("global_step", 0)))
-        if from_folder and position in drawn:
-            continue  # best.ckpt and last.ckpt of the same epoch hold the same weights
-        weights = saved["ema"] if prefer_ema and saved.get("ema") is not None else saved.get("model")
-        try:
-            model.load_state_dict(weights)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"checkpoint {path} does not fit this model ({first[:200]}); check --config") from None
-        epoch, step, _ = position
-        name = f"gauss_epoch_{epoch:04d}" + (f"_step{step:06d}" if step else "")
-        label = f"epoch {epoch}" + (f", step {step} of epoch {epoch + 1}" if step else "")
-        suffix, n = "", 1
-        while name + suffix in used_names:  # the same position from another file: keep both
-            n += 1
-            suffix = f"_{n}"
-        used_names.add(name + suffix)
-        png = out_dir / f"{name}{suffix}.png"
-        fig = draw_gaussian_heads(model, title=f"Gaussian heads, {label} ({path.name})", dpi=dpi)
-        fig.savefig(png)
-        drawn.setdefault(position, png)
-        written.append((position, png))
-    return [png for _, png in sorted(written, key=lambda item: (item[0], str(item[1])))]
+    return model_figures.draw_checkpoints(model, GAUSS_VIZ, checkpoints, out_dir, prefer_ema=prefer_ema, dpi=dpi)

@@ -77,6 +77,14 @@ class SelfAttentionImageClassifier(nn.Module):
 
         return {"gaussian_heads": figure_to_tensor(draw_gaussian_heads(self, dpi=72))}
 
+    def figures(self) -> dict:
+        """The `gauss_viz` figure task, for models with Gaussian heads (common/models/hooks.py)."""
+        if not any(isinstance(m, GaussianScores) for m in self.modules()):
+            return {}
+        from sa_conv.gauss_viz import draw_gaussian_heads
+
+        return {"gauss_viz": lambda title, dpi: draw_gaussian_heads(self, title=f"Gaussian heads, {title}", dpi=dpi)}
+
 
 def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int, intermediate: int, dropout: float,
           attention_dropout: float, layer_norm_eps: float, image_size: int,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.inspect import AttentionLayer, windows_to_dense
+from common.inspect.capture import AttentionLayer, windows_to_dense
 from san.aggregation import aggregate, aggregate_unfold
 from san.footprint import check_padding, fold_reflected
 from san.recompute import recompute_in_backward
@@ -32,7 +32,7 @@ BACKENDS = ("lean", "unfold")
 class SelfAttention2d(AttentionLayer, nn.Module):
     """(B, in_channels, H, W) -> (B, out_planes, H, W); see the module docstring.
 
-    Recording (`common.inspect`): one map per call, the footprint weights averaged over the channel
+    Recording (`common.inspect.capture`): one map per call, the footprint weights averaged over the channel
     groups (heads = 1) and placed on the image pixels they read (a reflected offset counts for its
     mirrored pixel). Pairwise maps are probabilities; patchwise maps are the raw, signed weights.
     """

@@ -86,7 +86,7 @@ def fold_reflected(weights: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
     weights: (..., H, W, k*k). A mirrored pixel is always inside the same window (it lies at most r
     from the query), so the result is again (..., H, W, k*k), now with every weight on the image
-    pixel it was applied to: ready for `common.inspect.windows_to_dense`.
+    pixel it was applied to: ready for `common.inspect.capture.windows_to_dense`.
     """
     h, w, kk = weights.shape[-3:]
     r = kernel_size // 2

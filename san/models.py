@@ -81,7 +81,7 @@ class SAN(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # The project's backbone convention (common/resnet.py): Kaiming fan-out convs, unit BN.
+        # The project's backbone convention (common/models/resnet.py): Kaiming fan-out convs, unit BN.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

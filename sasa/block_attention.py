@@ -5,7 +5,7 @@ with the relative row/column embeddings of `sasa.relative` (offsets -(s-1)..s-1)
 added to the keys and spatially aware values (`sasa.spatial_values`). The
 blocks are the stem's max-pool windows: the paper aligns the attention
 receptive field with the pooling window. This is not the centred sliding window
-of `common.neighborhood` (an even s has no centre), but it is cheap enough as
+of `common.ops.neighborhood` (an even s has no centre), but it is cheap enough as
 a batched s*s x s*s product that no special kernel is needed.
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.inspect import AttentionLayer, windows_to_dense
+from common.inspect.capture import AttentionLayer, windows_to_dense
 from sasa.relative import RelativeEmbedding2d
 from sasa.spatial_values import SpatiallyAwareValues
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.inspect import AttentionLayer
-from common.neighborhood import attend_and_record, even_head_dim, merge_heads, split_heads
+from common.inspect.capture import AttentionLayer
+from common.ops.neighborhood import attend_and_record, even_head_dim, merge_heads, split_heads
 from common.registry import register_mixer
 from sasa.relative import RelativeEmbedding2d
 
@@ -30,7 +30,7 @@ class LocalSelfAttention2d(AttentionLayer, nn.Module):
     - border="mask" excludes out-of-image neighbours from the softmax; "zeros"
       treats them as zero keys and values, like the public code.
     - stride > 1: a stride x stride average pool right after the attention.
-    - backend: passed to `common.neighborhood.neighborhood_attention` ("auto"
+    - backend: passed to `common.ops.neighborhood.neighborhood_attention` ("auto"
       picks the fastest registered one).
 
     Weight init is left to the backbone (the ResNet's Kaiming init covers the

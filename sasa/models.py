@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
+from common.models.resnet import ResNet
 from common.registry import ArgumentError, register_model
-from common.resnet import ResNet
 
 STEMS = ("imagenet", "attention", "cifar", "attention_cifar")
 

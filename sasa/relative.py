@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.optim import mark_no_weight_decay
+from common.models.weight_decay import mark_no_weight_decay
 
 
 class RelativeEmbedding2d(nn.Module):
     """Learned row/column offset embeddings for a `size` x `size` window, shared by all heads.
 
     Calling it returns the (size, size, dim) table indexed [dy + size//2, dx + size//2],
-    the layout `common.neighborhood.neighborhood_attention` takes as `rel_pos`.
+    the layout `common.ops.neighborhood.neighborhood_attention` takes as `rel_pos`.
 
     Init std 1: the table is added to the keys, whose channels are O(1) at init
     (unit-variance BN outputs through a Kaiming-initialised 1x1 projection), so

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from common.config import expand_config_lists, is_config_list, load_config
-from common.data import input_spec
-from common.engine import build_model
+from common.data.loaders import input_spec
+from common.train.engine import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 LISTS = [p for p in CONFIGS if p.name != "metafile.yaml" and is_config_list(p)]  # e.g. configs/compare/cifar.yaml

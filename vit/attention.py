@@ -8,7 +8,7 @@ diagonal, so no token attends to itself (the CLS token included) and the mass go
 
 The product runs through torch.nn.functional.scaled_dot_product_attention, which picks a fused kernel
 where one fits (the learned scale is folded into q, the diagonal is a boolean mask). The probabilities
-themselves are only built when a map is recorded (`common.inspect`) or asked for (`probabilities`).
+themselves are only built when a map is recorded (`common.inspect.capture`) or asked for (`probabilities`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.inspect import AttentionLayer
+from common.inspect.capture import AttentionLayer
 
 
 class TokenSelfAttention(AttentionLayer, nn.Module):

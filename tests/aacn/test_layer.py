@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import aacn.layer
 from aacn import AugmentedConv2d
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
 
 
 def layer(relative=True, stride=1, max_size=8, out_channels=12, dv=8, heads=2, dk=8, seed=0):

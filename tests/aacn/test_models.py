@@ -7,10 +7,10 @@ import torch
 
 from aacn import AugmentedConv2d
 from aacn.mixer import attention_widths
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
+from common.inspect.timing import count_macs
+from common.models.resnet import ResNet
 from common.registry import create_mixer, create_model
-from common.resnet import ResNet
-from common.timing import count_macs
 
 
 def n_params(model):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d
-from common import neighborhood
-from common.hooks import ModelHooks
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
+from common.models.hooks import ModelHooks
+from common.ops import neighborhood
 from common.registry import create_mixer
 
 

@@ -11,8 +11,8 @@ import yaml
 from adaptive_span import AdaptiveSpanAttention2d, LocalAttention2d
 from adaptive_span.models import ARCHITECTURES
 from common.errors import UserError
+from common.models.resnet import ConvMixer
 from common.registry import create_model
-from common.resnet import ConvMixer
 
 METAFILE = Path(__file__).resolve().parents[2] / "configs" / "adaptive_span" / "metafile.yaml"
 # The public implementation's counts (CIFAR-100, 4 heads; local k = 5), from PAPERS.md section 2.

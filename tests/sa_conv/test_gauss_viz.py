@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.checkpoint import save_checkpoint
 from common.errors import UserError
 from common.registry import create_model
+from common.train.checkpoint import save_checkpoint
 from sa_conv.gauss_viz import draw_checkpoints, draw_current, draw_gaussian_heads, ellipse, has_gaussian_heads
 
 

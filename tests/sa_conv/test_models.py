@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from common.inspect import record_attention
-from common.optim import parameter_groups
+from common.inspect.capture import record_attention
 from common.registry import ArgumentError, create_model
+from common.train.optim import parameter_groups
 from sa_conv.attention import GaussianScores
 
 OFFICIAL = {"sa_quadratic": 12_086_844, "sa_learned": 12_278_682, "sa_learned_content": 29_484_282}
@@ -178,7 +178,7 @@ def test_gaussian_init_as_the_paper():
 
 def test_one_sgd_step_moves_the_centres_and_spreads():
     from common.config import OptimizerConfig
-    from common.optim import build_optimizer
+    from common.train.optim import build_optimizer
 
     model = tiny("sa_quadratic_aniso")
     optimizer = build_optimizer(model, OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4))

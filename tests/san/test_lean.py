@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from common.inspect.memory import SavedTensors
 from san import Bottleneck
-from common.memory import SavedTensors
 
 
 def pair(channels=64, kernel_size=3, dtype=torch.float64, **attention):

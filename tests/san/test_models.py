@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
 from common.registry import create_model
 from san import SAN, SelfAttention2d
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
 from sasa import LocalSelfAttention2d
 
 

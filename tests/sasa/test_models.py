@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
+from common.models.resnet import ResNet
 from common.registry import create_model
-from common.resnet import ResNet
 from sasa import BlockSelfAttention2d, LocalSelfAttention2d
 
 

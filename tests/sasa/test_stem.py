@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
 from common.registry import create_stem
 from sasa import BlockSelfAttention2d
 

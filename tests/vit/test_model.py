@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from common.inspect import record_attention
+from common.inspect.capture import record_attention
 from common.registry import MODELS, check_model_args, create_model
 from vit.model import DropPath, VisionTransformer
 from vit.tokens import ShiftedPatchTokenization, patchify, shift_image

@@ -1,0 +1,12 @@
+"""Looking at models: what they attend to, what they cost, how runs compare.
+
+- `capture`: the attention-capture contract (`AttentionLayer`, `record_attention`). It needs only
+  torch, so every layer (attention kernels included) may import it;
+- `viz`: attention figures (`viz`, `viz_1`) and per-head statistics;
+- `timing`: params, MACs/FLOPs, throughput, latency, peak memory; interleaved timing for benches;
+- `memory`: what autograd saves for backward (benches and tests);
+- `report`: the results table over seeds and the cost plot.
+
+May import: the foundation, `ops`, `models` and `data`. Never `train` or `tasks`. matplotlib is
+imported inside the functions that draw, never at module level.
+"""

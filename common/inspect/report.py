@@ -1,0 +1,319 @@
+"""Tables and figures that compare methods: the `report` task and the `time` task's cost plot.
+
+`report`: `python main.py --task report --runs DIR [DIR ...]` reads finished run folders (summary.json and
+config.yaml), groups the runs of one config and model (several seeds), and writes report.md and report.csv:
+params, best validation accuracy and test accuracy as the mean with a 95% confidence interval over seeds
+(Student's t, n - 1 degrees of freedom; n/a for one seed), epochs, wall time, and the paper's top-1 from the
+model family's metafile (configs/*/metafile.yaml) with the difference.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from common.errors import UserError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+SUMMARY, CONFIG = "summary.json", "config.yaml"
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None]:
+    """Mean and half-width of the two-sided `level` confidence interval (t-distribution); None for n < 2."""
+    from scipy import stats
+
+    n = len(values)
+    if n == 0:
+        return math.nan, None
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    folder: Path
+    summary: dict
+    config: dict
+
+    @property
+    def model(self) -> dict:
+        model = self.config.get("model") or {"name": self.summary.get("model")}
+        return {"name": model.get("name"), **{k: v for k, v in model.items() if k != "name"}}
+
+
+def find_runs(paths) -> tuple[list[Run], list[str]]:
+    """Finished runs under the given folders (a run folder, or any folder above run folders), and notes on
+    folders that were skipped (an unfinished run has no summary.json)."""
+    runs, notes, seen = [], [], set()
+    for given in map(Path, paths):
+        if not given.is_dir():
+            raise UserError(f"--runs {given}: no such folder; give run folders or folders that hold them")
+        candidates = [given] if (given / CONFIG).is_file() or (given / SUMMARY).is_file() else \
+            sorted({p.parent for p in given.rglob(CONFIG)} | {p.parent for p in given.rglob(SUMMARY)})
+        for folder in candidates:
+            key = folder.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            if not (folder / SUMMARY).is_file():
+                notes.append(f"skipped {folder}: no {SUMMARY} (unfinished run)")
+                continue
+            try:
+                summary = json.loads((folder / SUMMARY).read_text())
+                config = yaml.safe_load((folder / CONFIG).read_text()) if (folder / CONFIG).is_file() else {}
+            except (json.JSONDecodeError, yaml.YAMLError, OSError) as exc:
+                notes.append(f"skipped {folder}: unreadable {SUMMARY} or {CONFIG} ({str(exc).splitlines()[0][:80]})")
+                continue
+            if not isinstance(summary, dict) or "test_acc" not in summary:
+                notes.append(f"skipped {folder}: {SUMMARY} has no test_acc")
+                continue
+            runs.append(Run(folder, summary, config if isinstance(config, dict) else {}))
+    if not runs:
+        raise UserError(f"no finished runs (folders with {SUMMARY}) under {', '.join(map(str, paths))}; "
+                        f"train with --task train first, or point --runs at run folders")
+    return runs, notes
+
+
+# ---------------------------------------------------------------------------- paper numbers
+
+
+def _effective_kwargs(name: str, kwargs: dict) -> dict:
+    """The model's options with its defaults filled in (metafiles list options a config may leave unset)."""
+    from common.registry import MODELS, list_models
+
+    if name not in list_models():  # imports the model packages
+        return dict(kwargs)
+    try:
+        params = inspect.signature(MODELS.get(name)).parameters
+    except UserError:
+        return dict(kwargs)
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    return {**defaults, **kwargs}
+
+
+def load_metafiles(root: Path = CONFIGS_DIR) -> list[dict]:
+    entries = []
+    for path in sorted(root.glob("*/metafile.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        for entry in data.get("models", []):
+            entries.append({**entry, "metafile": str(path.relative_to(root.parent))})
+    return entries
+
+
+IGNORED_OPTIONS = ("num_classes", "backend")  # options that do not change the method
+
+
+def paper_reference(model: dict, dataset: str, config_name: str, entries: list[dict]) -> dict | None:
+    """The metafile entry of this model that has a top-1, or None.
+
+    An entry fits when the name and dataset are the run's and every option, with the model's defaults filled
+    in on both sides, equals the run's (but num_classes and backend): a k = 9 run does not get the k = 7
+    number.
+    Among several matches, one whose config file is the run's config wins, then the one that pins the most
+    options.
+    """
+    dataset = "imagenet" if dataset == "imagefolder" else dataset
+    kwargs = _effective_kwargs(model["name"], {k: v for k, v in model.items() if k != "name"})
+    matches = []
+    for entry in entries:
+        ref = entry.get("reference") or {}
+        if entry.get("name") != model["name"] or entry.get("dataset") != dataset or ref.get("top1") is None:
+            continue
+        listed = _effective_kwargs(model["name"], entry.get("kwargs") or {})
+        if any(kwargs.get(k) != v for k, v in listed.items() if k not in IGNORED_OPTIONS):
+            continue
+        same_config = Path(entry.get("config", "")).stem == config_name
+        matches.append((same_config, len(entry.get("kwargs") or {}), entry))
+    if not matches:
+        return None
+    return max(matches, key=lambda m: (m[0], m[1]))[2]
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Row:
+    config: str
+    model: str
+    dataset: str
+    runs: list[Run] = field(default_factory=list)
+    reference: dict | None = None
+
+    def values(self, key: str) -> list[float]:
+        return [float(r.summary[key]) for r in self.runs if r.summary.get(key) is not None]
+
+    def record(self) -> dict:
+        test_mean, test_ci = mean_ci([100 * v for v in self.values("test_acc")])
+        val = [100 * v for v in self.values("best_val_acc")]
+        val_mean, val_ci = mean_ci(val) if val else (math.nan, None)
+        params = self.values("params")
+        epochs = sorted({int(v) for v in self.values("epochs")})
+        wall = self.values("wall_time_s")
+        paper = (self.reference or {}).get("reference", {}).get("top1") if self.reference else None
+        return {
+            "config": self.config, "model": self.model, "dataset": self.dataset, "seeds": len(self.runs),
+            "seed_values": "/".join(str(r.config.get("seed", "?")) for r in self.runs),
+            "params_m": params[0] / 1e6 if params else math.nan,
+            "best_val_acc_mean": val_mean, "best_val_acc_ci95": val_ci,
+            "test_acc_mean": test_mean, "test_acc_ci95": test_ci,
+            "test_acc_ci95_low": None if test_ci is None else test_mean - test_ci,
+            "test_acc_ci95_high": None if test_ci is None else test_mean + test_ci,
+            "epochs": "/".join(map(str, epochs)),
+            "wall_time_s_mean": sum(wall) / len(wall) if wall else math.nan,
+            "paper_top1": paper, "diff_vs_paper": None if paper is None else test_mean - paper,
+            "paper_source": (self.reference or {}).get("reference", {}).get("source", "") if self.reference else "",
+            "run_dirs": ";".join(str(r.folder) for r in self.runs),
+        }
+
+
+def _model_label(model: dict) -> str:
+    options = ", ".join(f"{k}={v}" for k, v in sorted(model.items()) if k not in ("name", "num_classes"))
+    return f"{model['name']} ({options})" if options else str(model["name"])
+
+
+def group_runs(runs: list[Run], entries: list[dict]) -> list[Row]:
+    """One row per (config name, model and options, dataset); the runs of a row are its seeds."""
+    rows: dict[tuple, Row] = {}
+    for run in runs:
+        model = run.model
+        dataset = (run.config.get("data") or {}).get("dataset") or run.summary.get("dataset", "?")
+        config = run.summary.get("config") or run.config.get("name") or run.folder.parent.name
+        key = (config, json.dumps(model, sort_keys=True, default=str), dataset)
+        if key not in rows:
+            rows[key] = Row(config, _model_label(model), dataset,
+                            reference=paper_reference(model, dataset, config, entries))
+        rows[key].runs.append(run)
+    for row in rows.values():
+        row.runs.sort(key=lambda r: (str(r.config.get("seed", "")), str(r.folder)))
+    return sorted(rows.values(), key=lambda r: (r.dataset, r.config, r.model))
+
+
+def _pm(mean: float, ci: float | None, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}" if ci is not None else f"{mean:.{digits}f} (CI n/a)"
+
+
+def _fmt(value, spec: str, missing: str = "–") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return format(value, spec)
+
+
+COLUMNS = ("Config", "Model", "Dataset", "Seeds", "Params (M)", "Best val acc (%)", "Test acc (%)", "Epochs",
+           "Wall time (mean)", "Paper top-1 (%)", "Δ vs paper")
+
+
+def _duration(seconds: float) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "–"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s"
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        cells = [r["config"], r["model"].replace("|", r"\|"), r["dataset"], str(r["seeds"]),
+                 _fmt(r["params_m"], ".2f"), _pm(r["best_val_acc_mean"], r["best_val_acc_ci95"]),
+                 _pm(r["test_acc_mean"], r["test_acc_ci95"]), r["epochs"] or "–",
+                 _duration(r["wall_time_s_mean"]), _fmt(r["paper_top1"], ".2f"),
+                 _fmt(r["diff_vs_paper"], "+.2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+NOTES = ("Accuracies in %: mean ± half-width of the 95% confidence interval over seeds (Student's t, n - 1 "
+         "degrees of freedom; n/a for one seed). Test accuracy is of each run's best-validation checkpoint. "
+         "Paper top-1 from the model family's configs/*/metafile.yaml (same model, options and dataset); "
+         "Δ = our test mean - paper.")
+
+
+def csv_text(records: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                             round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    return buffer.getvalue()
+
+
+def _default_output(paths) -> Path:
+    folders = [Path(p).resolve() for p in paths]
+    common = Path(os.path.commonpath(folders)) if len(folders) > 1 else folders[0]
+    return common.parent if (common / SUMMARY).is_file() or (common / CONFIG).is_file() else common
+
+
+def report(paths, output: str | None = None) -> list[dict]:
+    """The `report` task: write report.md and report.csv (to --output, else the folder above the runs)."""
+    runs, notes = find_runs(paths)
+    rows = group_runs(runs, load_metafiles())
+    records = [row.record() for row in rows]
+    table = markdown(records)
+    out_dir = Path(output) if output else _default_output(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
+    md_path.write_text(f"# Results\n\n{table}\n{NOTES}\n")
+    csv_path.write_text(csv_text(records))
+    for note in notes:
+        print(note)
+    print(table, end="")
+    print(f"wrote {md_path} and {csv_path} ({len(runs)} run{'s' * (len(runs) != 1)} in {len(rows)} row{'s' * (len(rows) != 1)})")
+    return records
+
+
+# ---------------------------------------------------------------------------- the cost plot of `time`
+
+
+def plot_cost(results, path: Path, title: str = "") -> Path:
+    """Throughput (training and inference images/s) against parameters: one marker per model, one legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), dpi=150, layout="constrained")
+    markers = "osD^vP*Xh<>p"
+    colours = plt.get_cmap("tab10")
+    for ax, key, label in ((axes[0], "train_img_s", "training images/s"),
+                           (axes[1], "infer_img_s", "inference images/s")):
+        for i, r in enumerate(results):
+            ax.scatter(r.params / 1e6, getattr(r, key), color=colours(i % 10), marker=markers[i % len(markers)],
+                       s=55, zorder=3, label=r.model, edgecolor="black", linewidth=0.4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(f"{label} (batch {results[0].batch_size})")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    device = ", ".join(sorted({r.device for r in results}))
+    fig.suptitle(title or f"cost without accuracy: throughput vs parameters ({device})", fontsize=11)
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,65 @@
+"""Optimisers with weight-decay groups, and per-iteration learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from common.config import OptimizerConfig, ScheduleConfig
+from common.models.weight_decay import is_marked_no_weight_decay
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on weight matrices and kernels only: not on norms, biases, or marked parameters.
+
+    Norm and bias parameters are exactly the 1-D ones in every model here, which
+    also keeps small per-head vectors (temperatures, spans) out of the decay.
+    """
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.ndim <= 1 or is_marked_no_weight_decay(p):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: ScheduleConfig, base_lr: float) -> float:
+    """Multiplier of the base LR for optimiser step `step` (0-based).
+
+    Linear warmup over `warmup_epochs` from `warmup_start_factor` to 1 (the
+    first step already has a non-zero LR), then: cosine from 1 down to
+    eta_min/base_lr, reached exactly at the last step; or multistep decays by
+    gamma at each milestone epoch; or constant.
+    """
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * (step + 1) / warmup
+    if cfg.name == "cosine":
+        span = max(1, total_steps - 1 - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        floor = cfg.eta_min / base_lr
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "multistep":
+        epoch = step / steps_per_epoch
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, steps_per_epoch, cfg, base_lr))

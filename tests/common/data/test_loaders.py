@@ -1,0 +1,223 @@
+"""The loaders users train with: device-side augmentation, splits, sharding, real on-disk formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import AugmentConfig, DataConfig, SyntheticConfig
+from common.data.loaders import DeviceLoader, augment_batch, build_data, split_indices
+from common.errors import UserError
+from tests.common.data.dataset_writers import write_cifar10, write_imagefolder, write_mnist
+
+CPU = torch.device("cpu")
+
+
+def reference_augment(image: torch.Tensor, offset, flip: bool, padding: int) -> torch.Tensor:
+    """One image at a time, the obvious way: zero-pad, crop, mirror."""
+    padded = torch.nn.functional.pad(image, (padding,) * 4)
+    y, x = int(offset[0]), int(offset[1])
+    crop = padded[:, y:y + image.shape[1], x:x + image.shape[2]]
+    return crop.flip(-1) if flip else crop
+
+
+@pytest.mark.parametrize("padding", [0, 2, 4])
+def test_batched_crop_and_flip_equal_the_per_image_version(padding):
+    g = torch.Generator().manual_seed(padding)
+    images = torch.randint(0, 256, (16, 3, 9, 7), dtype=torch.uint8, generator=g)  # non-square on purpose
+    offsets = torch.randint(0, 2 * padding + 1, (16, 2), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    out = augment_batch(images, offsets, flips, padding)
+    expected = torch.stack([reference_augment(images[i], offsets[i], bool(flips[i]), padding) for i in range(16)])
+    assert out.dtype == torch.uint8 and torch.equal(out, expected)
+
+
+def make_loader(n=50, train=True, rank=0, world=1, seed=0, batch=8):
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 4, 4, 3).contiguous()
+    labels = torch.arange(n)
+    return DeviceLoader(images, labels, batch, CPU, mean=(0, 0, 0), std=(1 / 255,) * 3, train=train,
+                        crop_padding=0, hflip=False, seed=seed, rank=rank, world=world)
+
+
+def epoch_labels(loader):
+    return torch.cat([y for _, y in loader])
+
+
+def test_device_loader_shuffles_per_epoch_deterministically_and_normalises():
+    loader = make_loader()
+    loader.set_epoch(0)
+    first = epoch_labels(loader)
+    assert len(loader) == 50 // 8 and len(first) == 48  # incomplete batch dropped in training
+    assert len(set(first.tolist())) == 48
+    loader.set_epoch(1)
+    assert not torch.equal(epoch_labels(loader), first)
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    assert torch.equal(x[:, 0, 0, 0], y.float())  # pixel value == index, normalised with std 1/255
+    assert torch.equal(epoch_labels(loader), first)  # a fresh pass repeats the epoch
+
+
+def test_mid_epoch_start_skips_exactly_the_done_steps():
+    loader = make_loader()
+    loader.set_epoch(3)
+    full = list(loader)
+    loader.set_epoch(3, start_step=2)
+    rest = list(loader)
+    assert len(rest) == len(full) - 2
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(rest, full[2:]))
+
+
+def test_ranks_take_disjoint_equal_shards():
+    shards = []
+    for rank in range(3):
+        loader = make_loader(n=50, rank=rank, world=3, batch=4)
+        loader.set_epoch(5)
+        shards.append(epoch_labels(loader))
+    assert len({len(s) for s in shards}) == 1
+    together = torch.cat(shards)
+    assert len(set(together.tolist())) == len(together)
+
+
+def test_eval_loader_covers_every_sample_once_across_ranks():
+    seen = torch.cat([epoch_labels(make_loader(n=23, train=False, rank=r, world=2, batch=4)) for r in range(2)])
+    assert sorted(seen.tolist()) == list(range(23))
+
+
+def test_validation_split_is_fixed_by_its_seed_and_disjoint():
+    train_a, val_a = split_indices(100, 0.1, seed=3)
+    train_b, val_b = split_indices(100, 0.1, seed=3)
+    assert torch.equal(val_a, val_b) and len(val_a) == 10 and len(train_a) == 90
+    assert not set(train_a.tolist()) & set(val_a.tolist())
+    assert not torch.equal(split_indices(100, 0.1, seed=4)[1], val_a)
+    train, val = split_indices(100, 0.0, seed=0)
+    assert len(train) == 100 and len(val) == 0
+
+
+def test_synthetic_bundle():
+    cfg = DataConfig(synthetic=SyntheticConfig(train_size=100, test_size=40, image_size=16), val_fraction=0.2)
+    data = build_data(cfg, batch_size=10, eval_batch_size=16, device=CPU, seed=0)
+    assert data.num_classes == 10 and data.input_size == (3, 16, 16)
+    assert data.train.num_samples == 80 and data.val.num_samples == 20 and data.test.num_samples == 40
+    x, y = next(iter(data.train))
+    assert x.shape == (10, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+
+
+def test_cifar10_on_disk_goes_through_the_user_path(tmp_path):
+    written = write_cifar10(tmp_path, n_train=60, n_test=20)
+    cfg = DataConfig(dataset="cifar10", root=str(tmp_path), val_fraction=0.25,
+                     augment=AugmentConfig(crop_padding=0, hflip=False))
+    data = build_data(cfg, batch_size=15, eval_batch_size=100, device=CPU, seed=0)
+    assert data.classes == written.classes and data.num_classes == 10
+    assert (data.train.num_samples, data.val.num_samples, data.test.num_samples) == (45, 15, 20)
+    x, y = next(iter(data.test))
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    pixels = torch.from_numpy(written.test_images).permute(0, 3, 1, 2).float() / 255
+    assert torch.allclose(x, (pixels - mean) / std, atol=1e-5)
+    assert torch.equal(y, torch.from_numpy(written.test_labels))
+
+
+def test_mnist_becomes_three_channels(tmp_path):
+    write_mnist(tmp_path, n_train=20, n_test=10)
+    data = build_data(DataConfig(dataset="mnist", root=str(tmp_path), val_fraction=0.0), 5, 10, CPU, seed=0)
+    assert data.val is None and data.input_size == (3, 28, 28)
+    assert next(iter(data.test))[0].shape == (10, 3, 28, 28)
+
+
+def test_imagefolder_uses_a_worker_dataloader(tmp_path):
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=4, size=20)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25, num_workers=0)
+    data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0)
+    assert data.classes == ["cat", "dog"] and data.input_size == (3, 16, 16)
+    assert (data.train.num_samples, data.val.num_samples) == (6, 2)
+    data.train.set_epoch(0)
+    batches = list(data.train)
+    assert len(batches) == len(data.train) == 3 and batches[0][0].shape == (2, 3, 16, 16)
+    data.train.set_epoch(0, start_step=1)
+    assert len(list(data.train)) == 2
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="cifar-10-batches-py"):
+        build_data(DataConfig(dataset="cifar10", root=str(tmp_path)), 8, 8, CPU, seed=0)
+
+
+def test_batch_must_split_evenly_across_ranks():
+    cfg = DataConfig(synthetic=SyntheticConfig(train_size=40, test_size=20, image_size=16))
+    with pytest.raises(UserError, match="divisible by the number of processes"):
+        build_data(cfg, batch_size=9, eval_batch_size=8, device=CPU, seed=0, rank=0, world=2)
+
+
+def test_imagefolder_eval_shards_count_every_image_once(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b", "c"], per_class=3, size=12)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.0, num_workers=0)
+    seen = []
+    for rank in range(2):
+        data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0, rank=rank, world=2)
+        seen += torch.cat([y for _, y in data.test]).tolist()
+    assert sorted(seen) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # 9 images over 2 ranks: none padded or dropped
+
+
+def recipe_config(**augment) -> DataConfig:
+    """Synthetic data with the ViT recipe's strong augmentation (see configs/vit/recipe.yaml)."""
+    options = dict(policy="autoaugment", erase_prob=0.5, erase_value="random", repeats=3, mixup_alpha=1.0,
+                   cutmix_alpha=1.0, mix_prob=0.5)
+    options.update(augment)
+    return DataConfig(synthetic=SyntheticConfig(train_size=120, test_size=20, image_size=16), val_fraction=0.0,
+                      augment=AugmentConfig(**options))
+
+
+def test_repeated_augmentation_shows_each_drawn_sample_repeats_times_in_a_row():
+    from common.data.loaders import epoch_order
+
+    order = epoch_order(10, 3, torch.Generator().manual_seed(0))
+    assert len(order) == 10 and len(set(order.tolist())) == 4  # ceil(10 / 3) samples, cut to 10 positions
+    assert all(order[i] == order[i - i % 3] for i in range(10))
+    assert torch.equal(epoch_order(7, 1, torch.Generator().manual_seed(1)).sort().values, torch.arange(7))
+    data = build_data(recipe_config(policy="randaugment", mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0),
+                      batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    data.train.set_epoch(0)
+    x, y = next(iter(data.train))
+    assert torch.equal(y[0::3], y[1::3]) and torch.equal(y[0::3], y[2::3])
+    assert not torch.equal(x[0], x[1])  # the copies of a sample are augmented independently
+
+
+def test_strong_augmentation_and_mixing_resume_mid_epoch_exactly():
+    data = build_data(recipe_config(), batch_size=12, eval_batch_size=16, device=CPU, seed=4)
+    data.train.set_epoch(2)
+    full = list(data.train)
+    data.train.set_epoch(2, start_step=4)
+    rest = list(data.train)
+    assert len(rest) == len(full) - 4 > 0
+    for (xa, ya), (xb, yb) in zip(full[4:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, target = full[0]
+    assert target.shape == (12, 10) and torch.allclose(target.sum(1), torch.ones(12))
+    assert any(t.max() < 1 for _, t in full for t in t)  # some batches were mixed
+    data.train.set_epoch(3)
+    assert not torch.equal(next(iter(data.train))[0], x)
+
+
+def test_evaluation_is_never_augmented_or_mixed():
+    plain = build_data(recipe_config(policy="none", erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0),
+                       batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    strong = build_data(recipe_config(), batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    for a, b in zip(plain.test, strong.test):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].ndim == 1
+
+
+def test_imagefolder_takes_the_same_recipe_through_torchvision(tmp_path):
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=6, size=20)
+    augment = AugmentConfig(policy="randaugment", erase_prob=1.0, erase_value="zero", repeats=2,
+                            cutmix_alpha=1.0)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
+                     augment=augment)
+    data = build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
+    names = [type(t).__name__ for t in data.train.loader.loader.dataset.dataset.transform.transforms]
+    assert names[-4:] == ["RandAugment", "ToTensor", "Normalize", "RandomErasing"]
+    data.train.set_epoch(0)
+    order = data.train.loader.sampler.indices
+    assert all(order[i] == order[i - i % 2] for i in range(len(order)))  # repeated augmentation, pairs
+    x, target = next(iter(data.train))
+    assert x.shape == (4, 3, 16, 16) and target.shape == (4, 2)
+    assert (x == 0).any()  # the erased boxes
