@@ -118,6 +118,10 @@ class ScheduleConfig:
     eta_min: float = _bounded(0.0, lo=0.0)
     milestones: list[float] = field(default_factory=list)  # epochs, for multistep
     gamma: float = _bounded(0.1, lo=0.0, lo_open=True)
+    # The cosine's period in epochs, counted from the end of warmup; null: the rest of training (it ends at eta_min).
+    # A longer period stops the cosine short of eta_min (e.g. a per-epoch CosineAnnealingLR whose T_max counts the
+    # warmup epochs too).
+    cosine_epochs: Optional[float] = _bounded(None, lo=0.0, lo_open=True)
     # step: the LR changes every optimiser step. epoch: once per epoch, at its start, to the schedule's value
     # there (torch schedulers stepped per epoch; the cosine then never quite reaches eta_min).
     interval: Literal["step", "epoch"] = "step"

@@ -54,6 +54,8 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: ScheduleCo
     there, as a torch scheduler stepped once per epoch: warmup start + (1 - start) t / warmup (so with start 0
     the first epoch has LR 0), cosine progress (t - warmup) / (total - warmup), which never reaches 1 (a
     per-epoch CosineAnnealingLR(T_max=epochs) ends one epoch short of eta_min).
+
+    cosine_epochs, when set, is the cosine's period after warmup (progress = (t - warmup) / period, capped at 1).
     """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.interval == "epoch":
@@ -61,7 +63,7 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: ScheduleCo
     if step < warmup:
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * (step + 1) / warmup
     if cfg.name == "cosine":
-        span = max(1, total_steps - 1 - warmup)
+        span = max(1, total_steps - 1 - warmup) if cfg.cosine_epochs is None else cfg.cosine_epochs * steps_per_epoch
         progress = min(1.0, (step - warmup) / span)
         floor = cfg.eta_min / base_lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -76,7 +78,8 @@ def _per_epoch_factor(t: int, total_steps: int, steps_per_epoch: int, warmup: in
     if t < warmup:
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * t / warmup
     if cfg.name == "cosine":
-        progress = (t - warmup) / max(1, total_steps - warmup)
+        span = total_steps - warmup if cfg.cosine_epochs is None else cfg.cosine_epochs * steps_per_epoch
+        progress = min(1.0, (t - warmup) / max(1, span))
         floor = cfg.eta_min / base_lr
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.name == "multistep":
