@@ -284,3 +284,17 @@ def test_official_repeat_mode_through_the_config_and_the_worker_loader(tmp_path)
     order = folder.train.loader.sampler.indices
     assert len(order) == 36 and len(folder.train) == 9
     assert all(sorted(order[i:i + 12]) == list(range(12)) for i in (0, 12, 24))
+
+
+def test_imagefolder_erasing_takes_the_raw_mean_and_refuses_what_torchvision_cannot_draw(tmp_path):
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=4, size=20)
+
+    def folder(**augment):
+        cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
+                         mean=[0.1, 0.2, 0.3], augment=AugmentConfig(erase_prob=1.0, **augment))
+        return build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
+
+    erasing = folder(erase_value="unnormalized_mean").train.loader.dataset.dataset.transform.transforms[-1]
+    assert type(erasing).__name__ == "RandomErasing" and erasing.value == (0.1, 0.2, 0.3)
+    with pytest.raises(UserError, match="erase_aspect"):
+        folder(erase_aspect="uniform")
