@@ -1,4 +1,4 @@
-"""Optimisers with weight-decay groups, and per-iteration learning-rate schedules."""
+"""Optimisers with weight-decay groups, and learning-rate schedules set every iteration or once per epoch."""
 
 from __future__ import annotations
 
@@ -64,13 +64,15 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, cfg: ScheduleCo
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * (step + 1) / warmup
     if cfg.name == "cosine":
         span = max(1, total_steps - 1 - warmup) if cfg.cosine_epochs is None else cfg.cosine_epochs * steps_per_epoch
-        progress = min(1.0, (step - warmup) / span)
-        floor = cfg.eta_min / base_lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _cosine(min(1.0, (step - warmup) / span), cfg.eta_min / base_lr)
     if cfg.name == "multistep":
         epoch = step / steps_per_epoch
         return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     return 1.0
+
+
+def _cosine(progress: float, floor: float) -> float:
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _per_epoch_factor(t: int, total_steps: int, steps_per_epoch: int, warmup: int, cfg: ScheduleConfig,
@@ -79,9 +81,7 @@ def _per_epoch_factor(t: int, total_steps: int, steps_per_epoch: int, warmup: in
         return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * t / warmup
     if cfg.name == "cosine":
         span = total_steps - warmup if cfg.cosine_epochs is None else cfg.cosine_epochs * steps_per_epoch
-        progress = min(1.0, (t - warmup) / max(1, span))
-        floor = cfg.eta_min / base_lr
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return _cosine(min(1.0, (t - warmup) / max(1, span)), cfg.eta_min / base_lr)
     if cfg.name == "multistep":
         return cfg.gamma ** sum(t / steps_per_epoch >= m for m in cfg.milestones)
     return 1.0
