@@ -52,6 +52,9 @@ class LocalAttention2d(AttentionLayer, nn.Module):
         self.query = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.key = nn.Conv2d(in_channels, out_channels, 1, bias=False)
         self.value = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        for projection in (self.query, self.key, self.value):
+            # The public code's AttentionConv.reset_parameters; it holds whatever init the backbone uses.
+            nn.init.kaiming_normal_(projection.weight, mode="fan_out", nonlinearity="relu")
         self.relative = CroppedRelativeEmbedding2d(kernel_size, head_dim)
         self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
 

@@ -25,18 +25,23 @@ ARCHITECTURES = {  # planes per stage, blocks per stage, stride per stage
 }
 
 # Each variant's options and their defaults. max_span 5 is the public code's value for CIFAR-100, R 2 and
-# span_penalty 0.01 the seed's best adaptive recipe, span_init 0.3 the public code's initial z,
-# kernel 5 the seed's best local recipe.
+# span_penalty 0.01 the seed's best adaptive recipe, span_init 0.1 the public code's initial z (config.py's
+# --z_init default, which model.py passes to every AttentionConv; AttentionConv's own default 0.3 is never
+# used), kernel 5 the seed's best local recipe.
 VARIANTS = {
-    "adaptive": {"heads": 4, "R": 2.0, "max_span": 5, "span_penalty": 0.01, "span_init": 0.3, "ring_offset": 0,
+    "adaptive": {"heads": 4, "R": 2.0, "max_span": 5, "span_penalty": 0.01, "span_init": 0.1, "ring_offset": 0,
                  "border": "mask", "backend": "auto"},
     "local": {"kernel_size": 5, "heads": 4, "border": "mask", "backend": "auto"},
     "conv": {"kernel_size": 3},
 }
 
 
-def adaptive_span_resnet(size: str, num_classes: int = 100, attention: str = "adaptive", **options) -> ResNet:
-    """One of the paper's three networks with the chosen spatial mixer; options set to None take defaults."""
+def adaptive_span_resnet(size: str, num_classes: int = 100, attention: str = "adaptive", init: str = "kaiming",
+                         **options) -> ResNet:
+    """One of the paper's three networks with the chosen spatial mixer; options set to None take defaults.
+
+    init: "kaiming" (every conv Kaiming-normal) or "torch_default", the public code's: PyTorch's layer init
+    everywhere except the attention's q, k, v (Kaiming-normal, fan_out, in both modes)."""
     if attention not in VARIANTS:
         raise ArgumentError(f"attention must be one of {', '.join(VARIANTS)}, got {attention!r}", key="attention")
     defaults = VARIANTS[attention]
@@ -51,15 +56,15 @@ def adaptive_span_resnet(size: str, num_classes: int = 100, attention: str = "ad
         mixer, mixer_kwargs = "adaptive_span", {"adaptive": attention == "adaptive", **chosen}
     widths, layers, strides = ARCHITECTURES[size]
     return ResNet(block="bottleneck", layers=layers, widths=widths, strides=strides, stem="cifar", stem_width=32,
-                  num_classes=num_classes, mixer=mixer, mixer_kwargs=mixer_kwargs, downsample="avgpool")
+                  num_classes=num_classes, mixer=mixer, mixer_kwargs=mixer_kwargs, downsample="avgpool", init=init)
 
 
 def _factory(size: str):
     def build(num_classes: int = 100, attention: str = "adaptive", kernel_size: int | None = None,
               heads: int | None = None, R: float | None = None, max_span: int | None = None,
               span_penalty: float | None = None, span_init: float | None = None, ring_offset: int | None = None,
-              border: str | None = None, backend: str | None = None) -> ResNet:
-        return adaptive_span_resnet(size, num_classes, attention, kernel_size=kernel_size, heads=heads, R=R,
+              border: str | None = None, backend: str | None = None, init: str = "kaiming") -> ResNet:
+        return adaptive_span_resnet(size, num_classes, attention, init, kernel_size=kernel_size, heads=heads, R=R,
                                     max_span=max_span, span_penalty=span_penalty, span_init=span_init,
                                     ring_offset=ring_offset, border=border, backend=backend)
 

@@ -62,12 +62,23 @@ class AugmentConfig:
     erase_prob: float = _bounded(0.0, lo=0.0, hi=1.0)  # random erasing of one box per image
     erase_area: list[float] = field(default_factory=lambda: [0.02, 0.4])  # box area, fraction of the image
     erase_min_aspect: float = _bounded(0.3, lo=0.0, hi=1.0, lo_open=True)  # aspect in [min, 1/min]
-    erase_value: Literal["random", "zero"] = "random"  # fill: N(0, 1) noise or 0 (the mean) after normalising
-    repeats: int = _bounded(1, lo=1)  # repeated augmentation: each epoch shows N/repeats images repeats times
+    # Fill: N(0, 1) noise, or 0 (the mean colour) after normalising, or the dataset's unnormalised mean written
+    # into the normalised image (Zhong et al.'s reference code, which the small-data ViT script uses).
+    erase_value: Literal["random", "zero", "unnormalized_mean"] = "random"
+    erase_aspect: Literal["log_uniform", "uniform"] = "log_uniform"  # how the box's aspect ratio is drawn
+    erase_attempts: int = _bounded(10, lo=1)  # tries to fit a box inside the image before giving up
+    repeats: int = _bounded(1, lo=1)  # repeated augmentation, see repeat_mode
+    # in_batch (Hoffer et al. 2020): each epoch shows N/repeats images, each `repeats` times in a row.
+    # official: the small-data ViT script's sampler call (one instance per image, epoch length x repeats): an
+    # epoch is `repeats` fresh permutations back to back, so it is `repeats` times longer.
+    repeat_mode: Literal["in_batch", "official"] = "in_batch"
     mixup_alpha: float = _bounded(0.0, lo=0.0)  # 0: off
     cutmix_alpha: float = _bounded(0.0, lo=0.0)  # 0: off
     mix_prob: float = _bounded(1.0, lo=0.0, hi=1.0)  # chance that a batch is mixed at all
     mix_switch_prob: float = _bounded(0.5, lo=0.0, hi=1.0)  # chance of CutMix rather than mixup when both are on
+    # Whom each sample is mixed with: the batch in reverse order (timm), or a random permutation of the batch
+    # (torch.randperm, as most official scripts; a sample can then be its own partner).
+    mix_partners: Literal["reverse", "permutation"] = "reverse"
 
 
 @dataclass
@@ -94,6 +105,9 @@ class OptimizerConfig:
     weight_decay: float = _bounded(5e-4, lo=0.0)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = _bounded(1e-8, lo=0.0, lo_open=True)
+    # Which parameters weight decay applies to: weight matrices and kernels only (not norms, biases or parameters
+    # a model marks), everything the model does not mark, or every parameter (torch's default group).
+    decay_params: Literal["matrices", "unmarked", "all"] = "matrices"
 
 
 @dataclass
@@ -104,6 +118,13 @@ class ScheduleConfig:
     eta_min: float = _bounded(0.0, lo=0.0)
     milestones: list[float] = field(default_factory=list)  # epochs, for multistep
     gamma: float = _bounded(0.1, lo=0.0, lo_open=True)
+    # The cosine's period in epochs, counted from the end of warmup; null: the rest of training (it ends at eta_min).
+    # A longer period stops the cosine short of eta_min (e.g. a per-epoch CosineAnnealingLR whose T_max counts the
+    # warmup epochs too).
+    cosine_epochs: Optional[float] = _bounded(None, lo=0.0, lo_open=True)
+    # step: the LR changes every optimiser step. epoch: once per epoch, at its start, to the schedule's value
+    # there (torch schedulers stepped per epoch; the cosine then never quite reaches eta_min).
+    interval: Literal["step", "epoch"] = "step"
 
 
 @dataclass
@@ -123,6 +144,10 @@ class TrainConfig:
     checkpoint_every_steps: int = _bounded(0, lo=0)  # 0: only at epoch ends
     keep_every_epochs: int = _bounded(0, lo=0)  # also keep epochs/epoch_NNNN.ckpt every N epochs (0: off)
     eval_every_epochs: int = _bounded(1, lo=1)
+    # Which split picks the reported checkpoint. val: the held-out split (data.val_fraction), test evaluated once
+    # at the end. test: the test split every epoch, reporting its best accuracy, as the official scripts do
+    # (optimistic; for reproducing a published number, with data.val_fraction: 0).
+    selection: Literal["val", "test"] = "val"
 
 
 @dataclass

@@ -30,7 +30,14 @@ from common.inspect.capture import AttentionLayer
 from common.models.weight_decay import mark_no_weight_decay
 
 ATTENTIONS = ("quadratic", "quadratic_aniso", "learned", "learned_query", "learned_content")
-INIT_STD = 0.02  # BERT's initializer range, for every learned weight and table
+INIT_STD = 0.02  # BERT's initializer range, for every learned weight and table under init="bert"
+# "torch_default": what the official BertImage gets, since it never applies BERT's init_bert_weights: PyTorch's
+# Linear init, LayerNorm 1 and 0, nn.Embedding tables N(0, 1). "bert": Linear and tables N(0, 0.02), zero biases.
+INITS = ("torch_default", "bert")
+# How the attention-probability dropout mask is drawn for positional-only scores (Gaussian, learned w.r), which
+# are the same for every image: one mask per image, or one mask shared by the whole batch, as the official code
+# does by dropping out the batch-free (H, W, heads, H, W) probabilities. Content scores always draw per image.
+DROPOUT_MASKS = ("per_image", "shared")
 
 
 def relative_offsets(size: int, device=None) -> torch.Tensor:
@@ -102,6 +109,12 @@ class _RelativeTables(nn.Module):
         self.row = nn.Parameter(torch.randn(2 * grid[0] - 1, embedding_size) * INIT_STD)
         self.col = nn.Parameter(torch.randn(2 * grid[1] - 1, embedding_size) * INIT_STD)
 
+    def init_tables(self, init: str) -> None:
+        """N(0, 0.02) under "bert"; N(0, 1), nn.Embedding's init, under "torch_default"."""
+        std = INIT_STD if init == "bert" else 1.0
+        nn.init.normal_(self.row, std=std)
+        nn.init.normal_(self.col, std=std)
+
     def offset_index(self, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Table rows of the (query, key) offsets along each axis: (H, H) and (W, W)."""
         if height > self.grid[0] or width > self.grid[1]:
@@ -121,6 +134,17 @@ class LearnedPositionScores(_RelativeTables):
         self.heads = heads
         self.w_row = nn.Parameter(torch.randn(heads, embedding_size) * INIT_STD)
         self.w_col = nn.Parameter(torch.randn(heads, embedding_size) * INIT_STD)
+
+    def init_tables(self, init: str) -> None:
+        """Also w_row, w_col: the official head_keys_row/col are bias-free Linear(embedding, heads) layers, so
+        PyTorch draws them U(-1/sqrt(embedding), 1/sqrt(embedding))."""
+        super().init_tables(init)
+        for w in (self.w_row, self.w_col):
+            if init == "bert":
+                nn.init.normal_(w, std=INIT_STD)
+            else:
+                bound = w.shape[1] ** -0.5
+                nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (heads, H*W, H*W), the same for every image."""
@@ -171,14 +195,20 @@ class ImageSelfAttention(AttentionLayer, nn.Module):
     attention: "quadratic" (isotropic Gaussian), "quadratic_aniso", "learned" (w.r), "learned_query" (q.r)
     or "learned_content" (q.k + q.r). `grid` is the grid the model is built for: it sizes the learned
     relative tables (a larger input is an error) and is what gauss_viz draws; Gaussian heads work on any grid.
-    Dropout on the attention probabilities as in BERT, drawn per image.
+    Dropout on the attention probabilities as in BERT, drawn per image, or for positional-only scores once for
+    the whole batch (attention_dropout_mask="shared", the official code).
     """
 
     def __init__(self, hidden: int, heads: int, attention: str = "quadratic", grid: tuple[int, int] = (16, 16),
-                 embedding_size: int | None = None, attention_dropout: float = 0.0):
+                 embedding_size: int | None = None, attention_dropout: float = 0.0,
+                 attention_dropout_mask: str = "per_image"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+        if attention_dropout_mask not in DROPOUT_MASKS:
+            raise ValueError(f"attention_dropout_mask must be one of {', '.join(DROPOUT_MASKS)}, "
+                             f"got {attention_dropout_mask!r}")
+        self.attention_dropout_mask = attention_dropout_mask
         if heads < 1:
             raise ValueError(f"heads must be >= 1, got {heads}")
         self.hidden, self.heads, self.attention = hidden, heads, attention
@@ -200,7 +230,8 @@ class ImageSelfAttention(AttentionLayer, nn.Module):
         if self.recording:
             self.record(self._weights_fn(probs, b, (height, width)), (height, width), (height, width))
         if self.training and self.dropout.p > 0:
-            probs = self.dropout(probs.expand(b, *probs.shape[-3:]))
+            shared = probs.dim() == 3 and self.attention_dropout_mask == "shared"
+            probs = self.dropout(probs if shared else probs.expand(b, *probs.shape[-3:]))
         tokens = x.reshape(b, height * width, c)
         probs = probs.to(tokens.dtype) if not torch.is_autocast_enabled() else probs
         pattern = "hqk,bkc->bqhc" if probs.dim() == 3 else "bhqk,bkc->bqhc"
@@ -234,5 +265,5 @@ def init_bert_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-__all__ = ["ATTENTIONS", "ContentScores", "GaussianScores", "ImageSelfAttention", "LearnedPositionScores",
-           "init_bert_", "relative_offsets"]
+__all__ = ["ATTENTIONS", "ContentScores", "DROPOUT_MASKS", "GaussianScores", "INITS", "ImageSelfAttention",
+           "LearnedPositionScores", "init_bert_", "relative_offsets"]

@@ -15,16 +15,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.registry import ArgumentError, register_model
-from sa_conv.attention import ATTENTIONS, GaussianScores, ImageSelfAttention, init_bert_
+from sa_conv.attention import ATTENTIONS, DROPOUT_MASKS, INITS, GaussianScores, ImageSelfAttention, init_bert_
+from sa_conv.attention import _RelativeTables
 
 
 class BertLayer(nn.Module):
     """One post-LN transformer layer on a (B, H, W, hidden) grid (LayerNorm after each residual sum)."""
 
     def __init__(self, hidden: int, heads: int, intermediate: int, attention: str, grid: tuple[int, int],
-                 embedding_size: int | None, dropout: float, attention_dropout: float, layer_norm_eps: float):
+                 embedding_size: int | None, dropout: float, attention_dropout: float, layer_norm_eps: float,
+                 attention_dropout_mask: str = "per_image"):
         super().__init__()
-        self.attention = ImageSelfAttention(hidden, heads, attention, grid, embedding_size, attention_dropout)
+        self.attention = ImageSelfAttention(hidden, heads, attention, grid, embedding_size, attention_dropout,
+                                            attention_dropout_mask)
         self.attention_output = nn.Linear(hidden, hidden)
         self.attention_norm = nn.LayerNorm(hidden, eps=layer_norm_eps)
         self.intermediate = nn.Linear(hidden, intermediate)
@@ -41,14 +44,18 @@ class SelfAttentionImageClassifier(nn.Module):
     """Cordonnier et al.'s fully attentional classifier on a space-to-depth grid.
 
     `image_size` is the input the model is built for: its grid (image_size / 2) sizes the learned relative
-    tables and is the grid gauss_viz draws. Gaussian models run on any even input size.
+    tables and is the grid gauss_viz draws. Gaussian models run on any even input size. `init`: see
+    sa_conv.attention.INITS (the Gaussian centres and spreads are drawn the same way under both).
     """
 
     def __init__(self, num_classes: int = 10, attention: str = "quadratic", layers: int = 6, heads: int = 9,
                  hidden: int = 400, intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
                  layer_norm_eps: float = 1e-12, image_size: int = 32, in_channels: int = 3,
-                 embedding_size: int | None = None, block: int = 2):
+                 embedding_size: int | None = None, block: int = 2, init: str = "torch_default",
+                 attention_dropout_mask: str = "per_image"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if image_size % block:
             raise ValueError(f"image_size {image_size} is not divisible by the space-to-depth block {block}")
         self.block, self.attention = block, attention
@@ -56,9 +63,13 @@ class SelfAttentionImageClassifier(nn.Module):
         self.embed = nn.Linear(in_channels * block * block, hidden)
         self.layers = nn.ModuleList(
             BertLayer(hidden, heads, intermediate, attention, self.grid, embedding_size, dropout, attention_dropout,
-                      layer_norm_eps) for _ in range(layers))
+                      layer_norm_eps, attention_dropout_mask) for _ in range(layers))
         self.classifier = nn.Linear(hidden, num_classes)
-        init_bert_(self)  # Linear and LayerNorm only: the score modules keep their own init
+        if init == "bert":
+            init_bert_(self)  # Linear and LayerNorm; the tables below
+        for m in self.modules():
+            if isinstance(m, _RelativeTables):
+                m.init_tables(init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % self.block or x.shape[-2] % self.block:
@@ -87,9 +98,14 @@ class SelfAttentionImageClassifier(nn.Module):
 
 
 def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int, intermediate: int, dropout: float,
-          attention_dropout: float, layer_norm_eps: float, image_size: int,
-          embedding_size: int | None) -> SelfAttentionImageClassifier:
+          attention_dropout: float, layer_norm_eps: float, image_size: int, embedding_size: int | None,
+          init: str = "torch_default", attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
     """Check the options a config can set (each error names its key), then build."""
+    if init not in INITS:
+        raise ArgumentError(f"init must be one of {', '.join(INITS)}, got {init!r}", key="init")
+    if attention_dropout_mask not in DROPOUT_MASKS:
+        raise ArgumentError(f"attention_dropout_mask must be one of {', '.join(DROPOUT_MASKS)}, "
+                            f"got {attention_dropout_mask!r}", key="attention_dropout_mask")
     if attention not in ATTENTIONS:
         raise ArgumentError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}", key="attention")
     for key, value in (("layers", layers), ("heads", heads), ("hidden", hidden), ("intermediate", intermediate)):
@@ -111,52 +127,59 @@ def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int
     if embedding_size is not None and (not isinstance(embedding_size, int) or embedding_size < 1):
         raise ArgumentError(f"embedding_size must be an integer >= 1, got {embedding_size!r}", key="embedding_size")
     return SelfAttentionImageClassifier(num_classes, attention, layers, heads, hidden, intermediate, dropout,
-                                        attention_dropout, layer_norm_eps, image_size, embedding_size=embedding_size)
+                                        attention_dropout, layer_norm_eps, image_size, embedding_size=embedding_size,
+                                        init=init, attention_dropout_mask=attention_dropout_mask)
 
 
 @register_model
 def sa_conv(num_classes: int = 10, attention: str = "quadratic", layers: int = 6, heads: int = 9, hidden: int = 400,
             intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
             layer_norm_eps: float = 1e-12, image_size: int = 32,
-            embedding_size: int | None = None) -> SelfAttentionImageClassifier:
+            embedding_size: int | None = None, init: str = "torch_default",
+            attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
     """The paper's model with any attention variant: quadratic, quadratic_aniso, learned, learned_query,
     learned_content. embedding_size: per-axis width of the learned row/column tables (default hidden for
-    `learned`, hidden/2 for the q.r variants)."""
+    `learned`, hidden/2 for the q.r variants). init: "torch_default" (the official code's) or "bert".
+    attention_dropout_mask: "per_image" or "shared" (one mask for the batch, the official code's)."""
     return build(num_classes, attention, layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, embedding_size)
+                 layer_norm_eps, image_size, embedding_size, init, attention_dropout_mask)
 
 
 @register_model
 def sa_quadratic(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400, intermediate: int = 512,
                  dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
-                 image_size: int = 32) -> SelfAttentionImageClassifier:
+                 image_size: int = 32, init: str = "torch_default",
+                 attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
     """Isotropic Gaussian heads (12,086,844 params on CIFAR-10, the official count)."""
     return build(num_classes, "quadratic", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None)
+                 layer_norm_eps, image_size, None, init, attention_dropout_mask)
 
 
 @register_model
 def sa_quadratic_aniso(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400,
                        intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
-                       layer_norm_eps: float = 1e-12, image_size: int = 32) -> SelfAttentionImageClassifier:
+                       layer_norm_eps: float = 1e-12, image_size: int = 32, init: str = "torch_default",
+                       attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
     """Anisotropic Gaussian heads, Sigma^-1 = S S^T (12,087,006 params on CIFAR-10)."""
     return build(num_classes, "quadratic_aniso", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None)
+                 layer_norm_eps, image_size, None, init, attention_dropout_mask)
 
 
 @register_model
 def sa_learned(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400, intermediate: int = 512,
                dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
-               image_size: int = 32, embedding_size: int | None = None) -> SelfAttentionImageClassifier:
+               image_size: int = 32, embedding_size: int | None = None, init: str = "torch_default",
+               attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
     """Learned relative 2-D embeddings, positional only, w.r (12,278,682 params on CIFAR-10, the official count)."""
     return build(num_classes, "learned", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, embedding_size)
+                 layer_norm_eps, image_size, embedding_size, init, attention_dropout_mask)
 
 
 @register_model
 def sa_learned_content(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400,
                        intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
-                       layer_norm_eps: float = 1e-12, image_size: int = 32) -> SelfAttentionImageClassifier:
+                       layer_norm_eps: float = 1e-12, image_size: int = 32, init: str = "torch_default",
+                       attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
     """Learned relative 2-D embeddings with content, q.k + q.r (29,484,282 params on CIFAR-10, the official count)."""
     return build(num_classes, "learned_content", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None)
+                 layer_norm_eps, image_size, None, init, attention_dropout_mask)

@@ -38,6 +38,9 @@ def _norm_act(channels: int) -> list[nn.Module]:
     return [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
 
 
+INITS = ("kaiming", "torch_default")
+
+
 class Bottleneck(nn.Module):
     """The pre-activation SAN block of width c: BN-ReLU, self-attention to c/4, BN-ReLU, 1x1 conv to c, + x."""
 
@@ -57,13 +60,17 @@ class SAN(nn.Module):
     """Stem, stages of SAN bottlenecks, pool, classifier; see the module docstring.
 
     `attention` options (mode, relation, padding, position, share_planes, backend) go to every
-    self-attention layer. `pools` says which stages are entered by a 2x2 max pool.
+    self-attention layer. `pools` says which stages are entered by a 2x2 max pool. init: "kaiming" (the
+    project's backbone convention: Kaiming fan-out convs with zero biases, unit BN) or "torch_default"
+    (PyTorch's layer init, the official code's, which applies no init of its own).
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int] = WIDTHS, kernels: Sequence[int] = KERNELS,
                  pools: Sequence[bool] = LAYOUTS["imagenet"], num_classes: int = 1000, in_chans: int = 3,
-                 **attention):
+                 init: str = "kaiming", **attention):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if not len(layers) == len(widths) == len(kernels) == len(pools):
             raise ValueError("layers, widths, kernels and pools need one entry per stage")
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 1, bias=False), *_norm_act(widths[0]))
@@ -78,7 +85,8 @@ class SAN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
-        self._init_weights()
+        if init == "kaiming":
+            self._init_weights()
 
     def _init_weights(self) -> None:
         # The project's backbone convention (common/models/resnet.py): Kaiming fan-out convs, unit BN.
@@ -98,8 +106,11 @@ class SAN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
 
 
-def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True) -> SAN:
+def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True,
+        init: str = "kaiming") -> SAN:
     """SAN-`depth` with `mode` attention; option errors name the option (config files point at it)."""
+    if init not in INITS:
+        raise ArgumentError(f"init must be one of {', '.join(INITS)}, got {init!r}", key="init")
     if stem not in LAYOUTS:
         raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
     if relation not in MODES[mode]:
@@ -107,7 +118,7 @@ def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, paddi
                             key="relation")
     if padding not in PADDINGS:
         raise ArgumentError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}", key="padding")
-    return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, mode=mode, relation=relation,
+    return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, init=init, mode=mode, relation=relation,
                padding=padding, position=position)
 
 
@@ -116,41 +127,41 @@ PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELA
 
 @register_model
 def san10_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
-                   padding: str = "reflection", position: bool = True) -> SAN:
+                   padding: str = "reflection", position: bool = True, init: str = "kaiming") -> SAN:
     """SAN10 pairwise (blocks 2,1,2,4,1): 10,531,848 parameters on ImageNet with subtraction."""
-    return san(10, "pairwise", num_classes, stem, relation, padding, position)
+    return san(10, "pairwise", num_classes, stem, relation, padding, position, init)
 
 
 @register_model
 def san15_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
-                   padding: str = "reflection", position: bool = True) -> SAN:
+                   padding: str = "reflection", position: bool = True, init: str = "kaiming") -> SAN:
     """SAN15 pairwise (blocks 3,2,3,5,2): 14,065,436 parameters on ImageNet with subtraction."""
-    return san(15, "pairwise", num_classes, stem, relation, padding, position)
+    return san(15, "pairwise", num_classes, stem, relation, padding, position, init)
 
 
 @register_model
 def san19_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
-                   padding: str = "reflection", position: bool = True) -> SAN:
+                   padding: str = "reflection", position: bool = True, init: str = "kaiming") -> SAN:
     """SAN19 pairwise (blocks 3,3,4,6,3): 17,596,156 parameters on ImageNet with subtraction."""
-    return san(19, "pairwise", num_classes, stem, relation, padding, position)
+    return san(19, "pairwise", num_classes, stem, relation, padding, position, init)
 
 
 @register_model
 def san10_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
-                    padding: str = "reflection") -> SAN:
+                    padding: str = "reflection", init: str = "kaiming") -> SAN:
     """SAN10 patchwise (blocks 2,1,2,4,1): 11,841,124 parameters on ImageNet with concatenation."""
-    return san(10, "patchwise", num_classes, stem, relation, padding)
+    return san(10, "patchwise", num_classes, stem, relation, padding, init=init)
 
 
 @register_model
 def san15_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
-                    padding: str = "reflection") -> SAN:
+                    padding: str = "reflection", init: str = "kaiming") -> SAN:
     """SAN15 patchwise (blocks 3,2,3,5,2): 16,181,310 parameters on ImageNet with concatenation."""
-    return san(15, "patchwise", num_classes, stem, relation, padding)
+    return san(15, "patchwise", num_classes, stem, relation, padding, init=init)
 
 
 @register_model
 def san19_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
-                    padding: str = "reflection") -> SAN:
+                    padding: str = "reflection", init: str = "kaiming") -> SAN:
     """SAN19 patchwise (blocks 3,3,4,6,3): 20,518,470 parameters on ImageNet with concatenation."""
-    return san(19, "patchwise", num_classes, stem, relation, padding)
+    return san(19, "patchwise", num_classes, stem, relation, padding, init=init)

@@ -19,6 +19,11 @@ from vit.attention import TokenSelfAttention
 from vit.tokens import PatchEmbedding, ShiftedPatchTokenization
 
 
+# "small_head": Xavier-uniform Linear layers, a truncated-normal (0.02) classifier, position embedding and CLS
+# token, so the loss starts at ln(classes). "official": Lee et al.'s init (see VisionTransformer._init_official).
+INITS = ("small_head", "official")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a residual branch for a whole sample with probability p (scaled by 1/(1-p))."""
 
@@ -71,8 +76,11 @@ class VisionTransformer(nn.Module):
                  pool: str = "cls", spt: bool = False, spt_shift: int | None = None,
                  spt_directions: str = "diagonal", lsa: bool = False, qkv_bias: bool = False,
                  drop_path: float = 0.0, drop_path_mode: str = "uniform", dropout: float = 0.0,
-                 attn_dropout: float = 0.0, emb_dropout: float = 0.0, num_classes: int = 10, in_chans: int = 3):
+                 attn_dropout: float = 0.0, emb_dropout: float = 0.0, num_classes: int = 10, in_chans: int = 3,
+                 init: str = "small_head"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         self.image_size = _pair(image_size)
         h, w = self.image_size
         if h % patch_size or w % patch_size:
@@ -102,7 +110,26 @@ class VisionTransformer(nn.Module):
             for rate in rates))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
-        self._init_weights()
+        if init == "official":
+            self._init_official()
+        else:
+            self._init_weights()
+
+    def _init_official(self) -> None:
+        """Lee et al.'s code (models/vit.py init_weights, applied to every module): every Linear Xavier-normal
+        with zero bias, the classifier included; LayerNorm 1 and 0; the position embedding and CLS token
+        N(0, 1) (torch.randn)."""
+        nn.init.normal_(self.pos_embed, std=1.0)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1.0)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

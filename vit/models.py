@@ -23,14 +23,16 @@ def vit(image_size=32, patch_size: int = 4, dim: int = 192, depth: int = 9, head
         spt: bool = False, spt_shift: int | None = None, spt_directions: str = "diagonal", lsa: bool = False,
         qkv_bias: bool = False, drop_path: float = 0.1, drop_path_mode: str = "uniform", dropout: float = 0.0,
         attn_dropout: float = 0.0, emb_dropout: float = 0.0, num_classes: int = 10,
-        in_chans: int = 3) -> VisionTransformer:
+        in_chans: int = 3, init: str = "small_head") -> VisionTransformer:
     """Vision Transformer.
 
     image_size: int or [H, W], the input size (the position embedding has one entry per patch);
     head_dim: default dim // heads; mlp_dim: default dim * mlp_ratio; pool: "cls" (a learned CLS token) or
     "mean" (mean of the patch tokens, no CLS token); spt: Shifted Patch Tokenization, shifting by spt_shift
     pixels (default half a patch) in the "diagonal" or "cardinal" directions; lsa: Locality Self-Attention;
-    drop_path: stochastic-depth rate, the same in every block ("uniform") or rising from 0 ("linear").
+    drop_path: stochastic-depth rate, the same in every block ("uniform") or rising from 0 ("linear");
+    init: "small_head" (truncated-normal 0.02 classifier, position embedding and CLS token; Xavier-uniform
+    elsewhere) or "official" (Lee et al.'s: Xavier-normal everywhere, N(0, 1) position embedding and CLS token).
     """
     return VisionTransformer(**locals())
 

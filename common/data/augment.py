@@ -402,34 +402,49 @@ def _apply_slot(images: torch.Tensor, ops: torch.Tensor, values: torch.Tensor) -
 
 
 class BatchErasing:
-    """Random erasing (Zhong et al. 2020) of one rectangle per sample on a normalised float batch."""
+    """Random erasing (Zhong et al. 2020) of one rectangle per sample on a normalised float batch.
 
-    MAX_ATTEMPTS = 10
+    Two conventions exist. torchvision's (the defaults): log-aspect uniform, 10 attempts to fit a box, fill
+    with noise or a constant. Zhong et al.'s reference code (used by the small-data ViT script): aspect
+    uniform in [min_aspect, 1/min_aspect], 100 attempts, and the box filled with the dataset's unnormalised
+    per-channel mean written into the normalised image (value="unnormalized_mean", which needs `mean`).
+    """
 
     def __init__(self, prob: float, area: tuple[float, float] = (0.02, 0.4), min_aspect: float = 0.3,
-                 value: str = "random"):
+                 value: str = "random", aspect: str = "log_uniform", attempts: int = 10, mean=None):
         if not 0 <= prob <= 1:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
         if not 0 < area[0] <= area[1] <= 1:
             raise ValueError(f"area must satisfy 0 < low <= high <= 1, got {area}")
         if not 0 < min_aspect <= 1:
             raise ValueError(f"min_aspect must be in (0, 1], got {min_aspect}")
-        if value not in ("random", "zero"):
-            raise ValueError(f"value must be 'random' or 'zero', got {value!r}")
+        if value not in ("random", "zero", "unnormalized_mean"):
+            raise ValueError(f"value must be 'random', 'zero' or 'unnormalized_mean', got {value!r}")
+        if value == "unnormalized_mean" and mean is None:
+            raise ValueError("value='unnormalized_mean' needs the dataset's per-channel mean")
+        if aspect not in ("log_uniform", "uniform"):
+            raise ValueError(f"aspect must be 'log_uniform' or 'uniform', got {aspect!r}")
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.prob, self.area, self.min_aspect, self.value = prob, tuple(area), min_aspect, value
+        self.aspect, self.attempts = aspect, attempts
+        self.mean = None if mean is None else tuple(float(m) for m in mean)
 
     def draw(self, n: int, image_size: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
         """(n, 4) long tensor of boxes (top, left, height, width); height 0 = no erasing for that sample.
-        Area fraction uniform in `area`, log-aspect uniform in [log(min_aspect), log(1/min_aspect)], up to
-        10 attempts to fit, as in the paper."""
+        Area fraction uniform in `area`, aspect log-uniform (or uniform) in [min_aspect, 1/min_aspect], up to
+        `attempts` tries to fit."""
         height, width = image_size
-        attempts = (n, self.MAX_ATTEMPTS)
+        attempts = (n, self.attempts)
         low, high = self.area
         area = (low + (high - low) * torch.rand(attempts, generator=generator, dtype=torch.float64)) * height * width
-        log_aspect = math.log(self.min_aspect) * (1 - 2 * torch.rand(attempts, generator=generator,
-                                                                     dtype=torch.float64))
-        box_h = (area * log_aspect.exp()).sqrt().round().long()
-        box_w = (area / log_aspect.exp()).sqrt().round().long()
+        u = torch.rand(attempts, generator=generator, dtype=torch.float64)
+        if self.aspect == "log_uniform":
+            aspect = (math.log(self.min_aspect) * (1 - 2 * u)).exp()
+        else:
+            aspect = self.min_aspect + (1 / self.min_aspect - self.min_aspect) * u
+        box_h = (area * aspect).sqrt().round().long()
+        box_w = (area / aspect).sqrt().round().long()
         fits = (box_h < height) & (box_w < width)
         first_fit = fits.long().argmax(dim=1, keepdim=True)  # argmax finds the first True
         box_h, box_w = box_h.gather(1, first_fit)[:, 0], box_w.gather(1, first_fit)[:, 0]
@@ -442,7 +457,7 @@ class BatchErasing:
 
     def __call__(self, x: torch.Tensor, boxes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x float (B, C, H, W) normalised; boxes (B, 4) on x's device. Fills each box (vectorised, no Python
-        loop over samples) with zeros or standard-normal noise (noise drawn from `generator`, which lives on
+        loop over samples) with zeros, the unnormalised mean or standard-normal noise (noise drawn from `generator`, which lives on
         x's device, or the global RNG when None)."""
         top, left, box_h, box_w = boxes.unbind(dim=1)
         rows = torch.arange(x.shape[2], device=x.device)
@@ -452,6 +467,10 @@ class BatchErasing:
         inside = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)  # (B, 1, H, W)
         if self.value == "zero":
             fill = x.new_zeros(())
+        elif self.value == "unnormalized_mean":
+            if len(self.mean) != x.shape[1]:
+                raise ValueError(f"mean has {len(self.mean)} channels, the images {x.shape[1]}")
+            fill = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         else:
             fill = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return torch.where(inside, fill, x)

@@ -507,7 +507,11 @@ def imagefolder_transform(
         steps.append(T.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     if train and augment is not None and augment.erase_prob > 0:
+        if augment.erase_aspect != "log_uniform" or augment.erase_attempts != 10:
+            raise UserError("data.augment.erase_aspect and erase_attempts other than log_uniform / 10 are implemented "
+                            "for in-memory datasets only; image folders use torchvision's RandomErasing")
         aspect = augment.erase_min_aspect
+        value = {"random": "random", "zero": 0, "unnormalized_mean": tuple(mean)}[augment.erase_value]
         steps.append(T.RandomErasing(augment.erase_prob, scale=tuple(augment.erase_area), ratio=(aspect, 1 / aspect),
-                                     value="random" if augment.erase_value == "random" else 0))
+                                     value=value))
     return T.Compose(steps)

@@ -80,9 +80,19 @@ def augment_batch(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tens
     return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def epoch_order(n: int, repeats: int, generator: torch.Generator) -> torch.Tensor:
-    """The sample order of one training epoch: a permutation of range(n), or with repeated augmentation
-    (Hoffer et al. 2020) ceil(n / repeats) random samples, each `repeats` times in a row, n in all."""
+def epoch_order(n: int, repeats: int, generator: torch.Generator, mode: str = "in_batch") -> torch.Tensor:
+    """The sample order of one training epoch.
+
+    repeats 1: a permutation of range(n). mode "in_batch" (repeated augmentation, Hoffer et al. 2020):
+    ceil(n / repeats) random samples, each `repeats` times in a row, n positions in all. mode "official":
+    `repeats` independent permutations back to back, repeats * n positions: what the small-data ViT script's
+    RASampler(len, batch, repetitions=1, len_factor=repeats) yields. Each pass shows every sample once, so a
+    batch holds no sample twice unless it straddles two passes.
+    """
+    if mode == "official":
+        return torch.cat([torch.randperm(n, generator=generator) for _ in range(repeats)])
+    if mode != "in_batch":
+        raise ValueError(f"repeat mode must be 'in_batch' or 'official', got {mode!r}")
     order = torch.randperm(n, generator=generator)
     if repeats > 1:
         order = order[:-(-n // repeats)].repeat_interleave(repeats)[:n]
@@ -104,7 +114,7 @@ class DeviceLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
                  mean, std, train: bool, crop_padding: int = 0, hflip: bool = False, seed: int = 0,
                  rank: int = 0, world: int = 1, policy: BatchAugment | None = None,
-                 erasing: BatchErasing | None = None, repeats: int = 1):
+                 erasing: BatchErasing | None = None, repeats: int = 1, repeat_mode: str = "in_batch"):
         self.images = images.permute(0, 3, 1, 2).contiguous().to(device)  # (N, C, H, W) uint8
         self.labels = labels.to(device)
         self.num_samples = len(labels)
@@ -112,7 +122,7 @@ class DeviceLoader:
         self.crop_padding = crop_padding if train else 0
         self.hflip = hflip and train
         self.policy, self.erasing = (policy, erasing) if train else (None, None)
-        self.repeats = repeats if train else 1
+        self.repeats, self.repeat_mode = (repeats, repeat_mode) if train else (1, "in_batch")
         self.seed, self.rank, self.world = seed, rank, world
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -124,10 +134,11 @@ class DeviceLoader:
         if self.train:
             # Draws are per position in the epoch's order, so repeated copies of a sample differ.
             g = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
-            order = epoch_order(n, self.repeats, g)
-            offsets = torch.randint(0, 2 * self.crop_padding + 1, (n, 2), generator=g)
-            flips = torch.rand(n, generator=g) < 0.5
-            positions = torch.arange(n - n % self.world)[self.rank::self.world]
+            order = epoch_order(n, self.repeats, g, self.repeat_mode)
+            length = len(order)  # n, or repeats * n with the official sampler
+            offsets = torch.randint(0, 2 * self.crop_padding + 1, (length, 2), generator=g)
+            flips = torch.rand(length, generator=g) < 0.5
+            positions = torch.arange(length - length % self.world)[self.rank::self.world]
             self._steps = len(positions) // self.batch_size
             if self._steps == 0:
                 raise UserError(f"the training split has {n} samples, fewer than one batch per rank "
@@ -136,9 +147,9 @@ class DeviceLoader:
             self._offsets = offsets[positions].to(self.device)
             self._flips = (flips[positions] & self.hflip).to(self.device)
             if self.policy is not None:
-                self._plan = self.policy.draw(n, g)[positions].to(self.device)
+                self._plan = self.policy.draw(length, g)[positions].to(self.device)
             if self.erasing is not None:
-                self._boxes = self.erasing.draw(n, tuple(self.images.shape[-2:]), g)[positions].to(self.device)
+                self._boxes = self.erasing.draw(length, tuple(self.images.shape[-2:]), g)[positions].to(self.device)
         else:
             self._index = torch.arange(self.rank, n, self.world, device=self.device)
             self._steps = -(-len(self._index) // self.batch_size)
@@ -172,8 +183,10 @@ class _EpochSampler(torch.utils.data.Sampler):
     index without padding, so each sample counts exactly once.
     """
 
-    def __init__(self, n: int, train: bool, seed: int, rank: int, world: int, repeats: int = 1):
+    def __init__(self, n: int, train: bool, seed: int, rank: int, world: int, repeats: int = 1,
+                 repeat_mode: str = "in_batch"):
         self.n, self.train, self.seed, self.rank, self.world, self.repeats = n, train, seed, rank, world, repeats
+        self.repeat_mode = repeat_mode
         self.skip, self.indices = 0, list(range(rank, n, world))
         if train:
             self.set_epoch(0, 0)
@@ -181,8 +194,8 @@ class _EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int, skip: int) -> None:
         if self.train:
             g = torch.Generator().manual_seed(self.seed * _EPOCH_SEED_STRIDE + epoch)
-            order = epoch_order(self.n, self.repeats, g)
-            self.indices = order[:self.n - self.n % self.world][self.rank::self.world].tolist()
+            order = epoch_order(self.n, self.repeats, g, self.repeat_mode)
+            self.indices = order[:len(order) - len(order) % self.world][self.rank::self.world].tolist()
             self.skip = skip
 
     def __iter__(self):
@@ -196,10 +209,11 @@ class WorkerLoader:
     """A DataLoader with workers over a map-style dataset, batches moved to `device`."""
 
     def __init__(self, dataset, batch_size: int, device: torch.device, train: bool, num_workers: int,
-                 seed: int, rank: int, world: int, repeats: int = 1):
+                 seed: int, rank: int, world: int, repeats: int = 1, repeat_mode: str = "in_batch"):
         self.num_samples = len(dataset)
         self.batch_size, self.device = batch_size, device
-        self.sampler = _EpochSampler(len(dataset), train, seed, rank, world, repeats if train else 1)
+        self.sampler = _EpochSampler(len(dataset), train, seed, rank, world, repeats if train else 1,
+                                     repeat_mode if train else "in_batch")
         per_rank = len(self.sampler)
         self._steps = per_rank // batch_size if train else -(-per_rank // batch_size)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
@@ -278,13 +292,14 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     policy = None if aug.policy == "none" else BatchAugment(
         aug.policy, (h, w), autoaugment_policy=aug.autoaugment_policy, num_ops=aug.randaugment_ops,
         magnitude=aug.randaugment_magnitude)
-    erasing = BatchErasing(aug.erase_prob, tuple(aug.erase_area), aug.erase_min_aspect, aug.erase_value) \
+    erasing = BatchErasing(aug.erase_prob, tuple(aug.erase_area), aug.erase_min_aspect, aug.erase_value,
+                           aspect=aug.erase_aspect, attempts=aug.erase_attempts, mean=mean) \
         if aug.erase_prob > 0 else None
 
     def loader(x, y, train: bool):
         return DeviceLoader(x, y, train_bs if train else eval_bs, device, mean, std, train=train,
                             crop_padding=aug.crop_padding, hflip=aug.hflip, seed=seed, rank=rank, world=world,
-                            policy=policy, erasing=erasing, repeats=aug.repeats)
+                            policy=policy, erasing=erasing, repeats=aug.repeats, repeat_mode=aug.repeat_mode)
 
     val = loader(train_x[val_idx], train_y[val_idx], False) if len(val_idx) else None
     train = _mixed(loader(train_x[train_idx], train_y[train_idx], True), aug, len(classes), seed)
@@ -297,7 +312,7 @@ def _mixed(train: Loader, aug: AugmentConfig, num_classes: int, seed: int) -> Lo
     if aug.mixup_alpha <= 0 and aug.cutmix_alpha <= 0:
         return train
     return MixedBatches(train, num_classes, aug.mixup_alpha, aug.cutmix_alpha, prob=aug.mix_prob,
-                        switch_prob=aug.mix_switch_prob, seed=seed)
+                        switch_prob=aug.mix_switch_prob, seed=seed, partners=aug.mix_partners)
 
 
 def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, seed: int, rank: int,
@@ -316,7 +331,7 @@ def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, see
 
     def loader(dataset, train: bool):
         return WorkerLoader(dataset, train_bs if train else eval_bs, device, train, cfg.num_workers, seed, rank,
-                            world, repeats=aug.repeats)
+                            world, repeats=aug.repeats, repeat_mode=aug.repeat_mode)
 
     val = None
     if len(val_idx):

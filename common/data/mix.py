@@ -1,10 +1,12 @@
 """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) of whole training batches, for any loader.
 
-With probability `prob` a batch is mixed with itself in reverse order (sample i with sample B-1-i), by
-CutMix with probability `switch_prob` when both are on, else by mixup; lam ~ Beta(alpha, alpha):
+With probability `prob` a batch is mixed with a reordering of itself: the reverse order (sample i with sample
+B-1-i, timm's choice; partners="reverse") or a random permutation drawn per batch (torch.randperm in most
+official scripts; partners="permutation", where a sample may draw itself). CutMix with probability
+`switch_prob` when both are on, else mixup; lam ~ Beta(alpha, alpha):
 
-    mixup:  x = lam x + (1 - lam) x_rev                       y = lam y + (1 - lam) y_rev
-    CutMix: x = x with a box of x_rev pasted (area 1 - lam)   y likewise, lam = the exact unpasted area
+    mixup:  x = lam x + (1 - lam) x_p                         y = lam y + (1 - lam) y_p
+    CutMix: x = x with a box of x_p pasted (area 1 - lam)     y likewise, lam = the exact unpasted area
 
 Targets become class probabilities (B, classes), which cross-entropy takes directly (label smoothing
 included). Each batch's draws come from a NumPy generator seeded by (seed, epoch, step), so a resumed run mixes
@@ -24,9 +26,12 @@ class MixedBatches:
     """Wraps a training loader; yields (mixed images, target probabilities (B, classes))."""
 
     def __init__(self, loader, num_classes: int, mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0,
-                 switch_prob: float = 0.5, seed: int = 0):
+                 switch_prob: float = 0.5, seed: int = 0, partners: str = "reverse"):
         if mixup_alpha <= 0 and cutmix_alpha <= 0:
             raise ValueError("MixedBatches needs mixup_alpha > 0 or cutmix_alpha > 0")
+        if partners not in ("reverse", "permutation"):
+            raise ValueError(f"partners must be 'reverse' or 'permutation', got {partners!r}")
+        self.partners = partners
         self.loader, self.num_classes = loader, num_classes
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob, self.seed = prob, switch_prob, seed
@@ -52,15 +57,22 @@ class MixedBatches:
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < self.switch_prob)
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
         lam = float(rng.beta(alpha, alpha))
+        partner = self.partner_index(len(x), rng).to(x.device)
         if use_cutmix:
             top, left, height, width = cutmix_box(x.shape[-2:], lam, rng)
             box = (..., slice(top, top + height), slice(left, left + width))
             x = x.clone()
-            x[box] = x[box].flip(0)
+            x[box] = x[box][partner]
             lam = 1.0 - height * width / (x.shape[-2] * x.shape[-1])
         else:
-            x = lam * x + (1.0 - lam) * x.flip(0)
-        return x, lam * target + (1.0 - lam) * target.flip(0)
+            x = lam * x + (1.0 - lam) * x[partner]
+        return x, lam * target + (1.0 - lam) * target[partner]
+
+    def partner_index(self, batch: int, rng: np.random.Generator) -> torch.Tensor:
+        """Sample i is mixed with sample partner[i]."""
+        if self.partners == "permutation":
+            return torch.from_numpy(rng.permutation(batch))
+        return torch.arange(batch - 1, -1, -1)
 
 
 def cutmix_box(size, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:

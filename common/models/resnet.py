@@ -144,6 +144,9 @@ class Bottleneck(nn.Module):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
+INITS = ("kaiming", "torch_default")
+
+
 class ResNet(nn.Module):
     """Stem, stages of residual blocks, global average pool, linear classifier.
 
@@ -153,6 +156,9 @@ class ResNet(nn.Module):
     widths: the `planes` of each stage (bottleneck output = 4 x planes).
     preact: pre-activation basic blocks (WRN); the stem then has no BN/ReLU
     and a final BN-ReLU precedes the pool.
+    init: "kaiming" (every conv Kaiming-normal, fan_out, as torchvision and mmpretrain) or "torch_default"
+    (PyTorch's own layer init, as the CIFAR ResNets of kuangliu/pytorch-cifar and the official attention-cnn
+    and adaptive-span code use; a mixer that sets its own init keeps it).
     """
 
     def __init__(self, block: str = "bottleneck", layers: Sequence[int] = (3, 4, 6, 3),
@@ -160,8 +166,11 @@ class ResNet(nn.Module):
                  stem: str = "imagenet", stem_width: int = 64, num_classes: int = 1000, in_chans: int = 3,
                  mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | Sequence[dict] | None = None,
                  downsample: str = "stride", preact: bool = False, dropout: float = 0.0,
-                 basic_mixers: str = "all", zero_init_residual: bool = False, stem_kwargs: dict | None = None):
+                 basic_mixers: str = "all", zero_init_residual: bool = False, stem_kwargs: dict | None = None,
+                 init: str = "kaiming"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
         if len(widths) != len(layers):
@@ -188,15 +197,16 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
-        self._init_weights(zero_init_residual)
+        self._init_weights(zero_init_residual, init)
 
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+    def _init_weights(self, zero_init_residual: bool, init: str) -> None:
+        if init == "kaiming":
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
         if zero_init_residual:
             # Each residual branch starts as zero, so every block is the identity at init.
             for m in self.modules():
@@ -219,12 +229,12 @@ def resnet(block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), widths: S
            strides: Sequence[int] | None = None, stem: str = "cifar", stem_width: int = 64, num_classes: int = 10,
            in_chans: int = 3, mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | Sequence[dict] | None = None,
            downsample: str = "stride", preact: bool = False, dropout: float = 0.0, basic_mixers: str = "all",
-           zero_init_residual: bool = False, stem_kwargs: dict | None = None) -> ResNet:
+           zero_init_residual: bool = False, stem_kwargs: dict | None = None, init: str = "kaiming") -> ResNet:
     """Any ResNet from its configuration: the way to define small or custom networks in YAML."""
     return ResNet(block=block, layers=layers, widths=widths, strides=strides, stem=stem, stem_width=stem_width,
                   num_classes=num_classes, in_chans=in_chans, mixer=mixer, mixer_kwargs=mixer_kwargs,
                   downsample=downsample, preact=preact, dropout=dropout, basic_mixers=basic_mixers,
-                  zero_init_residual=zero_init_residual, stem_kwargs=stem_kwargs)
+                  zero_init_residual=zero_init_residual, stem_kwargs=stem_kwargs, init=init)
 
 
 def _standard(block: str, layers: tuple, **options) -> ResNet:
@@ -233,45 +243,49 @@ def _standard(block: str, layers: tuple, **options) -> ResNet:
 
 @register_model
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
-             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False) -> ResNet:
+             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
+             init: str = "kaiming") -> ResNet:
     """ResNet-18 (basic [2,2,2,2]); with stem='cifar' and 10 classes, the 11.17M CIFAR network."""
     return _standard("basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, init=init)
 
 
 @register_model
 def resnet26(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
-             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False) -> ResNet:
+             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
+             init: str = "kaiming") -> ResNet:
     """ResNet-26 (bottleneck [1,2,4,1]): 13.7M parameters on ImageNet."""
     return _standard("bottleneck", (1, 2, 4, 1), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, init=init)
 
 
 @register_model
 def resnet38(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
-             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False) -> ResNet:
+             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
+             init: str = "kaiming") -> ResNet:
     """ResNet-38 (bottleneck [2,3,5,2]): 19.6M parameters on ImageNet."""
     return _standard("bottleneck", (2, 3, 5, 2), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, init=init)
 
 
 @register_model
 def resnet50(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
-             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False) -> ResNet:
+             downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
+             init: str = "kaiming") -> ResNet:
     """ResNet-50 (bottleneck [3,4,6,3]): 25.6M parameters on ImageNet."""
     return _standard("bottleneck", (3, 4, 6, 3), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual)
+                     zero_init_residual=zero_init_residual, init=init)
 
 
 @register_model
 def wrn28_10(num_classes: int = 100, dropout: float = 0.0, mixer: str | Sequence[str] = "conv",
              mixer_kwargs: dict | Sequence[dict] | None = None,
-             basic_mixers: str = "all", in_chans: int = 3) -> ResNet:
+             basic_mixers: str = "all", in_chans: int = 3, init: str = "kaiming") -> ResNet:
     """Wide ResNet-28-10 (Zagoruyko & Komodakis): pre-activation basic blocks, 4 per stage, widths 160/320/640."""
     return ResNet(block="basic", layers=(4, 4, 4), widths=(160, 320, 640), strides=(1, 2, 2), stem="cifar",
                   stem_width=16, num_classes=num_classes, in_chans=in_chans, mixer=mixer, mixer_kwargs=mixer_kwargs,
-                  preact=True, dropout=dropout, basic_mixers=basic_mixers)
+                  preact=True, dropout=dropout, basic_mixers=basic_mixers, init=init)

@@ -389,15 +389,15 @@ class Trainer:
                   "train/acc": correct / max(n, 1), "lr": self.optimizer.param_groups[0]["lr"],
                   "time/epoch_s": seconds, "time/images_per_s": n / max(seconds, 1e-9)}
         last_epoch = st.epoch + 1 == tc.epochs
-        if self.data.val is not None and ((st.epoch + 1) % tc.eval_every_epochs == 0 or last_epoch):
-            val_loss, val_acc = evaluate(self.eval_model, self.data.val, self.device, self.amp_dtype,
-                                         tc.channels_last)
-            record.update({"val/loss": val_loss, "val/acc": val_acc})
+        split, loader = self._selection_split()
+        if loader is not None and ((st.epoch + 1) % tc.eval_every_epochs == 0 or last_epoch):
+            sel_loss, sel_acc = evaluate(self.eval_model, loader, self.device, self.amp_dtype, tc.channels_last)
+            record.update({f"{split}/loss": sel_loss, f"{split}/acc": sel_acc})
             if self.ema is not None:
-                record["val/acc_raw"] = evaluate(self.model, self.data.val, self.device, self.amp_dtype,
-                                                 tc.channels_last)[1]
-            if st.best_val_acc is None or val_acc > st.best_val_acc:
-                st.best_val_acc, st.best_epoch = val_acc, st.epoch + 1
+                record[f"{split}/acc_raw"] = evaluate(self.model, loader, self.device, self.amp_dtype,
+                                                      tc.channels_last)[1]
+            if st.best_val_acc is None or sel_acc > st.best_val_acc:
+                st.best_val_acc, st.best_epoch = sel_acc, st.epoch + 1
                 self.best_state = copy.deepcopy(self.eval_model.state_dict())
                 record["new_best"] = True
         model_metrics = self.hooks.epoch_metrics()
@@ -405,11 +405,19 @@ class Trainer:
         self.log.info(self._epoch_line(record))
         return record
 
+    def _selection_split(self) -> tuple[str, Loader | None]:
+        """The split that picks the best checkpoint: the held-out val split, or (train.selection: test, the
+        official scripts' protocol) the test split itself."""
+        if self.cfg.train.selection == "test":
+            return "test", self.data.test
+        return "val", self.data.val
+
     def _epoch_line(self, r: dict) -> str:
         parts = [f"epoch {r['epoch']:>3}/{self.cfg.train.epochs}", f"loss {r['train/loss']:.4f}",
                  f"acc {100 * r['train/acc']:.2f}%"]
-        if "val/acc" in r:
-            parts += [f"val loss {r['val/loss']:.4f}", f"val acc {100 * r['val/acc']:.2f}%"
+        split = self._selection_split()[0]
+        if f"{split}/acc" in r:
+            parts += [f"{split} loss {r[f'{split}/loss']:.4f}", f"{split} acc {100 * r[f'{split}/acc']:.2f}%"
                       + (" *" if r.get("new_best") else "")]
         parts += [f"lr {r['lr']:.3g}", f"{r['time/images_per_s']:.0f} img/s", f"{r['time/epoch_s']:.1f}s"]
         return " | ".join(parts)
@@ -419,8 +427,9 @@ class Trainer:
         st, tc = self.state, self.cfg.train
         model = self.eval_model
         source = "last"
-        if self.data.val is not None and st.best_epoch is not None:
-            source = "best"
+        split = self._selection_split()[0]
+        if st.best_epoch is not None:
+            source = "best" if split == "val" else "best_on_test"
             if self.best_state is not None:
                 model.load_state_dict(self.best_state)
             else:
@@ -433,8 +442,8 @@ class Trainer:
         summary = {
             "run_dir": str(self.run_dir), "config": self.cfg.name, "model": self.cfg.model.name,
             "dataset": self.cfg.data.dataset, "params": self.params, "epochs": st.epoch,
-            "best_val_acc": st.best_val_acc, "best_epoch": st.best_epoch,
-            "test_acc": test_acc, "test_loss": test_loss, "test_checkpoint": source,
+            "best_val_acc": st.best_val_acc if split == "val" else None, "best_epoch": st.best_epoch,
+            "selected_on": split, "test_acc": test_acc, "test_loss": test_loss, "test_checkpoint": source,
             "wall_time_s": elapsed_s, "world_size": self.dist.world, "device": str(self.device),
             "model_metrics": model_metrics,
         }
@@ -446,13 +455,19 @@ class Trainer:
 
 
 def format_summary(s: dict) -> str:
-    best = "n/a (no validation split)" if s["best_val_acc"] is None else \
-        f"{100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']})"
+    if s.get("selected_on") == "test":
+        best = "n/a (train.selection: test)"
+        test = (f"{100 * s['test_acc']:.2f}% (best epoch {s['best_epoch']}, selected on the test set itself as "
+                f"the official scripts do: optimistic)")
+    else:
+        best = "n/a (no validation split)" if s["best_val_acc"] is None else \
+            f"{100 * s['best_val_acc']:.2f}% (epoch {s['best_epoch']})"
+        test = f"{100 * s['test_acc']:.2f}% ({s['test_checkpoint']} checkpoint)"
     lines = [
         f"== summary: {s['config']} ==",
         f"model          {s['model']} ({s['params'] / 1e6:.2f}M params)",
         f"best val acc   {best}",
-        f"test acc       {100 * s['test_acc']:.2f}% ({s['test_checkpoint']} checkpoint)",
+        f"test acc       {test}",
         f"epochs         {s['epochs']}",
         *(f"{key:<14} {value:.4g}" for key, value in s.get("model_metrics", {}).items()),
         f"wall time      {_format_duration(s['wall_time_s'])}",

@@ -79,3 +79,16 @@ def test_small_network_trains_end_to_end():
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing and torch.isfinite(loss)
+
+
+def test_public_code_init_and_initial_span():
+    """init="torch_default": PyTorch's layer init except the attention's q, k, v (Kaiming-normal, fan_out, in
+    both modes, AttentionConv.reset_parameters); z starts at the public code's --z_init, 0.1."""
+    torch.manual_seed(0)
+    model = create_model("adaptive_span_small", init="torch_default")
+    layer = next(m for m in model.modules() if isinstance(m, AdaptiveSpanAttention2d))
+    assert torch.allclose(layer.span.z, torch.full_like(layer.span.z, 0.1))
+    q = layer.query.weight
+    assert q.std().item() == pytest.approx((2 / q.shape[0]) ** 0.5, rel=0.1)
+    stem = next(m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.weight.abs().max() <= stem.weight[0].numel() ** -0.5  # PyTorch's init, not Kaiming

@@ -210,3 +210,44 @@ def test_short_training_run_logs_the_contours_each_epoch_and_draws_its_checkpoin
     model = create_model("sa_quadratic", layers=2, heads=4, hidden=16, intermediate=16, image_size=16)
     pngs = draw_checkpoints(model, [tmp_path / "run"], tmp_path / "viz", dpi=30)  # last.ckpt == best.ckpt
     assert [p.name for p in pngs] == ["gauss_epoch_0001.png"]
+
+
+def test_init_torch_default_is_the_official_codes_and_bert_is_the_option():
+    """The official BertImage applies no init: PyTorch's Linear init and N(0, 1) embedding tables. The initial
+    positional logits are then O(1) (a non-uniform attention at step 0); BERT's N(0, 0.02) makes them ~1e-2."""
+    torch.manual_seed(0)
+    small = dict(layers=1, heads=4, hidden=64, intermediate=32)
+    official = create_model("sa_learned", **small)  # the default
+    bert = create_model("sa_learned", init="bert", **small)
+    scores, bert_scores = official.layers[0].attention.scores, bert.layers[0].attention.scores
+    assert abs(scores.row.std().item() - 1.0) < 0.1 and abs(bert_scores.row.std().item() - 0.02) < 0.004
+    bound = 64 ** -0.5
+    assert scores.w_row.abs().max() <= bound and scores.w_row.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.2)
+    embed = official.embed  # nn.Linear(12, 64): PyTorch's U(-1/sqrt(12), 1/sqrt(12)), bias included
+    assert embed.weight.abs().max() <= 12 ** -0.5 and embed.bias.abs().max() > 0
+    assert bert.embed.bias.abs().max() == 0 and abs(bert.embed.weight.std().item() - 0.02) < 0.004
+    x = torch.zeros(1, 16, 16, 64)
+    with torch.no_grad():
+        logit_std, bert_logit_std = scores(x).std().item(), bert_scores(x).std().item()
+    assert 0.5 < logit_std < 1.2 and bert_logit_std < 0.02  # row + col terms, each ~U-weighted N(0, 1) sums
+    gauss = create_model("sa_quadratic", **small).layers[0].attention.scores
+    assert abs(gauss.centres.std().item() - 2.0) < 1.0 and (gauss.spreads - 1).abs().max() < 0.05  # unchanged
+    with pytest.raises(ArgumentError, match="init"):
+        create_model("sa_quadratic", init="xavier")
+
+
+@pytest.mark.parametrize("mask", ["per_image", "shared"])
+def test_attention_dropout_mask_per_image_or_shared_by_the_batch(mask):
+    torch.manual_seed(0)
+    model = create_model("sa_quadratic", layers=1, heads=2, hidden=16, intermediate=8, dropout=0.0,
+                         attention_dropout=0.5, attention_dropout_mask=mask).train()
+    attention = model.layers[0].attention
+    x = torch.randn(1, 8, 8, 16).expand(4, -1, -1, -1).contiguous()  # four identical images
+    out = attention(x)
+    same = all(torch.allclose(out[0], out[i]) for i in range(1, 4))
+    assert same == (mask == "shared")  # the official code's mask is one for the whole batch
+    assert not torch.allclose(out[0], attention.eval()(x)[0])  # and dropout did act
+    learned_content = create_model("sa_learned_content", layers=1, heads=2, hidden=16, intermediate=8,
+                                   attention_dropout=0.5, attention_dropout_mask="shared").train()
+    y = learned_content.layers[0].attention(x)  # content scores have a batch axis: per image regardless
+    assert not all(torch.allclose(y[0], y[i]) for i in range(1, 4))

@@ -109,3 +109,16 @@ def test_channels_last_gives_the_same_result():
         expected = model(x)
         model = model.to(memory_format=torch.channels_last)
         assert torch.allclose(model(x.contiguous(memory_format=torch.channels_last)), expected, atol=1e-5)
+
+
+def test_init_torch_default_leaves_pytorch_init_as_the_official_code():
+    torch.manual_seed(0)
+    official = create_model("san10_pairwise", stem="cifar", num_classes=10, init="torch_default")
+    ours = create_model("san10_pairwise", stem="cifar", num_classes=10)
+    conv, our_conv = official.stages[1][2].expand, ours.stages[1][2].expand  # the first block's 1x1 expansion
+    fan_in = conv.weight[0].numel()
+    assert conv.weight.abs().max() <= fan_in ** -0.5 and conv.bias.abs().max() > 0  # PyTorch's U(+-1/sqrt(fan_in))
+    assert our_conv.bias.abs().max() == 0
+    assert our_conv.weight.std().item() == pytest.approx((2 / conv.weight.shape[0]) ** 0.5, rel=0.1)  # fan_out
+    with pytest.raises(UserError, match="init"):
+        create_model("san10_patchwise", init="xavier")

@@ -203,3 +203,23 @@ def test_presets_are_vit_with_other_defaults():
         check_model_args("vit_cifar", {"patch": 4})
     import inspect
     assert inspect.signature(MODELS.get("vit_re")).parameters["dim"].default == 400
+
+
+def test_official_init_is_lee_et_al():
+    """init="official": models/vit.py init_weights (Xavier-normal Linear layers, the classifier and SPT's
+    included, zero biases) and torch.randn position embedding and CLS token."""
+    torch.manual_seed(0)
+    official = create_model("vit_cifar_spt_lsa", dim=64, depth=2, heads=4, num_classes=10, init="official")
+    assert abs(official.pos_embed.std().item() - 1.0) < 0.05 and abs(official.cls_token.std().item() - 1.0) < 0.3
+    for linear in (official.head, official.patch_embed.proj, official.blocks[0].attn.qkv):
+        fan_out, fan_in = linear.weight.shape
+        assert linear.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.12)
+    assert all(m.bias.abs().max() == 0 for m in official.modules() if isinstance(m, torch.nn.Linear)
+               and m.bias is not None)
+    ours = create_model("vit_cifar_spt_lsa", dim=64, depth=2, heads=4, num_classes=10)
+    assert ours.head.weight.std().item() < 0.025 and ours.pos_embed.std().item() < 0.025  # small_head
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():  # initial logits: the official init starts far from ln(classes), ours at it
+        assert official.eval()(x).std() > 5 * ours.eval()(x).std()
+    with pytest.raises(ValueError, match="init"):
+        create_model("vit_cifar", init="xavier")

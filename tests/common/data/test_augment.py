@@ -269,3 +269,26 @@ def test_random_erasing_fills_boxes_with_standard_normal_noise_from_the_generato
     assert len(noise) == 3 * (boxes[:, 2] * boxes[:, 3]).sum()
     assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
     assert torch.equal(out, erasing(x, boxes, torch.Generator().manual_seed(0)))
+
+
+def test_zhong_style_erasing_draws_the_aspect_uniformly_and_fills_the_raw_mean():
+    """Zhong et al.'s reference code (the small-data ViT script's): aspect ~ U(r1, 1/r1), 100 tries, and the raw
+    per-channel mean written into the normalised image."""
+    mean = (0.4914, 0.4822, 0.4465)
+    n = 4000
+    erasing, boxes = draw_boxes(n=n, area=(0.02, 0.4), min_aspect=0.3, aspect="uniform", attempts=100,
+                                value="unnormalized_mean", mean=mean)
+    _, log_boxes = draw_boxes(n=n, area=(0.02, 0.4), min_aspect=0.3)
+    aspect = lambda b: (b[:, 2].double() / b[:, 3].double()).clamp(1e-3)  # noqa: E731
+    # U(0.3, 3.33) puts 76% of the mass above aspect 1, log-uniform only half: the two draws are told apart.
+    assert (aspect(boxes) > 1.05).float().mean() > 0.65 > 0.55 > (aspect(log_boxes) > 1.05).float().mean()
+    _, one_try = draw_boxes(n=n, area=(0.02, 0.4), min_aspect=0.3, aspect="uniform", attempts=1)
+    assert (boxes[:, 2] > 0).all() and (one_try[:, 2] == 0).any()  # a box that does not fit is tried again
+    x = torch.full((8, 3) + SIZE, -7.0)
+    out = erasing(x, boxes[:8])
+    for i, (top, left, h, w) in enumerate(boxes[:8].tolist()):
+        patch = out[i, :, top:top + h, left:left + w]
+        assert torch.equal(patch, torch.tensor(mean).view(3, 1, 1).expand_as(patch))
+    assert (out == -7.0).sum() == x.numel() - 3 * (boxes[:8, 2] * boxes[:8, 3]).sum()
+    with pytest.raises(ValueError, match="mean"):
+        BatchErasing(0.5, value="unnormalized_mean")

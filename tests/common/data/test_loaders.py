@@ -221,3 +221,80 @@ def test_imagefolder_takes_the_same_recipe_through_torchvision(tmp_path):
     x, target = next(iter(data.train))
     assert x.shape == (4, 3, 16, 16) and target.shape == (4, 2)
     assert (x == 0).any()  # the erased boxes
+
+
+def test_official_repeat_mode_is_repeats_fresh_passes_back_to_back():
+    """The small-data ViT script's RASampler(len, batch, repetitions=1, len_factor=3): an epoch of 3 passes."""
+    from common.data.loaders import epoch_order
+
+    order = epoch_order(10, 3, torch.Generator().manual_seed(0), "official")
+    assert len(order) == 30
+    passes = order.view(3, 10)
+    assert all(torch.equal(p.sort().values, torch.arange(10)) for p in passes)  # each pass shows every sample once
+    assert not torch.equal(passes[0], passes[1])  # fresh permutations
+    assert torch.equal(epoch_order(10, 1, torch.Generator().manual_seed(3), "official"),
+                       epoch_order(10, 1, torch.Generator().manual_seed(3)))  # repeats 1: a plain permutation
+    with pytest.raises(ValueError, match="repeat mode"):
+        epoch_order(10, 3, torch.Generator(), "batched")
+
+
+def official_loader(n, batch, repeats=3, rank=0, world=1, seed=0):
+    images = torch.arange(n).view(n, 1, 1, 1).expand(n, 2, 2, 3).to(torch.uint8).contiguous()
+    return DeviceLoader(images, torch.arange(n), batch, CPU, mean=(0, 0, 0), std=(1,) * 3, train=True,
+                        seed=seed, rank=rank, world=world, repeats=repeats, repeat_mode="official")
+
+
+def test_official_repeat_mode_epochs_are_three_times_longer_without_duplicates_in_a_batch():
+    loader = official_loader(n=200, batch=16)
+    assert len(loader) == 3 * 200 // 16 == 37  # in_batch would keep 200 // 16 = 12
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        labels = [y for _, y in loader]
+        for step, y in enumerate(labels):
+            first, last = step * 16, (step + 1) * 16 - 1
+            if first // 200 == last // 200:  # a batch inside one pass holds no image twice
+                assert len(set(y.tolist())) == 16
+        shown = torch.cat(labels).bincount(minlength=200)
+        # 592 of the 600 positions (the incomplete last batch is dropped): twice or three times each, never more
+        assert shown.sum() == 37 * 16 and shown.min() == 2 and shown.max() == 3 and (shown == 2).sum() == 8
+    loader.set_epoch(1)
+    full = [y for _, y in loader]
+    loader.set_epoch(1, start_step=20)
+    assert all(torch.equal(a, b) for a, b in zip(full[20:], [y for _, y in loader]))  # mid-epoch resume
+
+
+def test_official_repeat_mode_shards_the_longer_epoch_across_ranks():
+    shards = [official_loader(n=60, batch=5, rank=r, world=2) for r in range(2)]
+    for s in shards:
+        s.set_epoch(0)
+    assert [len(s) for s in shards] == [18, 18]  # 180 positions, 90 per rank
+    seen = torch.cat([torch.cat([y for _, y in s]) for s in shards])
+    assert torch.equal(seen.bincount(minlength=60), torch.full((60,), 3))
+
+
+def test_official_repeat_mode_through_the_config_and_the_worker_loader(tmp_path):
+    data = build_data(recipe_config(repeat_mode="official", policy="none", erase_prob=0.0, mixup_alpha=0.0,
+                                    cutmix_alpha=0.0), batch_size=12, eval_batch_size=16, device=CPU, seed=0)
+    assert len(data.train) == 3 * 120 // 12
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=6, size=20)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
+                     augment=AugmentConfig(repeats=3, repeat_mode="official"))
+    folder = build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
+    folder.train.set_epoch(0)
+    order = folder.train.loader.sampler.indices
+    assert len(order) == 36 and len(folder.train) == 9
+    assert all(sorted(order[i:i + 12]) == list(range(12)) for i in (0, 12, 24))
+
+
+def test_imagefolder_erasing_takes_the_raw_mean_and_refuses_what_torchvision_cannot_draw(tmp_path):
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=4, size=20)
+
+    def folder(**augment):
+        cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
+                         mean=[0.1, 0.2, 0.3], augment=AugmentConfig(erase_prob=1.0, **augment))
+        return build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
+
+    erasing = folder(erase_value="unnormalized_mean").train.loader.dataset.dataset.transform.transforms[-1]
+    assert type(erasing).__name__ == "RandomErasing" and erasing.value == (0.1, 0.2, 0.3)
+    with pytest.raises(UserError, match="erase_aspect"):
+        folder(erase_aspect="uniform")

@@ -80,3 +80,33 @@ def test_cutmix_box_area_and_bounds():
 def test_needs_one_of_the_two():
     with pytest.raises(ValueError):
         MixedBatches(FixedBatches(), 5, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(1.0, 0.0), (0.0, 1.0)])
+def test_permutation_partners_are_drawn_per_batch_and_match_the_targets(mixup, cutmix):
+    """partners="permutation": a torch.randperm-style partner per sample, as the official scripts draw them."""
+    loader = MixedBatches(FixedBatches(steps=30, batch=6, classes=6), 6, mixup, cutmix, prob=1.0, seed=2,
+                          partners="permutation")
+    partners = set()
+    for step, ((x, target), (x0, y0)) in enumerate(zip(batches(loader, 0), loader.loader.batches)):
+        rng = np.random.default_rng((2, 0, step))  # replay this batch's draws: mix or not, lam, partners, box
+        rng.random()
+        lam = float(rng.beta(1.0, 1.0))
+        partner = torch.from_numpy(rng.permutation(6))
+        partners.add(tuple(partner.tolist()))
+        if cutmix:
+            top, left, h, w = cutmix_box(x.shape[-2:], lam, rng)
+            lam = 1.0 - h * w / 80
+            expected = x0.clone()
+            expected[..., top:top + h, left:left + w] = x0[partner][..., top:top + h, left:left + w]
+        else:
+            expected = lam * x0 + (1 - lam) * x0[partner]
+        assert torch.allclose(x, expected)
+        one_hot = torch.eye(6)
+        assert torch.allclose(target, lam * one_hot[y0] + (1 - lam) * one_hot[y0[partner]])
+    assert len(partners) > 20  # a fresh permutation per batch, not a fixed pairing
+
+
+def test_partners_option_is_checked():
+    with pytest.raises(ValueError, match="partners"):
+        MixedBatches(FixedBatches(), 5, 1.0, 0.0, partners="shuffle")

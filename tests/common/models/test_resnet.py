@@ -81,3 +81,19 @@ def test_mixer_options_can_differ_per_stage():
     assert model.stages[0][0].mix1.kernel_size == (5, 5) and model.stages[1][0].mix1.kernel_size == (1, 1)
     with pytest.raises(ValueError, match="one entry per stage"):
         create_model("resnet", layers=[1, 1], widths=[8, 16], mixer_kwargs=[{}])
+
+
+def test_init_kaiming_or_torch_default():
+    torch.manual_seed(0)
+    kaiming = create_model("resnet18", stem="cifar", num_classes=10)
+    default = create_model("resnet18", stem="cifar", num_classes=10, init="torch_default")
+    for model, expect_kaiming in ((kaiming, True), (default, False)):
+        conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][5]
+        fan_in, fan_out = conv.weight[0].numel(), conv.weight.shape[0] * conv.weight[0, 0].numel()
+        std = conv.weight.std().item()
+        if expect_kaiming:
+            assert std == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+        else:  # PyTorch's kaiming_uniform_(a=sqrt(5)): U(+-1/sqrt(fan_in))
+            assert conv.weight.abs().max() <= fan_in ** -0.5 and std == pytest.approx((3 * fan_in) ** -0.5, rel=0.05)
+    with pytest.raises(ValueError, match="init"):
+        create_model("resnet18", init="orthogonal")

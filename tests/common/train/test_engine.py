@@ -348,3 +348,17 @@ def test_keep_every_epochs_keeps_numbered_checkpoints(write_config, tmp_path):
     kept = ckpt.epoch_checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["epoch_0002.ckpt", "epoch_0003.ckpt"]  # every 2nd, and the last
     assert [ckpt.load_checkpoint(p)["state"]["epoch"] for p in kept] == [2, 3]
+
+
+def test_selection_on_test_reports_the_best_test_accuracy_as_the_official_scripts(write_config, tmp_path):
+    cfg = load_config(write_config({"data": {"val_fraction": 0.0}, "train": {"epochs": 3, "selection": "test"}}))
+    summary = tasks.train(cfg, output=str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("test/acc" in r and "val/acc" not in r for r in records)
+    best = max(records, key=lambda r: r["test/acc"])
+    assert summary["selected_on"] == "test" and summary["best_val_acc"] is None
+    assert summary["test_checkpoint"] == "best_on_test" and summary["best_epoch"] == best["epoch"]
+    assert summary["test_acc"] == pytest.approx(best["test/acc"])  # the best epoch's weights, tested again
+    assert (tmp_path / "run" / "best.ckpt").is_file()
+    default = tasks.train(load_config(write_config({"train": {"epochs": 1}})), output=str(tmp_path / "run2"))
+    assert default["selected_on"] == "val" and default["test_checkpoint"] == "best"
