@@ -16,6 +16,9 @@ On a CUDA machine it runs, each part in its own time budget (at most 8 minutes i
    down, recompilations and graph breaks;
 4. time: `main.py --task time` over the configs of configs/compare/cifar.yaml in bf16.
 
+--quick runs the benches with 3 repeats (the neighbourhood op at batch 64 only), trains the first three families
+without torch.compile, and times with fewer iterations.
+
 Every benchmark and main.py run is a subprocess called with its documented flags, so a crash or a hung kernel
 costs one item, not the run. An item that would start after its part's budget is spent is skipped with a note,
 and a running one is stopped at the budget; time a part leaves unused goes to the next one. So the run always
@@ -77,6 +80,7 @@ FAMILIES = (("sasa", "configs/sasa/sasa_resnet26_cifar10.yaml"),
             ("aacn", "configs/aacn/aa_cnn3_cifar100.yaml"),
             ("san", "configs/san/san10_pairwise_cifar10.yaml"),
             ("sa_conv", "configs/sa_conv/quadratic_cifar10.yaml"))
+QUICK_FAMILIES = 3  # --quick trains the first three, without torch.compile
 CPU_FAMILIES = (("quickstart", "configs/quickstart.yaml"),)
 COMPARE_LIST = "configs/compare/cifar.yaml"
 CPU_TIME_CONFIGS = ("configs/aacn/cnn3_cifar100.yaml", "configs/vit/vit_cifar_cifar10.yaml")
@@ -137,8 +141,8 @@ def part_tests(s: Session, clock: PartClock) -> None:
         return s.add(part, name, n, "tests selected", "> 0 collected; they run on a GPU", status="pass",
                      note="collected only: no CUDA here (GPU_TESTS_ON_CPU=1 dry-runs them on the CPU)",
                      command=r.command)
-    if r.timed_out or not counts:
-        return s.error(part, name, r.failure() if not r.ok else f"no pytest summary: {r.tail()}", r.command)
+    if not counts:
+        return s.failed(part, name, r, "" if not r.ok else f"no pytest summary: {r.tail()}")
     failed = counts.get("failed", 0) + counts.get("error", 0)
     skipped = counts.get("skipped", 0)
     bad = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.out, flags=re.M)
@@ -149,6 +153,9 @@ def part_tests(s: Session, clock: PartClock) -> None:
     if skips:
         note += "; skipped: " + "; ".join(sorted(set(skips))[:2])
     status = "pass" if failed == 0 and skipped == 0 and counts.get("passed", 0) > 0 else "fail"
+    if r.timed_out:  # interrupted at the budget: what ran is reported, the rest did not run
+        note = f"stopped at the part's budget after {r.seconds:.0f} s, the rest not run; " + note
+        status = "fail" if failed else "skip"
     s.add(part, name, counts.get("passed", 0), "passed", "all pass, none skipped", note=note, command=r.command,
           status=status)
 
@@ -177,14 +184,15 @@ def bench_items(s: Session) -> list[tuple[str, list[str], float, object]]:
                  parse_data_loader)]
     cuda = ["--device", "cuda"]
     repeats = ["--repeats", "3"] if s.mode == "quick" else []
+    # FlexAttention compiles its kernels (tens of seconds), so it comes after the cheaper benches.
     items = [("neighborhood", ["bench/neighborhood.py", *cuda, *(["--batch", "64"] if s.mode == "quick" else []),
                                *repeats], 15, parse_neighborhood),
-             ("neighborhood_flex", ["bench/neighborhood_flex.py", *cuda, *repeats, "--json", flex_json], 20,
-              parse_flex),
              ("sasa_step", ["bench/sasa_step.py", *cuda, *repeats], 10, parse_sasa_step),
              ("vit", ["bench/vit.py", *cuda, "--dtype", "bf16", *repeats], 8, parse_vit),
              ("data_loader", ["bench/data_loader.py", *cuda, *(["--n", "5000"] if s.mode == "quick" else [])], 8,
-              parse_data_loader)]
+              parse_data_loader),
+             ("neighborhood_flex", ["bench/neighborhood_flex.py", *cuda, *repeats, "--json", flex_json], 20,
+              parse_flex)]
     if s.mode == "full":
         items.append(("data_loader", ["bench/data_loader.py", *cuda, "--augment", "strong"], 8, parse_data_loader))
     return items
@@ -199,7 +207,7 @@ def part_benches(s: Session, clock: PartClock) -> None:
         r = s.run([PYTHON, *args], timeout)
         s.say(f"benches: {name} {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s")
         if not r.ok:
-            s.error("benches", name, r.failure(), r.command)
+            s.failed("benches", name, r)
             continue
         before = len(s.checks)
         try:
@@ -322,9 +330,10 @@ def train_overrides(s: Session) -> list[str]:
 
 def part_train(s: Session, clock: PartClock) -> None:
     """Every family without torch.compile first (each in its own process), then compiled while the budget lasts:
-    compiling is the expensive part, so the eager figures of every family come first."""
-    families = FAMILIES if s.cuda else CPU_FAMILIES
-    compiled = [] if not s.cuda else [f for f in families if s.mode == "full" or f[0] == "sasa"]
+    compiling is the expensive part, so the eager figures of every family come first. --quick trains three
+    families, eager only; the CPU form trains the quickstart model."""
+    families = CPU_FAMILIES if not s.cuda else FAMILIES if s.mode == "full" else FAMILIES[:QUICK_FAMILIES]
+    compiled = families if s.cuda and s.mode == "full" else ()
     plan = [(family, config, "eager", 8) for family, config in families]
     plan += [(family, config, "compiled", 30) for family, config in compiled]
     for index, (family, config, variant, min_s) in enumerate(plan):
@@ -344,23 +353,25 @@ def part_train(s: Session, clock: PartClock) -> None:
         s.say(f"train: {name} {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s")
         probes = [json.loads(line[len("PROBE "):]) for line in r.out.splitlines() if line.startswith("PROBE ")]
         if not probes:
-            s.error("train", name, r.failure() if not r.ok else f"no PROBE line: {r.tail()}", r.command)
+            s.failed("train", name, r, "" if not r.ok else f"no PROBE line: {r.tail()}")
             continue
         record_training(s, name, probes[0], r)
 
 
 def record_training(s: Session, name: str, probe: dict, r: Result) -> None:
     part, command = "train", r.command
-    if probe["rc"] != 0:
-        return s.error(part, name, f"training failed ({probe.get('error') or ''}; {r.tail()})", command)
     epochs = probe["epochs"]
+    stopped = r.timed_out and probe["rc"] in (130, 143)  # Ctrl-C at the budget: it saved and reported its epochs
+    if probe["rc"] != 0 and not stopped:
+        return s.error(part, name, f"training failed ({probe.get('error') or ''}; {r.tail()})", command)
     if len(epochs) < 2:
-        return s.error(part, name, f"{len(epochs)} epoch record(s) in metrics.jsonl", command)
+        why = f"{len(epochs)} epoch(s) done" + (" when the part's budget stopped it" if stopped else "")
+        return (s.skip if stopped else s.error)(part, name, why, command)
     first, last = epochs[0]["train/loss"], epochs[-1]["train/loss"]
     steps = epochs[-1].get("step")
     s.add(part, f"{name}: train loss, last epoch / first", last / first if first else float("nan"), "",
-          Target("<", 1.0, gpu_only=False), note=f"{first:.3f} -> {last:.3f} over {len(epochs)} epochs, {steps} steps",
-          command=command)
+          Target("<", 1.0, gpu_only=False), note=f"{first:.3f} -> {last:.3f} over {len(epochs)} epochs, {steps} steps"
+          + (" (stopped there by the part's budget)" if stopped else ""), command=command)
     images_s = epochs[-1]["time/images_per_s"]
     compile_s = epochs[0]["time/epoch_s"] - epochs[-1]["time/epoch_s"]
     note = "last epoch" + (f"; the first took {compile_s:.0f} s longer (compiling)" if "compiled" in name else "")
@@ -420,7 +431,7 @@ def part_time(s: Session, clock: PartClock) -> None:
         s.say(f"time: chunk {index + 1}/{len(chunks)} {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s")
         path = out_dir / "time.json"
         if not r.ok or not path.exists():
-            s.error("time", f"--task time: {names}", r.failure(), r.command)
+            s.failed("time", f"--task time: {names}", r, "" if not r.ok else f"no time.json: {r.tail()}")
             continue
         for row in json.loads(path.read_text()):
             measured[row.get("model", "?")] = row

@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+GRACE_S = 5  # a command out of time gets Ctrl-C, then this long to wrap up before it is killed
 
 
 @dataclass(frozen=True)
@@ -135,14 +136,22 @@ class Session:
     def error(self, part: str, name: str, why: str, command: str = "") -> None:
         self.add(part, name, None, "", "", note=why, command=command, status="error")
 
+    def failed(self, part: str, name: str, result: "Result", why: str = "") -> None:
+        """A command that gave no figures: skipped if its time ran out (the budget, not the code), else an error."""
+        note = why or result.failure()
+        if result.timed_out:
+            self.skip(part, name, note, result.command)
+        else:
+            self.error(part, name, note, result.command)
+
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
 
     # -------------------------------------------------------------- running
 
     def run(self, args: list[str], timeout: float, env: dict | None = None) -> Result:
-        """Run a command from the repository root, merged output captured, stopped (its whole process group)
-        after `timeout` seconds."""
+        """Run a command from the repository root, merged output captured, stopped (its whole process group:
+        Ctrl-C, then SIGKILL GRACE_S later) within `timeout` seconds."""
         command = shlex.join(["python" if a == PYTHON else a for a in args])
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if not self.cuda:  # toy sizes on a small, shared CPU: one thread per process avoids spin-waiting
@@ -152,11 +161,16 @@ class Session:
                                 text=True, errors="replace", preexec_fn=_child_setup)
         self.child = proc
         try:
-            out, _ = proc.communicate(timeout=max(timeout, 1))
+            out, _ = proc.communicate(timeout=max(timeout - GRACE_S, 1))
             timed_out = False
         except subprocess.TimeoutExpired:
-            self.stop_child()
-            out, _ = proc.communicate()
+            # Ctrl-C first: pytest then prints its summary so far, and a training saves and reports its epochs.
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                out, _ = proc.communicate(timeout=GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.stop_child()
+                out, _ = proc.communicate()
             timed_out = True
         except BaseException:  # SIGTERM (exits through SystemExit) or Ctrl-C: stop the command, then go
             self.stop_child()

@@ -204,3 +204,28 @@ def test_pytest_summary_counts():
     out = "....F\nFAILED tests/x.py::test_a - boom\n== 3 passed, 1 failed, 2 skipped, 700 deselected, 1 error in 9.1s =="
     assert gc.pytest_counts(out) == {"passed": 3, "failed": 1, "skipped": 2, "deselected": 700, "error": 1}
     assert gc.pytest_counts("no summary") == {}
+
+
+def test_a_training_stopped_by_the_budget_reports_the_epochs_it_finished(gpu_session):
+    gc, s = gpu_session
+    stopped = gc.Result("python bench/train_probe.py", 1, "", 100.0, True)
+    partial = {**probe("compiled", [2.3, 2.0], 12000.0), "rc": 130}
+    gc.record_training(s, "san compiled", partial, stopped)
+    gc.record_training(s, "aacn compiled", {**probe("compiled", [2.3], 1.0), "rc": 130}, stopped)
+    by_name = {c.name: c for c in s.checks}
+    assert "stopped there by the part's budget" in by_name["san compiled: train loss, last epoch / first"].note
+    assert by_name["aacn compiled"].status == "skip" and "budget" in by_name["aacn compiled"].note
+
+
+def test_a_command_out_of_time_gets_ctrl_c_then_is_killed(gpu_session):
+    gc, s = gpu_session
+    polite = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('summary so far')\n"
+              "    raise SystemExit(130)\n")
+    grace = sys.modules["gpu_check_record"].GRACE_S
+    r = s.run([sys.executable, "-c", polite], timeout=grace + 3)
+    assert r.timed_out and r.rc == 130 and "summary so far" in r.out
+    deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('started', flush=True)\ntime.sleep(60)\n"
+    r = s.run([sys.executable, "-c", deaf], timeout=grace + 3)
+    assert r.timed_out and r.rc == -9 and r.seconds < 30
+    s.failed("train", "deaf", r)
+    assert s.checks[-1].status == "skip" and "time budget" in s.checks[-1].note
