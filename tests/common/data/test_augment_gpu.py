@@ -14,6 +14,7 @@ from common.data.augment import OP_ID, OPS, BatchAugment, BatchErasing, magnitud
 from common.data.loaders import DeviceLoader, augment_batch
 from common.data.mix import MixedBatches
 from tests.common.data.test_augment import BLENDS, SIGNED, SIZE, random_images, reference_plan, single_op_plan
+from tests.common.data.test_mix import FixedBatches
 
 pytestmark = pytest.mark.gpu
 CPU = torch.device("cpu")
@@ -92,33 +93,14 @@ def test_erasing_fills_the_same_boxes_as_on_the_cpu(gpu_device):
             assert abs(fill.mean()) < 0.05 and abs(fill.std() - 1) < 0.05
 
 
-class _Batches:
-    """A fixed loader of distinct images (image i is filled with i) on `device`."""
-
-    def __init__(self, device, steps=40, batch=4, classes=5):
-        self.batches = [(torch.arange(s * batch, (s + 1) * batch, dtype=torch.float32, device=device)
-                         .view(-1, 1, 1, 1).expand(-1, 3, 8, 10).clone(), torch.arange(batch, device=device) % classes)
-                        for s in range(steps)]
-        self.num_samples = steps * batch
-
-    def set_epoch(self, epoch, start_step=0):
-        self._start = start_step
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        yield from self.batches[self._start:]
-
-
 def _epoch(loader, epoch=0):
     loader.set_epoch(epoch)
     return list(loader)
 
 
 def test_mixup_and_cutmix_equal_the_cpu(gpu_device):
-    on_device = MixedBatches(_Batches(gpu_device), 5, 0.8, 1.0, prob=0.9, seed=3)
-    on_cpu = MixedBatches(_Batches(CPU), 5, 0.8, 1.0, prob=0.9, seed=3)
+    on_device = MixedBatches(FixedBatches(steps=40, device=gpu_device), 5, 0.8, 1.0, prob=0.9, seed=3)
+    on_cpu = MixedBatches(FixedBatches(steps=40), 5, 0.8, 1.0, prob=0.9, seed=3)
     for (x, target), (x_cpu, target_cpu) in zip(_epoch(on_device), _epoch(on_cpu)):
         assert x.device.type == gpu_device.type and target.device.type == gpu_device.type
         torch.testing.assert_close(x.cpu(), x_cpu, atol=1e-5, rtol=1e-6)
