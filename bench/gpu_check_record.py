@@ -115,6 +115,7 @@ class Session:
         self.cuda = False
         self.child: subprocess.Popen | None = None
         self.interrupted = False
+        self.grace_s = GRACE_S
         out.mkdir(parents=True, exist_ok=True)
         self.log = open(out / "gpu_check.log", "w", encoding="utf-8")
 
@@ -151,7 +152,7 @@ class Session:
 
     def run(self, args: list[str], timeout: float, env: dict | None = None) -> Result:
         """Run a command from the repository root, merged output captured, stopped (its whole process group:
-        Ctrl-C, then SIGKILL GRACE_S later) within `timeout` seconds."""
+        Ctrl-C, then SIGKILL `grace_s` later) within `timeout` seconds."""
         command = shlex.join(["python" if a == PYTHON else a for a in args])
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if not self.cuda:  # toy sizes on a small, shared CPU: one thread per process avoids spin-waiting
@@ -161,13 +162,13 @@ class Session:
                                 text=True, errors="replace", preexec_fn=_child_setup)
         self.child = proc
         try:
-            out, _ = proc.communicate(timeout=max(timeout - GRACE_S, 1))
+            out, _ = proc.communicate(timeout=max(timeout - self.grace_s, 1))
             timed_out = False
         except subprocess.TimeoutExpired:
             # Ctrl-C first: pytest then prints its summary so far, and a training saves and reports its epochs.
             os.killpg(proc.pid, signal.SIGINT)
             try:
-                out, _ = proc.communicate(timeout=GRACE_S)
+                out, _ = proc.communicate(timeout=self.grace_s)
             except subprocess.TimeoutExpired:
                 self.stop_child()
                 out, _ = proc.communicate()
