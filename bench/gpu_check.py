@@ -517,6 +517,11 @@ def parse_args(argv=None):
         parser.exit(2, f"error: --parts takes a comma-separated subset of {', '.join(PARTS)}, got {args.parts!r}\n")
     if args.budget_s is not None and args.budget_s <= RESERVE_S:
         parser.exit(2, f"error: --budget-s must be more than {RESERVE_S} seconds, got {args.budget_s:g}\n")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.exit(2, f"error: --out {args.out} is a file; give a folder\n")
+    if args.out and (Path(args.out) / "gpu_check.json").exists():
+        parser.exit(2, f"error: --out {args.out} already holds an earlier run's gpu_check.json; give another folder "
+                       f"(or move that run away)\n")
     args.parts = parts
     return args
 
@@ -533,8 +538,9 @@ def main(argv=None) -> int:
     try:
         probe_environment(s)
         if not s.cuda:
-            print("no CUDA device here: running every part in its CPU smoke form; the GPU figures need a CUDA "
-                  "machine (exit code 0)", flush=True)
+            why = f"torch does not work here ({s.env['error']})" if "error" in s.env else "no CUDA device here"
+            print(f"{why}: running every part in its CPU smoke form; the GPU figures need a CUDA machine "
+                  f"(exit code 0)", flush=True)
             s.mode = mode = "quick"
             if args.budget_s is None:
                 s.total_s = TOTAL_S[mode]

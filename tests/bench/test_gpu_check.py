@@ -94,12 +94,17 @@ def test_a_spent_budget_skips_with_a_note_and_still_writes_the_files(tmp_path):
     assert "Summary:" in table and "skip" in stdout
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path):
-    for args in (["--parts", "tests,nope"], ["--budget-s", "1"]):
-        proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path), *args],
+def test_bad_arguments_are_one_line_errors_and_an_earlier_run_is_never_overwritten(tmp_path):
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "gpu_check.json").write_text("{}")
+    (tmp_path / "a_file").write_text("")
+    for out, args in ((tmp_path / "new", ["--parts", "tests,nope"]), (tmp_path / "new", ["--budget-s", "1"]),
+                      (earlier, []), (tmp_path / "a_file", [])):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
-        assert not (tmp_path / "gpu_check.json").exists()
+    assert not (tmp_path / "new").exists() and (earlier / "gpu_check.json").read_text() == "{}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
