@@ -232,7 +232,7 @@ def parse_neighborhood(s: Session, r: Result, args: list[str]) -> None:
         row = re.match(r"^([A-Za-z][\w+-]*)\s+(\d+(?:\.\d+)?)\s", line)
         if batch is not None and row and row.group(1) not in ("backend", "PASS", "FAIL"):
             blocks[batch][row.group(1)] = float(row.group(2))
-        verdict = re.match(r"^(PASS|FAIL) (\w+): (.*)$", line)
+        verdict = re.match(r"^(PASS|FAIL) ([^:]+): (.*)$", line)
         if batch is not None and verdict:
             s.add("benches", f"neighbourhood B={batch}: {verdict.group(2)} (the bench's own target)", verdict.group(3),
                   "", "as stated", command=r.command, status=verdict.group(1).lower())
