@@ -9,13 +9,17 @@ the same function (checked):
 - written out: softmax(q k^T + mask) v with the (B, heads, N, N) probabilities kept for backward;
 - the layer: one `F.scaled_dot_product_attention` call (PyTorch picks a fused kernel where one fits).
 
-Prints forward+backward time (median of interleaved rounds) and bytes saved for backward, with ratios.
+Prints forward+backward time (median of interleaved rounds) and bytes saved for backward, with ratios. On CUDA
+it then lists the SDPA kernels each plain layer can use (forward+backward under
+`torch.nn.attention.sdpa_kernel` with one backend allowed): flash attention needs a head dim divisible by 8, so
+vit_cifar (16) can use it and vit_re (44) cannot.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +43,25 @@ def written_out(layer: TokenSelfAttention, x: torch.Tensor) -> torch.Tensor:
     return layer.proj(out.transpose(1, 2).flatten(2))
 
 
+def usable_sdpa_kernels(layer: TokenSelfAttention, x: torch.Tensor) -> list[str]:
+    """The SDPA backends that run this layer's forward+backward when each is the only one allowed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    usable = []
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+        try:
+            with warnings.catch_warnings(), sdpa_kernel(backend):
+                warnings.simplefilter("ignore")  # "... kernel not used because ..." for each one that cannot
+                layer(x).float().sum().backward()
+            usable.append(name.split("_")[0].lower())
+        except Exception:  # noqa: BLE001 - "no available kernel" is a RuntimeError; any failure means not usable
+            pass
+    return usable
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -52,6 +75,7 @@ def main() -> None:
           f"torch {torch.__version__}")
     print(f"{'size':<10} {'attention':<9} {'written out':>12} {'SDPA':>10} {'speed-up':>9} "
           f"{'saved (written)':>16} {'saved (SDPA)':>13} {'ratio':>6}")
+    kernels = []
     for name, size in SIZES.items():
         for lsa in (False, True):
             torch.manual_seed(0)
@@ -74,6 +98,10 @@ def main() -> None:
                   f"{seconds['sdpa'] * 1e3:>8.1f}ms {seconds['written'] / seconds['sdpa']:>8.2f}x "
                   f"{saved['written'] / MIB:>14.1f}MiB {saved['sdpa'] / MIB:>11.1f}MiB "
                   f"{saved['sdpa'] / saved['written']:>6.2f}")
+            if device.type == "cuda" and not lsa:
+                kernels.append((name, usable_sdpa_kernels(layer, x)))
+    for name, usable in kernels:
+        print(f"SDPA kernels usable by the plain {name} layer ({args.dtype}): {', '.join(usable) or 'none'}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from common.data.mix import MixedBatches, cutmix_box
 class FixedBatches:
     """A loader yielding the same few batches every epoch (distinct images: image i is filled with i)."""
 
-    def __init__(self, steps=6, batch=4, classes=5):
-        self.batches = [(torch.arange(s * batch, (s + 1) * batch, dtype=torch.float32).view(-1, 1, 1, 1)
-                         .expand(-1, 3, 8, 10).clone(), torch.arange(batch) % classes) for s in range(steps)]
+    def __init__(self, steps=6, batch=4, classes=5, device="cpu"):
+        self.batches = [(torch.arange(s * batch, (s + 1) * batch, dtype=torch.float32, device=device)
+                         .view(-1, 1, 1, 1).expand(-1, 3, 8, 10).clone(), torch.arange(batch, device=device) % classes)
+                        for s in range(steps)]
         self.num_samples, self._start = steps * batch, 0
 
     def set_epoch(self, epoch, start_step=0):

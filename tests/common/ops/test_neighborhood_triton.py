@@ -231,6 +231,7 @@ def test_available_and_errors():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", list(CASES) + list(GPU_CASES))
 def test_gpu_matches_reference(name):
