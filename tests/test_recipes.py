@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,18 @@ def test_every_item_says_where_it_comes_from_and_why_it_differs(family, table):
             assert item.get("source"), f"{table['name']}: '{item['item']}' names no source"
         for stem in item.get("configs", []):
             assert stem in table["configs"], f"'{item['item']}' names {stem}, which the table does not cover"
+
+
+# A citation into the official code: `path:N`, `path:N-M` or `path@abc1234:N` (a file held at another commit).
+_LINE_CITATION = re.compile(r"[\w./*-]+\.(?:py|sh|md|yaml)(?:@[0-9a-f]{7})?(?: \([^)]*\))?:\d+")
+
+
+@pytest.mark.parametrize("family, table", [pytest.param(f, t, id=f"{f.name}/{t['name']}") for f, t in _tables()
+                                           if t["official_code"]])
+def test_every_source_in_the_official_code_names_its_line(family, table):
+    for item in table["items"]:
+        if "source" in item and not item["source"].startswith("PAPERS.md"):
+            assert _LINE_CITATION.search(item["source"]), f"{table['name']}: '{item['item']}' cites no file:line"
 
 
 @pytest.mark.parametrize("family, table, stem", list(_cases()))
