@@ -145,6 +145,7 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 INITS = ("kaiming", "torch_default")
+HEAD_INITS = ("torch_default", "normal")
 
 
 class ResNet(nn.Module):
@@ -159,6 +160,9 @@ class ResNet(nn.Module):
     init: "kaiming" (every conv Kaiming-normal, fan_out, as torchvision and mmpretrain) or "torch_default"
     (PyTorch's own layer init, as the CIFAR ResNets of kuangliu/pytorch-cifar and the official attention-cnn
     and adaptive-span code use; a mixer that sets its own init keeps it).
+    head_init: the classifier's init, which `init` leaves alone: "torch_default" (PyTorch's Linear,
+    U(+-1/sqrt(features)) for weight and bias) or "normal" (weight N(0, 0.01^2), bias 0: mmpretrain's
+    LinearClsHead, whose smaller logits at init the official CIFAR recipe starts from).
     """
 
     def __init__(self, block: str = "bottleneck", layers: Sequence[int] = (3, 4, 6, 3),
@@ -167,10 +171,12 @@ class ResNet(nn.Module):
                  mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | Sequence[dict] | None = None,
                  downsample: str = "stride", preact: bool = False, dropout: float = 0.0,
                  basic_mixers: str = "all", zero_init_residual: bool = False, stem_kwargs: dict | None = None,
-                 init: str = "kaiming"):
+                 init: str = "kaiming", head_init: str = "torch_default"):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {sorted(BLOCKS)}, got {block!r}")
         if len(widths) != len(layers):
@@ -197,9 +203,9 @@ class ResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
-        self._init_weights(zero_init_residual, init)
+        self._init_weights(zero_init_residual, init, head_init)
 
-    def _init_weights(self, zero_init_residual: bool, init: str) -> None:
+    def _init_weights(self, zero_init_residual: bool, init: str, head_init: str) -> None:
         if init == "kaiming":
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
@@ -213,6 +219,9 @@ class ResNet(nn.Module):
                 norm = m.last_norm() if isinstance(m, (BasicBlock, Bottleneck)) else None
                 if norm is not None:
                     nn.init.zeros_(norm.weight)
+        if head_init == "normal":
+            nn.init.normal_(self.fc.weight, std=0.01)
+            nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.stages(self.stem(x)))
@@ -229,12 +238,14 @@ def resnet(block: str = "basic", layers: Sequence[int] = (2, 2, 2, 2), widths: S
            strides: Sequence[int] | None = None, stem: str = "cifar", stem_width: int = 64, num_classes: int = 10,
            in_chans: int = 3, mixer: str | Sequence[str] = "conv", mixer_kwargs: dict | Sequence[dict] | None = None,
            downsample: str = "stride", preact: bool = False, dropout: float = 0.0, basic_mixers: str = "all",
-           zero_init_residual: bool = False, stem_kwargs: dict | None = None, init: str = "kaiming") -> ResNet:
+           zero_init_residual: bool = False, stem_kwargs: dict | None = None, init: str = "kaiming",
+           head_init: str = "torch_default") -> ResNet:
     """Any ResNet from its configuration: the way to define small or custom networks in YAML."""
     return ResNet(block=block, layers=layers, widths=widths, strides=strides, stem=stem, stem_width=stem_width,
                   num_classes=num_classes, in_chans=in_chans, mixer=mixer, mixer_kwargs=mixer_kwargs,
                   downsample=downsample, preact=preact, dropout=dropout, basic_mixers=basic_mixers,
-                  zero_init_residual=zero_init_residual, stem_kwargs=stem_kwargs, init=init)
+                  zero_init_residual=zero_init_residual, stem_kwargs=stem_kwargs, init=init,
+                  head_init=head_init)
 
 
 def _standard(block: str, layers: tuple, **options) -> ResNet:
@@ -244,48 +255,50 @@ def _standard(block: str, layers: tuple, **options) -> ResNet:
 @register_model
 def resnet18(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
              downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
-             init: str = "kaiming") -> ResNet:
+             init: str = "kaiming", head_init: str = "torch_default") -> ResNet:
     """ResNet-18 (basic [2,2,2,2]); with stem='cifar' and 10 classes, the 11.17M CIFAR network."""
     return _standard("basic", (2, 2, 2, 2), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual, init=init)
+                     zero_init_residual=zero_init_residual, init=init, head_init=head_init)
 
 
 @register_model
 def resnet26(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
              downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
-             init: str = "kaiming") -> ResNet:
+             init: str = "kaiming", head_init: str = "torch_default") -> ResNet:
     """ResNet-26 (bottleneck [1,2,4,1]): 13.7M parameters on ImageNet."""
     return _standard("bottleneck", (1, 2, 4, 1), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual, init=init)
+                     zero_init_residual=zero_init_residual, init=init, head_init=head_init)
 
 
 @register_model
 def resnet38(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
              downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
-             init: str = "kaiming") -> ResNet:
+             init: str = "kaiming", head_init: str = "torch_default") -> ResNet:
     """ResNet-38 (bottleneck [2,3,5,2]): 19.6M parameters on ImageNet."""
     return _standard("bottleneck", (2, 3, 5, 2), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual, init=init)
+                     zero_init_residual=zero_init_residual, init=init, head_init=head_init)
 
 
 @register_model
 def resnet50(num_classes: int = 1000, stem: str = "imagenet", mixer: str = "conv", mixer_kwargs: dict | None = None,
              downsample: str = "stride", in_chans: int = 3, zero_init_residual: bool = False,
-             init: str = "kaiming") -> ResNet:
+             init: str = "kaiming", head_init: str = "torch_default") -> ResNet:
     """ResNet-50 (bottleneck [3,4,6,3]): 25.6M parameters on ImageNet."""
     return _standard("bottleneck", (3, 4, 6, 3), num_classes=num_classes, stem=stem, mixer=mixer,
                      mixer_kwargs=mixer_kwargs, downsample=downsample, in_chans=in_chans,
-                     zero_init_residual=zero_init_residual, init=init)
+                     zero_init_residual=zero_init_residual, init=init, head_init=head_init)
 
 
 @register_model
 def wrn28_10(num_classes: int = 100, dropout: float = 0.0, mixer: str | Sequence[str] = "conv",
              mixer_kwargs: dict | Sequence[dict] | None = None,
-             basic_mixers: str = "all", in_chans: int = 3, init: str = "kaiming") -> ResNet:
+             basic_mixers: str = "all", in_chans: int = 3, init: str = "kaiming",
+             head_init: str = "torch_default") -> ResNet:
     """Wide ResNet-28-10 (Zagoruyko & Komodakis): pre-activation basic blocks, 4 per stage, widths 160/320/640."""
     return ResNet(block="basic", layers=(4, 4, 4), widths=(160, 320, 640), strides=(1, 2, 2), stem="cifar",
                   stem_width=16, num_classes=num_classes, in_chans=in_chans, mixer=mixer, mixer_kwargs=mixer_kwargs,
-                  preact=True, dropout=dropout, basic_mixers=basic_mixers, init=init)
+                  preact=True, dropout=dropout, basic_mixers=basic_mixers, init=init,
+                  head_init=head_init)

@@ -97,3 +97,17 @@ def test_init_kaiming_or_torch_default():
             assert conv.weight.abs().max() <= fan_in ** -0.5 and std == pytest.approx((3 * fan_in) ** -0.5, rel=0.05)
     with pytest.raises(ValueError, match="init"):
         create_model("resnet18", init="orthogonal")
+
+
+@pytest.mark.parametrize("name", ["resnet", "resnet18", "resnet26", "resnet38", "resnet50", "wrn28_10"])
+def test_head_init_normal_is_mmpretrains_linear_cls_head(name):
+    torch.manual_seed(0)
+    default = create_model(name, num_classes=100).fc
+    normal = create_model(name, num_classes=100, head_init="normal").fc
+    bound = default.in_features ** -0.5
+    assert default.weight.abs().max() <= bound and default.bias.abs().max() > 0
+    assert default.weight.std().item() == pytest.approx((3 * default.in_features) ** -0.5, rel=0.05)
+    assert normal.weight.std().item() == pytest.approx(0.01, rel=0.05) and normal.weight.mean().abs() < 1e-3
+    assert torch.count_nonzero(normal.bias) == 0
+    with pytest.raises(ValueError, match="head_init"):
+        create_model(name, head_init="zeros")
