@@ -1,0 +1,138 @@
+"""The "fused_cpu" backend of neighbourhood attention: one C++ kernel per direction (csrc/neighborhood_cpu.cpp).
+
+Built on first use by `jit_build` (one compiler call, about a minute, then cached per machine) and loaded as
+torch ops (torch.ops.neighborhood_cpu.forward/backward). `ensure_built()` says whether it is usable; when it
+cannot be built (no compiler, a failed compile) or does not match the reference on a small problem, the
+caller falls back to the tiled backend after one warning.
+
+How it computes (the math is the module docstring of common/ops/neighborhood.py):
+
+- layout: q, k, v and grad_out are copied once into channel-major planes (B, heads, C, H + 2r, W' + 2r), the
+  image zero-padded by r = k // 2 on every side and each row rounded up to whole SIMD vectors (W'); a
+  convolution output split into heads is already channel-major, so that copy is a plain memcpy of rows. One
+  SIMD vector holds consecutive query pixels of one channel, so each window dot product is a vertical
+  multiply-add (q[c] * (k[c] shifted by the offset + rel[o][c])) with no horizontal reduction, and the
+  padding removes every bounds check.
+- forward, per block of query pixels: the logits of its window offsets (those in the image for
+  border="mask", those whose window_mask is non-zero), the softmax times the mask, renormalised, and the
+  weighted sum of values, all in registers and a few KiB of stack; saved for backward are the padded
+  planes and the log-sum-exp of each query (4 bytes per pixel and head), nothing per window offset.
+- backward, per (batch, head) plane: the logits and weights recomputed from the log-sum-exp,
+  dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), dq = sum dS (k + rel); P and dS
+  go to two per-thread planes, from which dk = sum dS q and dv = sum P grad_out are gathered per key (the
+  queries that see a key are a fixed set of shifted positions), so gradients accumulate in registers, never
+  by scattered adds; d rel and d window_mask are sums over the plane, added over planes in plane order.
+- threads: torch's (at::parallel_for): image rows in forward, planes in backward. Each plane is computed in
+  the same order whatever the thread count, so the backward pass is deterministic.
+- dtypes: fp32 and fp64 are computed in their own precision; fp16 and bf16 are converted to fp32 by the
+  layout copy and the results cast back.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from common.ops import jit_build
+
+NAME = "neighborhood_cpu"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "neighborhood_cpu.cpp"
+FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-DNDEBUG",
+         "-w"]
+
+_LOCK = threading.Lock()
+_STATE: dict = {"tried": False, "ok": False, "problem": None}
+
+
+def _build_and_load() -> None:
+    compile_flags, link_flags = jit_build.torch_flags()
+    path = jit_build.build(NAME, SOURCE, FLAGS + compile_flags + link_flags)
+    torch.ops.load_library(str(path))
+
+
+def ensure_built(warn: bool = True) -> bool:
+    """Build (first use on this machine), load (first use in this process) and check the kernel once.
+    Returns whether it is usable; when not, warns once (unless warn=False) with the reason."""
+    with _LOCK:
+        if not _STATE["tried"]:
+            _STATE["tried"] = True
+            try:
+                _build_and_load()
+                problem = _self_check()
+            except jit_build.BuildError as exc:
+                problem = str(exc)
+            except (OSError, RuntimeError) as exc:  # loading or running a broken library
+                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            _STATE["ok"], _STATE["problem"] = problem is None, problem
+            if problem is not None and warn:
+                warnings.warn(f"neighborhood_attention: the fused CPU kernel is unavailable ({problem}); using the "
+                              "'tiled' backend instead, which is several times slower", RuntimeWarning, stacklevel=3)
+    return _STATE["ok"]
+
+
+def problem() -> str | None:
+    """Why the kernel is unusable (None if it is usable or has not been tried)."""
+    return _STATE["problem"]
+
+
+def _self_check() -> str | None:
+    """Forward and every gradient against the reference on one small problem (a miscompiled kernel must not
+    silently train a model); None if they agree."""
+    from common.ops.neighborhood import reference_attention
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 2, 6, 19, 4, generator=gen, requires_grad=True) for _ in range(3)]
+    rel_pos = torch.randn(2, 5, 5, 4, generator=gen, requires_grad=True)
+    mask = torch.rand(2, 5, 5, generator=gen).requires_grad_()
+    results = []
+    for fn in (fused_attention, reference_attention):
+        out, weights = fn(*inputs, 5, rel_pos=rel_pos, window_mask=mask, border="mask", return_weights=True)
+        loss = (out * out).sum() + (weights * weights[..., :1]).sum()
+        results.append([out, weights, *torch.autograd.grad(loss, [*inputs, rel_pos, mask])])
+    if all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(*results)):
+        return None
+    return "it disagrees with the reference on a self-check"
+
+
+def _from_planes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, heads, C, H, W) -> a (B, heads, H, W, C) view (channel-major, like a conv output split into heads)."""
+    return t.permute(0, 1, 3, 4, 2).to(dtype)
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_pos, window_mask, kernel_size, border, return_weights):
+        out, weights, lse, qb, kb, vb = torch.ops.neighborhood_cpu.forward(
+            q, k, v, rel_pos, window_mask, kernel_size, border == "mask", return_weights)
+        ctx.save_for_backward(qb, kb, vb, lse, rel_pos, window_mask)
+        ctx.setup = (kernel_size, border, q.shape[2], q.shape[3], q.dtype, k.dtype, v.dtype)
+        ctx.set_materialize_grads(False)
+        out = _from_planes(out, q.dtype)
+        if return_weights:
+            return out, _from_planes(weights, q.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_weights=None):
+        qb, kb, vb, lse, rel_pos, window_mask = ctx.saved_tensors
+        kernel_size, border, height, width, q_dtype, k_dtype, v_dtype = ctx.setup
+        needs = ctx.needs_input_grad[:5]
+        bits = sum(1 << i for i, need in enumerate(needs) if need)
+        dq, dk, dv, drel, dmask = torch.ops.neighborhood_cpu.backward(
+            grad_out, grad_weights, qb, kb, vb, lse, rel_pos, window_mask, kernel_size, border == "mask", height,
+            width, bits)
+        grad_q = _from_planes(dq, q_dtype) if needs[0] else None
+        grad_k = _from_planes(dk, k_dtype) if needs[1] else None
+        grad_v = _from_planes(dv, v_dtype) if needs[2] and dv.numel() else None
+        grad_rel = drel.reshape(rel_pos.shape).to(rel_pos.dtype) if needs[3] and rel_pos is not None else None
+        grad_mask = dmask.reshape(window_mask.shape).to(window_mask.dtype) if needs[4] and window_mask is not None else None
+        return grad_q, grad_k, grad_v, grad_rel, grad_mask, None, None, None
+
+
+def fused_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, border="mask", return_weights=False):
+    """The fused kernel itself (call `ensure_built()` first); same results as `reference_attention`."""
+    return _FusedAttention.apply(q, k, v, rel_pos, window_mask, kernel_size, border, return_weights)
