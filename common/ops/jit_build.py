@@ -163,7 +163,8 @@ def build(name: str, source: Path, flags: list[str], announce: bool = True) -> P
         if result.returncode != 0:
             os.unlink(tmp)
             failed.write_text(f"exit code {result.returncode}\n")
-            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise BuildError(f"compiling {source.name} failed: {last[:300]} (full log: {log})")
+            lines = (result.stdout + result.stderr).strip().splitlines() or ["(no output)"]
+            first = next((line for line in lines if "error" in line.lower()), lines[-1])
+            raise BuildError(f"compiling {source.name} failed: {first.strip()[:300]} (full log: {log})")
         os.replace(tmp, target)
     return target

@@ -105,10 +105,10 @@ def _from_planes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rel_pos, window_mask, kernel_size, border, return_weights):
-        out, weights, lse, qb, kb, vb = torch.ops.neighborhood_cpu.forward(
-            q, k, v, rel_pos, window_mask, kernel_size, border == "mask", return_weights)
-        ctx.save_for_backward(qb, kb, vb, lse, rel_pos, window_mask)
-        ctx.setup = (kernel_size, border, q.shape[2], q.shape[3], q.dtype, k.dtype, v.dtype)
+        out, weights, stats = torch.ops.neighborhood_cpu.forward(q, k, v, rel_pos, window_mask, kernel_size,
+                                                                 border == "mask", return_weights)
+        ctx.save_for_backward(q, k, v, stats, rel_pos, window_mask)
+        ctx.setup = (kernel_size, border)
         ctx.set_materialize_grads(False)
         out = _from_planes(out, q.dtype)
         if return_weights:
@@ -118,16 +118,15 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_weights=None):
-        qb, kb, vb, lse, rel_pos, window_mask = ctx.saved_tensors
-        kernel_size, border, height, width, q_dtype, k_dtype, v_dtype = ctx.setup
+        q, k, v, stats, rel_pos, window_mask = ctx.saved_tensors
+        kernel_size, border = ctx.setup
         needs = ctx.needs_input_grad[:5]
         bits = sum(1 << i for i, need in enumerate(needs) if need)
         dq, dk, dv, drel, dmask = torch.ops.neighborhood_cpu.backward(
-            grad_out, grad_weights, qb, kb, vb, lse, rel_pos, window_mask, kernel_size, border == "mask", height,
-            width, bits)
-        grad_q = _from_planes(dq, q_dtype) if needs[0] else None
-        grad_k = _from_planes(dk, k_dtype) if needs[1] else None
-        grad_v = _from_planes(dv, v_dtype) if needs[2] and dv.numel() else None
+            grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border == "mask", bits)
+        grad_q = _from_planes(dq, q.dtype) if needs[0] else None
+        grad_k = _from_planes(dk, k.dtype) if needs[1] else None
+        grad_v = _from_planes(dv, v.dtype) if needs[2] and dv.numel() else None
         grad_rel = drel.reshape(rel_pos.shape).to(rel_pos.dtype) if needs[3] and rel_pos is not None else None
         grad_mask = dmask.reshape(window_mask.shape).to(window_mask.dtype) if needs[4] and window_mask is not None else None
         return grad_q, grad_k, grad_v, grad_rel, grad_mask, None, None, None

@@ -1,20 +1,25 @@
 // Fused neighbourhood attention for the CPU: forward and backward in one pass each over the image, no
 // k*k-expanded tensor and no GEMM on halo keys. Built on first use by common/ops/jit_build.py and wrapped
-// by common/ops/neighborhood_cpu.py (which documents the layout and the math); the oracle is
-// `reference_attention` in common/ops/neighborhood.py.
+// by common/ops/neighborhood_cpu.py (which documents the method); the oracle is `reference_attention` in
+// common/ops/neighborhood.py.
 //
 // Vectorisation runs along image rows: one SIMD vector holds LANES consecutive query pixels of one channel,
-// so every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
-// inner loops. That needs the channel-major ("planar") layout (B, heads, C, H, W) that convolution outputs
-// already have; the Python side hands over q, k, v, grad_out in that layout, zero-padded by r = k // 2 on
-// every side (and the row length rounded up to whole vectors), so a window read never needs a bounds check.
+// so every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in
+// the inner loops. The inputs are first copied into channel-major planes (B*heads, C, hk, wk), zero-padded
+// by r = k // 2 on every side and with rows rounded up to whole vectors, so a window read never needs a
+// bounds check. Two neighbouring vectors of a row are processed together where the row is long enough,
+// which doubles the independent accumulator chains and shares every relative-embedding broadcast.
 //
-// Threads: ATen's parallel_for (torch's OpenMP pool and thread count). The forward pass splits image rows
-// among threads; the backward pass splits (batch, head) planes, and every plane is processed in a fixed order
-// whatever the thread count, so the backward pass is deterministic (bitwise, for any number of threads).
+// Threads: ATen's parallel_for (torch's OpenMP pool and thread count), one parallel region per copy and
+// per pass. The forward pass splits image rows among threads; the backward pass splits (batch, head)
+// planes, and each plane is processed in the same order whatever the thread count, so the backward pass
+// is deterministic (bitwise, for any number of threads).
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,7 +27,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -38,34 +48,36 @@ namespace {
 
 template <typename T>
 struct Simd;
+// V: a SIMD vector; U: the same, for unaligned access (it aliases its element type only, so stores through it
+// do not make the compiler reload integers)
 template <>
 struct Simd<float> {
   typedef float V __attribute__((vector_size(NA_VBYTES)));
+  typedef float U __attribute__((vector_size(NA_VBYTES), aligned(4)));
   typedef int32_t I __attribute__((vector_size(NA_VBYTES)));
 };
 template <>
 struct Simd<double> {
   typedef double V __attribute__((vector_size(NA_VBYTES)));
+  typedef double U __attribute__((vector_size(NA_VBYTES), aligned(8)));
   typedef int64_t I __attribute__((vector_size(NA_VBYTES)));
 };
 
 template <typename V, typename T>
 inline V loadu(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
+  return *reinterpret_cast<const typename Simd<T>::U*>(p);
 }
 
 template <typename V, typename T>
 inline void storeu(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
+  *reinterpret_cast<typename Simd<T>::U*>(p) = v;
 }
 
 template <typename V, typename T>
-inline void store_n(T* p, const V& v, int64_t n) {  // the first n lanes (n <= lanes)
-  if (n * static_cast<int64_t>(sizeof(T)) == static_cast<int64_t>(sizeof(V))) {
+inline void store_n(T* p, const V& v, int64_t n) {  // the first n lanes
+  if (n * static_cast<int64_t>(sizeof(T)) >= static_cast<int64_t>(sizeof(V))) {
     storeu(p, v);
-  } else {
+  } else if (n > 0) {
     std::memcpy(p, &v, n * sizeof(T));
   }
 }
@@ -77,7 +89,28 @@ inline auto hsum(const V& v) {
   return s;
 }
 
-// exp for float vectors (the Cephes expf polynomial, about 1 ulp): exact 0 below -87.3 (so exp(-inf) = 0).
+#if defined(__AVX512F__) && NA_VBYTES == 64
+// exp for float vectors: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; f from a two-part log2 e
+// (accurate for large |x|), 2^f from a degree-6 polynomial (relative error 1e-7), 2^n applied by scalef
+// (which also gives 0 for exp(-inf) and inf on overflow).
+inline Simd<float>::V vexp(Simd<float>::V v) {
+  const __m512 x = _mm512_max_ps(reinterpret_cast<__m512&>(v), _mm512_set1_ps(-120.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fmsub_ps(x, _mm512_set1_ps(1.44269502162933349609375f), n);
+  f = _mm512_fmadd_ps(x, _mm512_set1_ps(1.925963033500011e-08f), f);
+  __m512 p = _mm512_set1_ps(1.5054538380354643e-04f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3395266141742468e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.619487449526787e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550341680645943e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402263879776001e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512 y = _mm512_scalef_ps(p, n);
+  return reinterpret_cast<const Simd<float>::V&>(y);
+}
+#else
+// exp for float vectors (the Cephes expf polynomial, about 1 ulp); exactly 0 below -87.3, so exp(-inf) = 0.
 inline Simd<float>::V vexp(Simd<float>::V x) {
   using V = Simd<float>::V;
   using I = Simd<float>::I;
@@ -102,8 +135,9 @@ inline Simd<float>::V vexp(Simd<float>::V x) {
   y = y * __builtin_bit_cast(V, bits);
   return under ? V{} : y;
 }
+#endif
 
-// doubles (tests and fp64 users): the libm exp per lane; speed does not matter there, exactness does.
+// doubles (tests and fp64 users): the libm exp per lane; exactness matters there, not speed.
 inline Simd<double>::V vexp(Simd<double>::V x) {
   for (size_t i = 0; i < sizeof(x) / sizeof(double); ++i) x[i] = std::exp(x[i]);
   return x;
@@ -126,7 +160,7 @@ struct Geo {
   }
 };
 
-// For each head and window row dy, the columns [lo, hi) whose window_mask is non-zero (all columns without a
+// For each head and window row dy, the columns [lo, hi) whose window_mask is non-zero (every column without a
 // mask, or when every offset is needed for the mask's gradient).
 struct Ranges {
   std::vector<int64_t> lo, hi;
@@ -149,97 +183,208 @@ struct Ranges {
   }
 };
 
+// The window entries of one query row: runs of at most MAX_RUN consecutive offsets of one window row (so that
+// a run's keys and embeddings sit at constant distances from one pointer), and the same entries one by one.
+constexpr int MAX_RUN = 8;
+
+struct Window {
+  struct Run {
+    int64_t off, o, n;  // first key's position relative to the query block's padded corner; first offset; length
+  };
+  std::vector<Run> runs;
+  std::vector<int64_t> off, o, dx;  // per entry
+  int64_t n = 0;
+
+  explicit Window(int64_t kk) : off(kk), o(kk), dx(kk) { runs.reserve(kk); }
+
+  // rows [dy0, dy1), columns ranges[head] of each row; key (y + dy - r, x + dx - r) sits at padded
+  // (y + dy, x + dx), so off = dy * wk + dx from the block's padded position (y, xb).
+  void build(const Geo& g, const Ranges& ranges, int64_t head, int64_t dy0, int64_t dy1) {
+    runs.clear();
+    n = 0;
+    for (int64_t dy = dy0; dy < dy1; ++dy) {
+      const int64_t lo = ranges.lo[head * g.k + dy], hi = ranges.hi[head * g.k + dy];
+      const int64_t len = hi - lo, pieces = (len + MAX_RUN - 1) / MAX_RUN;
+      for (int64_t piece = 0, dx = lo; piece < pieces; ++piece) {
+        const int64_t size = (len - (dx - lo) + (pieces - piece) - 1) / (pieces - piece);  // near-equal pieces
+        runs.push_back({dy * g.wk + dx, dy * g.k + dx, size});
+        dx += size;
+      }
+      for (int64_t x = lo; x < hi; ++x) {
+        off[n] = dy * g.wk + x;
+        o[n] = dy * g.k + x;
+        dx[n] = x;
+        ++n;
+      }
+    }
+  }
+};
+
+// rows dy of the window of query row y that lie in the image (border="mask"), or all of them ("zeros")
+inline void window_rows(const Geo& g, int64_t y, int64_t& dy0, int64_t& dy1) {
+  if (g.border_mask) {
+    dy0 = std::max<int64_t>(0, g.r - y);
+    dy1 = std::min<int64_t>(g.k, g.h + g.r - y);
+  } else {
+    dy0 = 0;
+    dy1 = g.k;
+  }
+}
+
+// A (B, heads, H, W, C) input, any strides and floating dtype; read plane by plane into padded buffers.
+struct Source {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t heads = 1, c = 0, sb = 0, sh = 0, sy = 0, sx = 0, sc = 0;
+  Source() = default;
+  explicit Source(const at::Tensor& t)
+      : data(t.const_data_ptr()), dtype(t.scalar_type()), heads(t.size(1)), c(t.size(4)), sb(t.stride(0)),
+        sh(t.stride(1)), sy(t.stride(2)), sx(t.stride(3)), sc(t.stride(4)) {}
+  bool defined() const { return data != nullptr; }
+};
+
+template <typename T, typename S>
+void pack_rows_as(const S* src, const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
+  const S* base = src + (p / s.heads) * s.sb + (p % s.heads) * s.sh;
+  for (int64_t c = 0; c < s.c; ++c) {
+    const S* sp = base + c * s.sc;
+    T* dp = dst + c * g.plane;
+    for (int64_t row = row0; row < row1; ++row) {
+      T* out = dp + row * g.wk;
+      const int64_t y = row - g.r;
+      if (y < 0 || y >= g.h) {
+        std::fill(out, out + g.wk, T(0));
+        continue;
+      }
+      const S* in = sp + y * s.sy;
+      std::fill(out, out + g.r, T(0));
+      if (s.sx == 1 && std::is_same_v<S, T>) {
+        std::memcpy(out + g.r, in, g.w * sizeof(T));
+      } else if (s.sx == 1) {
+        for (int64_t x = 0; x < g.w; ++x) out[g.r + x] = static_cast<T>(in[x]);
+      } else {
+        for (int64_t x = 0; x < g.w; ++x) out[g.r + x] = static_cast<T>(in[x * s.sx]);
+      }
+      std::fill(out + g.r + g.w, out + g.wk, T(0));
+    }
+  }
+}
+
+// padded rows [row0, row1) (row = image row + r; zero outside the image) of every channel of plane p of s, into
+// the (C, hk, wk) plane buffer dst
+template <typename T>
+void pack_rows(const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "neighborhood_cpu_pack", [&] {
+    pack_rows_as(static_cast<const scalar_t*>(s.data), s, g, p, std::max<int64_t>(row0, 0),
+                 std::min<int64_t>(row1, g.hk), dst);
+  });
+}
+
 template <typename T>
 struct Kernel {
   using V = typename Simd<T>::V;
-  static constexpr int64_t LANES = sizeof(V) / sizeof(T);
-  static constexpr int GROUP = 8;  // offsets, or channels, whose accumulators stay in registers together
+  static constexpr int64_t L = sizeof(V) / sizeof(T);
+  static constexpr int CGROUP = 8;  // channels whose accumulators stay in registers together
 
-  // acc[j] = sum_c a[c] * (b[c][off[j]] + rel[o[j]][c]) for the n <= GROUP entries of one group; a and b
-  // are planes of `stride` elements per channel. With REL false, rel is ignored.
-  template <int N, bool REL>
-  static inline void dots_group(const T* a, const T* b, int64_t stride, int64_t channels, const int64_t* off,
-                                const int64_t* o, const T* rel, int64_t d, V* out) {
-    V acc[N];
-    for (int j = 0; j < N; ++j) acc[j] = V{};
+  // ------------------------------------------------------------------------------------------------------
+  // building blocks; XB = 1 or 2 neighbouring vectors of query pixels (blocks) at once; per-entry values of
+  // block x live at [x * stride + j] of the arrays they are read from or written to.
+
+  // out[x][g] = sum_c a[c][x] * (b[c][x + g] + relt[c][g]) for the N entries of one run; a and b are padded
+  // planes `plane` elements apart, relt points at (channel 0, the run's first offset) of the transposed
+  // (d, kk) embedding.
+  template <int N, int XB, bool REL>
+  static inline void run_dots(const T* a, const T* b, int64_t plane, int64_t channels, const T* relt, int64_t kk,
+                              V* out, int64_t out_stride) {
+    V acc[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int j = 0; j < N; ++j) acc[x][j] = V{};
     for (int64_t c = 0; c < channels; ++c) {
-      const V av = loadu<V>(a + c * stride);
-      const T* bc = b + c * stride;
+      V av[XB];
+      for (int x = 0; x < XB; ++x) av[x] = loadu<V>(a + c * plane + x * L);
+      const T* bc = b + c * plane;
       for (int j = 0; j < N; ++j) {
-        if (REL) {
-          acc[j] += av * (loadu<V>(bc + off[j]) + rel[o[j] * d + c]);
-        } else {
-          acc[j] += av * loadu<V>(bc + off[j]);
+        const T rv = REL ? relt[c * kk + j] : T(0);
+        for (int x = 0; x < XB; ++x) {
+          if (REL) {
+            acc[x][j] += av[x] * (loadu<V>(bc + x * L + j) + rv);
+          } else {
+            acc[x][j] += av[x] * loadu<V>(bc + x * L + j);
+          }
         }
       }
     }
-    for (int j = 0; j < N; ++j) out[j] = acc[j];
+    for (int x = 0; x < XB; ++x)
+      for (int j = 0; j < N; ++j) out[x * out_stride + j] = acc[x][j];
   }
 
-  template <bool REL>
-  static void dots(const T* a, const T* b, int64_t stride, int64_t channels, const int64_t* off, const int64_t* o,
-                   int64_t n, const T* rel, int64_t d, V* out) {
+  // the logits (or dP) of every entry of the window: s[x * kk + j]
+  template <int XB>
+  static void window_dots(const Window& win, const T* a, const T* b, int64_t plane, int64_t channels,
+                          const T* relt, int64_t kk, V* s) {
     int64_t j = 0;
-    for (; j + GROUP <= n; j += GROUP) {
-      dots_group<GROUP, REL>(a, b, stride, channels, off + j, o + j, rel, d, out + j);
-    }
-    switch (n - j) {
-#define NA_CASE(N) \
-  case N:          \
-    dots_group<N, REL>(a, b, stride, channels, off + j, o + j, rel, d, out + j); \
+    for (const auto& run : win.runs) {
+      const T* bb = b + run.off;
+      const T* rr = relt == nullptr ? nullptr : relt + run.o;
+      V* out = s + j;
+      switch (run.n * 2 + (relt != nullptr)) {
+#define NA_CASE(N)                                                                   \
+  case 2 * N:                                                                        \
+    run_dots<N, XB, false>(a, bb, plane, channels, rr, kk, out, kk);                 \
+    break;                                                                           \
+  case 2 * N + 1:                                                                    \
+    run_dots<N, XB, true>(a, bb, plane, channels, rr, kk, out, kk);                  \
     break;
-      NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7)
+        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
-      default:
-        break;
+        default:
+          break;
+      }
+      j += run.n;
     }
   }
 
-  static void window_dots(const T* a, const T* b, int64_t stride, int64_t channels, const int64_t* off,
-                          const int64_t* o, int64_t n, const T* rel, int64_t d, V* out) {
-    if (rel != nullptr) {
-      dots<true>(a, b, stride, channels, off, o, n, rel, d, out);
-    } else {
-      dots<false>(a, b, stride, channels, off, o, n, rel, d, out);
-    }
-  }
-
-  // out[c] (c < N) = sum_j w[j] * (b[c][off[j]] + rel[o[j]][c]): a weighted sum of window vectors for N
-  // channels at once; stored (first `valid` lanes) to dst + c * dst_stride.
-  template <int N, bool REL>
-  static inline void weighted_group(const V* w, const T* b, int64_t stride, const int64_t* off, const int64_t* o,
-                                    int64_t n, const T* rel, int64_t d, T* dst, int64_t dst_stride, int64_t valid) {
-    V acc[N];
-    for (int c = 0; c < N; ++c) acc[c] = V{};
-    for (int64_t j = 0; j < n; ++j) {
-      const V wj = w[j];
-      const T* bj = b + off[j];
+  // dst[c][x] = sum_j w[x][j] * (b[c][off_j + x] + rel[o_j][c]) for N channels (rel: (kk, d) layout, at
+  // channel c0), stored (first `valid[x]` lanes) at dst + c * dst_plane + x * L
+  template <int N, int XB, bool REL>
+  static inline void weighted_group(const Window& win, const V* w, const T* b, int64_t plane, const T* rel,
+                                    int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid) {
+    V acc[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) acc[x][c] = V{};
+    for (int64_t j = 0; j < win.n; ++j) {
+      V wj[XB];
+      for (int x = 0; x < XB; ++x) wj[x] = w[x * kk + j];
+      const T* bj = b + win.off[j];
+      const T* rj = REL ? rel + win.o[j] * d : nullptr;
       for (int c = 0; c < N; ++c) {
-        if (REL) {
-          acc[c] += wj * (loadu<V>(bj + c * stride) + rel[o[j] * d + c]);
-        } else {
-          acc[c] += wj * loadu<V>(bj + c * stride);
+        for (int x = 0; x < XB; ++x) {
+          if (REL) {
+            acc[x][c] += wj[x] * (loadu<V>(bj + c * plane + x * L) + rj[c]);
+          } else {
+            acc[x][c] += wj[x] * loadu<V>(bj + c * plane + x * L);
+          }
         }
       }
     }
-    for (int c = 0; c < N; ++c) store_n(dst + c * dst_stride, acc[c], valid);
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) store_n(dst + c * dst_plane + x * L, acc[x][c], valid[x]);
   }
 
-  static void weighted(const V* w, const T* b, int64_t stride, int64_t channels, const int64_t* off,
-                       const int64_t* o, int64_t n, const T* rel, int64_t d, T* dst, int64_t dst_stride,
-                       int64_t valid) {
-    for (int64_t c = 0; c < channels; c += GROUP) {
-      const T* bc = b + c * stride;
-      T* dc = dst + c * dst_stride;
+  template <int XB>
+  static void weighted(const Window& win, const V* w, const T* b, int64_t plane, int64_t channels, const T* rel,
+                       int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid) {
+    for (int64_t c = 0; c < channels; c += CGROUP) {
+      const T* bc = b + c * plane;
+      T* dc = dst + c * dst_plane;
       const T* rc = rel == nullptr ? nullptr : rel + c;
-      switch (std::min<int64_t>(GROUP, channels - c)) {
-#define NA_CASE(N)                                                                      \
-  case N:                                                                               \
-    if (rc) {                                                                           \
-      weighted_group<N, true>(w, bc, stride, off, o, n, rc, d, dc, dst_stride, valid);  \
-    } else {                                                                            \
-      weighted_group<N, false>(w, bc, stride, off, o, n, rc, d, dc, dst_stride, valid); \
-    }                                                                                   \
+      switch (std::min<int64_t>(CGROUP, channels - c) * 2 + (rel != nullptr)) {
+#define NA_CASE(N)                                                                     \
+  case 2 * N:                                                                          \
+    weighted_group<N, XB, false>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid);  \
+    break;                                                                             \
+  case 2 * N + 1:                                                                      \
+    weighted_group<N, XB, true>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid);   \
     break;
         NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
@@ -249,43 +394,14 @@ struct Kernel {
     }
   }
 
-  // The window entries of query block (y, xb) of a plane of head `head`: offsets o = dy * k + dx over the rows
-  // dy in [dy0, dy1) and the columns ranges.lo/hi of each row; off[j] is where the entry's key lies relative
-  // to the block's own padded position... shifted by (-r, -r): key (y + dy - r, x + dx - r) sits at padded
-  // (y + dy, x + dx), so off = dy * wk + dx from the block's padded top-left corner (y, xb).
-  static int64_t window_list(const Geo& g, const Ranges& ranges, int64_t head, int64_t dy0, int64_t dy1,
-                             int64_t* off, int64_t* o) {
-    int64_t n = 0;
-    for (int64_t dy = dy0; dy < dy1; ++dy) {
-      const int64_t lo = ranges.lo[head * g.k + dy], hi = ranges.hi[head * g.k + dy];
-      for (int64_t dx = lo; dx < hi; ++dx) {
-        off[n] = dy * g.wk + dx;
-        o[n] = dy * g.k + dx;
-        ++n;
-      }
-    }
-    return n;
-  }
-
-  // rows dy of the window of query row y that lie in the image (border="mask"), or all of them ("zeros")
-  static void window_rows(const Geo& g, int64_t y, int64_t& dy0, int64_t& dy1) {
-    if (g.border_mask) {
-      dy0 = std::max<int64_t>(0, g.r - y);
-      dy1 = std::min<int64_t>(g.k, g.h + g.r - y);
-    } else {
-      dy0 = 0;
-      dy1 = g.k;
-    }
-  }
-
   // border="mask" at the left and right edges: per window column dx, 0 for lanes whose key column is inside
   // the image, -inf for those outside. Lanes past the image's right edge (padding queries, discarded) are
   // never masked, so their softmax stays finite. Returns false when no lane of the block needs it.
   static bool column_bias(const Geo& g, int64_t xb, V* bias) {
-    if (!g.border_mask || (xb >= g.r && xb + LANES - 1 + g.r < g.w)) return false;
+    if (!g.border_mask || (xb >= g.r && xb + L - 1 + g.r < g.w)) return false;
     const T inf = std::numeric_limits<T>::infinity();
     for (int64_t dx = 0; dx < g.k; ++dx) {
-      for (int64_t lane = 0; lane < LANES; ++lane) {
+      for (int64_t lane = 0; lane < L; ++lane) {
         const int64_t x = xb + lane, col = x + dx - g.r;
         bias[dx][lane] = (x < g.w && (col < 0 || col >= g.w)) ? -inf : T(0);
       }
@@ -293,56 +409,95 @@ struct Kernel {
     return true;
   }
 
+  // the logits of XB blocks starting at column xb of query row y: s[x * kk + j], -inf where masked
+  template <int XB>
+  static void logits(const Geo& g, const Window& win, const T* qp, const T* kp, const T* relt, int64_t y,
+                     int64_t xb, V* s, V* bias) {
+    window_dots<XB>(win, qp + (y + g.r) * g.wk + xb + g.r, kp + y * g.wk + xb, g.plane, g.d, relt, g.kk, s);
+    for (int x = 0; x < XB; ++x) {
+      if (column_bias(g, xb + x * L, bias)) {
+        for (int64_t j = 0; j < win.n; ++j) s[x * g.kk + j] += bias[win.dx[j]];
+      }
+    }
+  }
+
   // -------------------------------------------------------------------------------------------------------
   // forward
 
-  static void forward(const Geo& g, const T* qb, const T* kb, const T* vb, const T* rel, bool rel_per_head,
-                      const T* mask, T* out, T* weights, T* lse) {
-    const Ranges ranges(g, mask, false);
-    const int64_t nxb = g.wq / LANES;
-    at::parallel_for(0, g.bh * g.h, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> off(g.kk), o(g.kk);
-      std::vector<V> s(g.kk), bias(g.k);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t p = row / g.h, y = row % g.h, head = p % g.heads;
-        const T* relh = rel == nullptr ? nullptr : rel + (rel_per_head ? head : 0) * g.kk * g.d;
-        const T* maskh = mask == nullptr ? nullptr : mask + head * g.kk;
-        int64_t dy0, dy1;
-        window_rows(g, y, dy0, dy1);
-        const int64_t n = window_list(g, ranges, head, dy0, dy1, off.data(), o.data());
-        for (int64_t xi = 0; xi < nxb; ++xi) {
-          const int64_t xb = xi * LANES, valid = std::min<int64_t>(LANES, g.w - xb);
-          const T* qpos = qb + p * g.d * g.plane + (y + g.r) * g.wk + xb + g.r;
-          const T* kpos = kb + p * g.d * g.plane + y * g.wk + xb;
-          const T* vpos = vb + p * g.dv * g.plane + y * g.wk + xb;
-          window_dots(qpos, kpos, g.plane, g.d, off.data(), o.data(), n, relh, g.d, s.data());
-          if (column_bias(g, xb, bias.data())) {
-            for (int64_t j = 0; j < n; ++j) s[j] += bias[o[j] % g.k];
+  struct Fwd {
+    Source q, k, v;
+    const T *rel, *relt, *mask;
+    bool rel_per_head;
+    T *out, *weights, *stats;  // stats: (2, bh, h, wq): the softmax's max and 1 / sum(e m) per query
+  };
+
+  template <int XB>
+  static void forward_blocks(const Geo& g, const Fwd& f, const Window& win, const T* qp, const T* kp, const T* vp,
+                             int64_t p, int64_t y, int64_t xb, V* s, V* bias) {
+    const int64_t head = p % g.heads;
+    const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
+    logits<XB>(g, win, qp, kp, relt, y, xb, s, bias);
+    int64_t valid[XB];
+    for (int x = 0; x < XB; ++x) {
+      valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+      // softmax over the window, times the mask, renormalised: P_j = e_j m_j / sum e m
+      V* sx = s + x * g.kk;
+      V mx = V{} - std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < win.n; ++j) mx = sx[j] > mx ? sx[j] : mx;
+      mx = mx == -std::numeric_limits<T>::infinity() ? V{} : mx;  // nothing left: all weights 0
+      V total = V{};
+      for (int64_t j = 0; j < win.n; ++j) {
+        V e = vexp(sx[j] - mx);
+        if (maskh != nullptr) e *= maskh[win.o[j]];
+        sx[j] = e;
+        total += e;
+      }
+      const V inv = total > 0 ? T(1) / total : V{};
+      for (int64_t j = 0; j < win.n; ++j) sx[j] *= inv;
+      T* st = f.stats + (p * g.h + y) * g.wq + xb + x * L;
+      storeu(st, mx);
+      storeu(st + g.bh * g.h * g.wq, inv);
+      if (f.weights != nullptr) {
+        T* wrow = f.weights + (p * g.kk * g.h + y) * g.w + xb + x * L;
+        if (win.n < g.kk) {
+          for (int64_t o = 0; o < g.kk; ++o) store_n(wrow + o * g.h * g.w, V{}, valid[x]);
+        }
+        for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j], valid[x]);
+      }
+    }
+    weighted<XB>(win, s, vp + y * g.wk + xb, g.plane, g.dv, nullptr, g.d, g.kk,
+                 f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid);
+  }
+
+  // Work items are bands of rows of one plane (whole planes when there are enough of them for the threads);
+  // each copies the rows it reads into thread-local padded planes, which stay in cache while it computes.
+  static void forward(const Geo& g, const Fwd& f) {
+    const Ranges ranges(g, f.mask, false);
+    const int64_t nxb = g.wq / L;
+    const int64_t want = 4 * at::get_num_threads();
+    const int64_t bands = std::min<int64_t>(g.h, std::max<int64_t>(1, (want + g.bh - 1) / g.bh));
+    const int64_t band = (g.h + bands - 1) / bands;
+    at::parallel_for(0, g.bh * bands, 1, [&](int64_t begin, int64_t end) {
+      Window win(g.kk);
+      std::vector<V> s(2 * g.kk), bias(g.k);
+      std::vector<T> qbuf(g.d * g.plane), kbuf(g.d * g.plane), vbuf(g.dv * g.plane);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
+        if (y0 >= y1) continue;
+        pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, qbuf.data());
+        pack_rows(f.k, g, p, y0, y1 + 2 * g.r, kbuf.data());
+        pack_rows(f.v, g, p, y0, y1 + 2 * g.r, vbuf.data());
+        for (int64_t y = y0; y < y1; ++y) {
+          int64_t dy0, dy1;
+          window_rows(g, y, dy0, dy1);
+          win.build(g, ranges, p % g.heads, dy0, dy1);
+          int64_t xi = 0;
+          for (; xi + 2 <= nxb; xi += 2) {
+            forward_blocks<2>(g, f, win, qbuf.data(), kbuf.data(), vbuf.data(), p, y, xi * L, s.data(), bias.data());
           }
-          // softmax over the window, times the mask, renormalised: P_j = e_j m_j / sum e m
-          V mx = V{} - std::numeric_limits<T>::infinity();
-          for (int64_t j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-          mx = mx == -std::numeric_limits<T>::infinity() ? V{} : mx;  // nothing left: all weights 0
-          V total = V{};
-          for (int64_t j = 0; j < n; ++j) {
-            V e = vexp(s[j] - mx);
-            if (maskh != nullptr) e *= maskh[o[j]];
-            s[j] = e;
-            total += e;
-          }
-          const V inv = total > 0 ? T(1) / total : V{};
-          for (int64_t j = 0; j < n; ++j) s[j] *= inv;
-          V l;
-          for (int64_t lane = 0; lane < LANES; ++lane) {
-            l[lane] = total[lane] > 0 ? mx[lane] + std::log(total[lane]) : std::numeric_limits<T>::infinity();
-          }
-          storeu(lse + (p * g.h + y) * g.wq + xb, l);
-          weighted(s.data(), vpos, g.plane, g.dv, off.data(), o.data(), n, nullptr, g.d,
-                   out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid);
-          if (weights != nullptr) {
-            T* wrow = weights + (p * g.kk * g.h + y) * g.w + xb;
-            for (int64_t oo = 0; oo < g.kk; ++oo) store_n(wrow + oo * g.h * g.w, V{}, valid);
-            for (int64_t j = 0; j < n; ++j) store_n(wrow + o[j] * g.h * g.w, s[j], valid);
+          if (xi < nxb) {
+            forward_blocks<1>(g, f, win, qbuf.data(), kbuf.data(), vbuf.data(), p, y, xi * L, s.data(), bias.data());
           }
         }
       }
@@ -352,138 +507,152 @@ struct Kernel {
   // -------------------------------------------------------------------------------------------------------
   // backward
 
-  struct Grads {
-    T* dq;      // (bh, d, h, w) or null
-    T* dk;      // (bh, d, h, w) or null
-    T* dv;      // (bh, dv, h, w) or null
-    T* drel;    // (bh, kk, d) per plane, or null
-    T* dmask;   // (bh, kk) per plane, or null
+  struct Bwd {
+    Source q, k, v, gout;
+    const T *gw, *stats, *rel, *relt, *mask;
+    bool rel_per_head;
+    T *dq, *dk, *dv;  // (bh, C, h, w) or null
+    T *drel, *dmask;  // per plane: (bh, kk, d), (bh, kk), or null
   };
 
-  // Per plane: (1) for every query block, the logits again, P = m exp(S - lse), dP = grad_out . v (+ the
-  // weights' own gradient), dS = P (dP - sum P dP), dq = sum dS (k + rel), and P, dS written into planes of
-  // the padded layout; (2) for every key block, dk = sum_o dS_o q and dv = sum_o P_o grad_out, gathered over
-  // the queries that see the key (register accumulation, no scatter); (3) d rel = sum dS q per offset and
-  // d mask = sum exp(S - lse) (dP - D), per plane, summed over planes by the caller in plane order.
-  static void backward(const Geo& g, const T* gb, const T* gw, const T* qb, const T* kb, const T* vb, const T* lse,
-                       const T* rel, bool rel_per_head, const T* mask, Grads out) {
-    const bool need_mask = out.dmask != nullptr && mask != nullptr;
-    const Ranges live(g, mask, need_mask), active(g, mask, false);
-    const int64_t nxb = g.wq / LANES, nkb = (g.w + LANES - 1) / LANES;
-    at::parallel_for(0, g.bh, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> off(g.kk), o(g.kk), off2(g.kk), o2(g.kk);
-      std::vector<V> s(g.kk), pw(g.kk), dp(g.kk), bias(g.k), dm(g.kk);
-      // P and dS of every query and offset of one plane, (kk, hk, wk), zero outside the queries' positions
-      std::vector<T> pplane(g.kk * g.plane, T(0)), dsplane(g.kk * g.plane, T(0));
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t head = p % g.heads;
-        const T* relh = rel == nullptr ? nullptr : rel + (rel_per_head ? head : 0) * g.kk * g.d;
-        const T* maskh = mask == nullptr ? nullptr : mask + head * g.kk;
-        const T* qp = qb + p * g.d * g.plane;
-        const T* kp = kb + p * g.d * g.plane;
-        const T* vp = vb + p * g.dv * g.plane;
-        const T* gp = gb == nullptr ? nullptr : gb + p * g.dv * g.plane;
-        std::fill(dm.begin(), dm.end(), V{});
-        for (int64_t y = 0; y < g.h; ++y) {
-          int64_t dy0, dy1;
-          window_rows(g, y, dy0, dy1);
-          const int64_t n = window_list(g, live, head, dy0, dy1, off.data(), o.data());
-          for (int64_t xi = 0; xi < nxb; ++xi) {
-            const int64_t xb = xi * LANES, valid = std::min<int64_t>(LANES, g.w - xb);
-            const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
-            window_dots(qp + qoff, kp + koff, g.plane, g.d, off.data(), o.data(), n, relh, g.d, s.data());
-            if (column_bias(g, xb, bias.data())) {
-              for (int64_t j = 0; j < n; ++j) s[j] += bias[o[j] % g.k];
-            }
-            const V l = loadu<V>(lse + (p * g.h + y) * g.wq + xb);
-            for (int64_t j = 0; j < n; ++j) {
-              s[j] = vexp(s[j] - l);  // exp(S - lse): e / sum(e m)
-              pw[j] = maskh == nullptr ? s[j] : s[j] * maskh[o[j]];
-            }
-            if (gp != nullptr) {
-              window_dots(gp + qoff, vp + koff, g.plane, g.dv, off.data(), o.data(), n, nullptr, g.d, dp.data());
-            } else {
-              std::fill(dp.begin(), dp.begin() + n, V{});
-            }
-            if (gw != nullptr) {
-              const T* gwrow = gw + (p * g.kk * g.h + y) * g.wq + xb;
-              for (int64_t j = 0; j < n; ++j) dp[j] += loadu<V>(gwrow + o[j] * g.h * g.wq);
-            }
-            V dsum = V{};
-            for (int64_t j = 0; j < n; ++j) dsum += pw[j] * dp[j];
-            T* pcol = pplane.data() + qoff;
-            T* dscol = dsplane.data() + qoff;
-            for (int64_t oo = 0; oo < g.kk; ++oo) {
-              storeu(pcol + oo * g.plane, V{});
-              storeu(dscol + oo * g.plane, V{});
-            }
-            for (int64_t j = 0; j < n; ++j) {
-              const V centred = dp[j] - dsum;
-              if (need_mask) dm[o[j]] += s[j] * centred;
-              dp[j] = pw[j] * centred;  // dS
-              storeu(pcol + o[j] * g.plane, pw[j]);
-              storeu(dscol + o[j] * g.plane, dp[j]);
-            }
-            if (out.dq != nullptr) {
-              weighted(dp.data(), kp + koff, g.plane, g.d, off.data(), o.data(), n, relh, g.d,
-                       out.dq + (p * g.d * g.h + y) * g.w + xb, g.h * g.w, valid);
-            }
-          }
-        }
-        // (2) key blocks: gather from the queries whose window holds the key
-        if (out.dk != nullptr || out.dv != nullptr) {
-          for (int64_t yk = 0; yk < g.h; ++yk) {
-            // query row y = yk + r - dy must lie in the image
-            const int64_t dy0 = std::max<int64_t>(0, yk + g.r - g.h + 1), dy1 = std::min<int64_t>(g.k, yk + g.r + 1);
-            int64_t n = 0;
-            for (int64_t dy = dy0; dy < dy1; ++dy) {
-              for (int64_t dx = active.lo[head * g.k + dy]; dx < active.hi[head * g.k + dy]; ++dx) {
-                off2[n] = (yk + 2 * g.r - dy) * g.wk + 2 * g.r - dx;  // the query's padded position, less xb
-                o2[n] = (dy * g.k + dx) * g.plane;
-                ++n;
-              }
-            }
-            for (int64_t xi = 0; xi < nkb; ++xi) {
-              const int64_t xb = xi * LANES, valid = std::min<int64_t>(LANES, g.w - xb);
-              if (out.dk != nullptr) gather(dsplane.data() + xb, qp + xb, g.plane, g.d, off2.data(), o2.data(), n,
-                                            out.dk + (p * g.d * g.h + yk) * g.w + xb, g.h * g.w, valid);
-              if (out.dv != nullptr) gather(pplane.data() + xb, gp + xb, g.plane, g.dv, off2.data(), o2.data(), n,
-                                            out.dv + (p * g.dv * g.h + yk) * g.w + xb, g.h * g.w, valid);
-            }
-          }
-        }
-        if (out.drel != nullptr) offset_channel_sums(g, dsplane.data(), qp, out.drel + p * g.kk * g.d);
-        if (out.dmask != nullptr) {
-          for (int64_t oo = 0; oo < g.kk; ++oo) out.dmask[p * g.kk + oo] = need_mask ? hsum(dm[oo]) : T(0);
+  // Thread-local scratch. P and dS of the last 2r + 1 query rows, a ring of (kk, wk) rows each (query x at
+  // column x + r, zero in the r columns either side): the key rows of the gather pass read nothing older.
+  // Accumulators of d rel (kk x d vectors) and d mask (kk vectors) of the current plane.
+  struct Scratch {
+    int64_t slots, slot_size;
+    std::vector<T> pring, dsring;
+    std::vector<V> s, pw, dp, bias, dm, drel;
+    Window win;
+    std::vector<int64_t> soff, woff;
+    std::vector<T> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs
+    const T *qp, *kp, *vp, *gp;
+    Scratch(const Geo& g, bool has_gout)
+        : slots(2 * g.r + 1), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
+          dsring(slots * slot_size, T(0)), s(2 * g.kk), pw(2 * g.kk), dp(2 * g.kk), bias(g.k), dm(g.kk),
+          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(g.d * g.plane), kbuf(g.d * g.plane),
+          vbuf(g.dv * g.plane), gbuf(has_gout ? g.dv * g.plane : 0), qp(qbuf.data()), kp(kbuf.data()),
+          vp(vbuf.data()), gp(has_gout ? gbuf.data() : nullptr) {}
+  };
+
+  // d rel[o][c] += sum over the XB blocks of dS_o * q_c, N channels at a time
+  template <int N, int XB>
+  static inline void drel_group(const Window& win, const V* ds, int64_t kk, const T* q, int64_t plane, V* acc,
+                                int64_t d) {
+    V qv[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) qv[x][c] = loadu<V>(q + c * plane + x * L);
+    for (int64_t j = 0; j < win.n; ++j) {
+      V* a = acc + win.o[j] * d;
+      V sum[N];
+      for (int c = 0; c < N; ++c) sum[c] = a[c];
+      for (int x = 0; x < XB; ++x) {
+        const V dsx = ds[x * kk + j];
+        for (int c = 0; c < N; ++c) sum[c] += dsx * qv[x][c];
+      }
+      for (int c = 0; c < N; ++c) a[c] = sum[c];
+    }
+  }
+
+  // (1) one or two query blocks of row y: logits again, E = exp(S - max) / sum(e m), P = E m,
+  // dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), d mask += E (dP - sum P dP),
+  // d rel += dS q, dq = sum dS (k + rel); P and dS go to the ring.
+  template <int XB>
+  static void backward_queries(const Geo& g, const Bwd& f, Scratch& sc, bool need_mask, int64_t p, int64_t y,
+                               int64_t xb) {
+    const Window& win = sc.win;
+    const int64_t head = p % g.heads;
+    const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* rel = f.rel == nullptr ? nullptr : f.rel + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
+    const T *qp = sc.qp, *kp = sc.kp;
+    const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
+    V *s = sc.s.data(), *pw = sc.pw.data(), *dp = sc.dp.data();
+    logits<XB>(g, win, qp, kp, relt, y, xb, s, sc.bias.data());
+    if (sc.gp != nullptr) window_dots<XB>(win, sc.gp + qoff, sc.vp + koff, g.plane, g.dv, nullptr, g.kk, dp);
+    T* pslot = sc.pring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
+    T* dsslot = sc.dsring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
+    int64_t valid[XB];
+    for (int x = 0; x < XB; ++x) {
+      valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+      V *sx = s + x * g.kk, *px = pw + x * g.kk, *dpx = dp + x * g.kk;
+      const T* st = f.stats + (p * g.h + y) * g.wq + xb + x * L;
+      const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.wq);
+      for (int64_t j = 0; j < win.n; ++j) {
+        sx[j] = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
+        px[j] = maskh == nullptr ? sx[j] : sx[j] * maskh[win.o[j]];
+      }
+      if (sc.gp == nullptr) {
+        for (int64_t j = 0; j < win.n; ++j) dpx[j] = V{};
+      }
+      if (f.gw != nullptr) {
+        const T* gwrow = f.gw + (p * g.kk * g.h + y) * g.wq + xb + x * L;
+        for (int64_t j = 0; j < win.n; ++j) dpx[j] += loadu<V>(gwrow + win.o[j] * g.h * g.wq);
+      }
+      V dsum = V{};
+      for (int64_t j = 0; j < win.n; ++j) dsum += px[j] * dpx[j];
+      T* pcol = pslot + x * L;
+      T* dscol = dsslot + x * L;
+      if (win.n < g.kk) {
+        for (int64_t o = 0; o < g.kk; ++o) {
+          storeu(pcol + o * g.wk, V{});
+          storeu(dscol + o * g.wk, V{});
         }
       }
-    });
-  }
-
-  // dst[c] = sum_j w[wo[j] + off[j]] * x[c][off[j]] for channels c, N at a time (w: offset planes, x: channel
-  // planes, both of `stride` elements per plane, pointers already at the block's column).
-  template <int N>
-  static inline void gather_group(const T* w, const T* x, int64_t stride, const int64_t* off, const int64_t* wo,
-                                  int64_t n, T* dst, int64_t dst_stride, int64_t valid) {
-    V acc[N];
-    for (int c = 0; c < N; ++c) acc[c] = V{};
-    for (int64_t j = 0; j < n; ++j) {
-      const V wj = loadu<V>(w + wo[j] + off[j]);
-      const T* xj = x + off[j];
-      for (int c = 0; c < N; ++c) acc[c] += wj * loadu<V>(xj + c * stride);
+      for (int64_t j = 0; j < win.n; ++j) {
+        const V centred = dpx[j] - dsum;
+        if (need_mask) sc.dm[win.o[j]] += sx[j] * centred;
+        dpx[j] = px[j] * centred;  // dS
+        storeu(pcol + win.o[j] * g.wk, px[j]);
+        storeu(dscol + win.o[j] * g.wk, dpx[j]);
+      }
     }
-    for (int c = 0; c < N; ++c) store_n(dst + c * dst_stride, acc[c], valid);
+    if (f.drel != nullptr) {
+      for (int64_t c = 0; c < g.d; c += 4) {
+        const T* qc = qp + qoff + c * g.plane;
+        V* acc = sc.drel.data() + c;
+        switch (std::min<int64_t>(4, g.d - c)) {
+          case 1: drel_group<1, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+          case 2: drel_group<2, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+          case 3: drel_group<3, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+          default: drel_group<4, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+        }
+      }
+    }
+    if (f.dq != nullptr) {
+      weighted<XB>(win, dp, kp + koff, g.plane, g.d, rel, g.d, g.kk, f.dq + (p * g.d * g.h + y) * g.w + xb,
+                   g.h * g.w, valid);
+    }
   }
 
-  static void gather(const T* w, const T* x, int64_t stride, int64_t channels, const int64_t* off, const int64_t* wo,
-                     int64_t n, T* dst, int64_t dst_stride, int64_t valid) {
-    for (int64_t c = 0; c < channels; c += GROUP) {
-      const T* xc = x + c * stride;
-      T* dc = dst + c * dst_stride;
-      switch (std::min<int64_t>(GROUP, channels - c)) {
-#define NA_CASE(N)                                                        \
-  case N:                                                                 \
-    gather_group<N>(w, xc, stride, off, wo, n, dc, dst_stride, valid);    \
+  // dst[c][x] = sum_j w[woff_j + x] * src[c][soff_j + x] for N channels: the gradient of one or two key
+  // blocks gathered from the queries that see them (w: the P or dS ring, src: grad_out or q planes)
+  template <int N, int XB>
+  static inline void gather_group(const T* w, const T* src, int64_t plane, const int64_t* woff,
+                                  const int64_t* soff, int64_t n, T* dst, int64_t dst_plane, const int64_t* valid) {
+    V acc[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) acc[x][c] = V{};
+    for (int64_t j = 0; j < n; ++j) {
+      V wj[XB];
+      for (int x = 0; x < XB; ++x) wj[x] = loadu<V>(w + woff[j] + x * L);
+      const T* sj = src + soff[j];
+      for (int c = 0; c < N; ++c)
+        for (int x = 0; x < XB; ++x) acc[x][c] += wj[x] * loadu<V>(sj + c * plane + x * L);
+    }
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) store_n(dst + c * dst_plane + x * L, acc[x][c], valid[x]);
+  }
+
+  template <int XB>
+  static void gather(const T* w, const T* src, int64_t plane, int64_t channels, const int64_t* woff,
+                     const int64_t* soff, int64_t n, T* dst, int64_t dst_plane, const int64_t* valid) {
+    for (int64_t c = 0; c < channels; c += CGROUP) {
+      const T* sc = src + c * plane;
+      T* dc = dst + c * dst_plane;
+      switch (std::min<int64_t>(CGROUP, channels - c)) {
+#define NA_CASE(N)                                                              \
+  case N:                                                                       \
+    gather_group<N, XB>(w, sc, plane, woff, soff, n, dc, dst_plane, valid);     \
     break;
         NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
@@ -493,35 +662,79 @@ struct Kernel {
     }
   }
 
-  // out[o][c] = sum over the plane's query positions of ds[o][pos] * q[c][pos] (4 offsets x 4 channels of
-  // accumulators at a time; the last group repeats an index instead of branching, and stores only once).
-  static void offset_channel_sums(const Geo& g, const T* ds, const T* q, T* out) {
-    for (int64_t o0 = 0; o0 < g.kk; o0 += 4) {
-      for (int64_t c0 = 0; c0 < g.d; c0 += 4) {
-        int64_t oi[4], ci[4];
-        for (int i = 0; i < 4; ++i) {
-          oi[i] = std::min<int64_t>(o0 + i, g.kk - 1);
-          ci[i] = std::min<int64_t>(c0 + i, g.d - 1);
-        }
-        V acc[4][4];
-        for (int a = 0; a < 4; ++a)
-          for (int b = 0; b < 4; ++b) acc[a][b] = V{};
-        for (int64_t y = 0; y < g.h; ++y) {
-          const int64_t row = (y + g.r) * g.wk + g.r;
-          for (int64_t xb = 0; xb < g.wq; xb += LANES) {
-            V dv[4], qv[4];
-            for (int i = 0; i < 4; ++i) {
-              dv[i] = loadu<V>(ds + oi[i] * g.plane + row + xb);
-              qv[i] = loadu<V>(q + ci[i] * g.plane + row + xb);
-            }
-            for (int a = 0; a < 4; ++a)
-              for (int b = 0; b < 4; ++b) acc[a][b] += dv[a] * qv[b];
-          }
-        }
-        for (int a = 0; a < 4 && o0 + a < g.kk; ++a)
-          for (int b = 0; b < 4 && c0 + b < g.d; ++b) out[(o0 + a) * g.d + c0 + b] = hsum(acc[a][b]);
+  // (2) key row yk (its queries' rows are all in the ring): dk = sum_o dS_o q and dv = sum_o P_o grad_out
+  static void backward_keys(const Geo& g, const Bwd& f, Scratch& sc, const Ranges& active, int64_t p, int64_t yk) {
+    const int64_t head = p % g.heads;
+    // the queries (yk + r - dy, x + r - dx) that see key (yk, x); only those in the image have dS, P != 0
+    const int64_t dy0 = std::max<int64_t>(0, yk + g.r - g.h + 1), dy1 = std::min<int64_t>(g.k, yk + g.r + 1);
+    int64_t n = 0;
+    for (int64_t dy = dy0; dy < dy1; ++dy) {
+      const int64_t yq = yk + g.r - dy;
+      for (int64_t dx = active.lo[head * g.k + dy]; dx < active.hi[head * g.k + dy]; ++dx) {
+        sc.woff[n] = (yq % sc.slots) * sc.slot_size + (dy * g.k + dx) * g.wk + 2 * g.r - dx;
+        sc.soff[n] = (yq + g.r) * g.wk + 2 * g.r - dx;
+        ++n;
       }
     }
+    const int64_t nkb = (g.w + L - 1) / L;
+    for (int64_t xi = 0; xi < nkb;) {
+      const int64_t xb = xi * L;
+      const bool two = xi + 2 <= nkb;
+      int64_t valid[2];
+      for (int x = 0; x < 2; ++x) valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+      if (f.dk != nullptr) {
+        const T *w = sc.dsring.data() + xb, *src = sc.qp + xb;
+        T* dst = f.dk + (p * g.d * g.h + yk) * g.w + xb;
+        if (two) gather<2>(w, src, g.plane, g.d, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+        else gather<1>(w, src, g.plane, g.d, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+      }
+      if (f.dv != nullptr) {
+        const T *w = sc.pring.data() + xb, *src = sc.gp + xb;
+        T* dst = f.dv + (p * g.dv * g.h + yk) * g.w + xb;
+        if (two) gather<2>(w, src, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+        else gather<1>(w, src, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+      }
+      xi += two ? 2 : 1;
+    }
+  }
+
+  // Per plane, rows in order: the query pass of row y, then the key pass of row y - r, whose queries are then
+  // all done; the last r key rows after the last query row.
+  static void backward(const Geo& g, const Bwd& f) {
+    const bool need_mask = f.dmask != nullptr && f.mask != nullptr;
+    const bool keys = f.dk != nullptr || f.dv != nullptr;
+    const Ranges live(g, f.mask, need_mask), active(g, f.mask, false);
+    const int64_t nxb = g.wq / L;
+    at::parallel_for(0, g.bh, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(g, f.gout.defined());
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t head = p % g.heads;
+        pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.data());
+        pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.data());
+        pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.data());
+        if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.data());
+        std::fill(sc.dm.begin(), sc.dm.end(), V{});
+        std::fill(sc.drel.begin(), sc.drel.end(), V{});
+        for (int64_t y = 0; y < g.h; ++y) {
+          int64_t dy0, dy1;
+          window_rows(g, y, dy0, dy1);
+          sc.win.build(g, live, head, dy0, dy1);
+          int64_t xi = 0;
+          for (; xi + 2 <= nxb; xi += 2) backward_queries<2>(g, f, sc, need_mask, p, y, xi * L);
+          if (xi < nxb) backward_queries<1>(g, f, sc, need_mask, p, y, xi * L);
+          if (keys && y >= g.r) backward_keys(g, f, sc, active, p, y - g.r);
+        }
+        if (keys) {
+          for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, sc, active, p, yk);
+        }
+        if (f.drel != nullptr) {
+          for (int64_t i = 0; i < g.kk * g.d; ++i) f.drel[p * g.kk * g.d + i] = hsum(sc.drel[i]);
+        }
+        if (f.dmask != nullptr) {
+          for (int64_t o = 0; o < g.kk; ++o) f.dmask[p * g.kk + o] = need_mask ? hsum(sc.dm[o]) : T(0);
+        }
+      }
+    });
   }
 };
 
@@ -536,11 +749,13 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// (B, heads, H, W, C) any strides and dtype -> (B, heads, C, hk, wk) in the compute dtype, zero-padded
-at::Tensor padded_planes(const at::Tensor& x, const Geo& g, at::ScalarType ct) {
-  auto out = at::zeros({g.batch, g.heads, x.size(4), g.hk, g.wk}, x.options().dtype(ct));
-  out.narrow(3, g.r, g.h).narrow(4, g.r, g.w).copy_(x.permute({0, 1, 4, 2, 3}));
-  return out;
+void read_options(const c10::optional<at::Tensor>& rel_pos, const c10::optional<at::Tensor>& window_mask,
+                  const Geo& g, at::ScalarType ct, at::Tensor& rel, at::Tensor& relt, at::Tensor& mask) {
+  if (rel_pos.has_value() && rel_pos->defined()) {
+    rel = rel_pos->to(ct).reshape({-1, g.kk, g.d}).contiguous();  // (1 or heads, kk, d)
+    relt = rel.transpose(1, 2).contiguous();                       // (1 or heads, d, kk)
+  }
+  if (window_mask.has_value() && window_mask->defined()) mask = window_mask->to(ct).contiguous();
 }
 
 std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -548,74 +763,66 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
                                    const c10::optional<at::Tensor>& window_mask, int64_t kernel_size,
                                    bool border_mask, bool return_weights) {
   TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.dim() == 5, "q, k, v must be (B, heads, H, W, d)");
-  TORCH_CHECK(q.device().is_cpu(), "the fused CPU kernel takes CPU tensors");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "the fused CPU kernel takes CPU tensors");
   const auto ct = compute_type(q.scalar_type());
   const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size, lanes_for(ct),
               border_mask);
-  auto qb = padded_planes(q, g, ct), kb = padded_planes(k, g, ct), vb = padded_planes(v, g, ct);
-  at::Tensor rel, mask;
-  if (rel_pos.has_value() && rel_pos->defined()) rel = rel_pos->to(ct).contiguous();
-  if (window_mask.has_value() && window_mask->defined()) mask = window_mask->to(ct).contiguous();
+  at::Tensor rel, relt, mask;
+  read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
   auto opts = q.options().dtype(ct);
   auto out = at::empty({g.batch, g.heads, g.dv, g.h, g.w}, opts);
-  auto lse = at::empty({g.batch, g.heads, g.h, g.wq}, opts);
+  auto stats = at::empty({2, g.batch, g.heads, g.h, g.wq}, opts);
   auto weights = return_weights ? at::empty({g.batch, g.heads, g.kk, g.h, g.w}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_forward", [&] {
-    Kernel<scalar_t>::forward(g, qb.data_ptr<scalar_t>(), kb.data_ptr<scalar_t>(), vb.data_ptr<scalar_t>(),
-                              rel.defined() ? rel.data_ptr<scalar_t>() : nullptr, rel.defined() && rel.dim() == 4,
-                              mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-                              return_weights ? weights.data_ptr<scalar_t>() : nullptr, lse.data_ptr<scalar_t>());
+    auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    typename Kernel<scalar_t>::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
+                                     rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
+    Kernel<scalar_t>::forward(g, f);
   });
-  return {out, weights, lse, qb, kb, vb};
+  return {out, weights, stats};
 }
 
 std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
-                                    const c10::optional<at::Tensor>& grad_weights, const at::Tensor& qb,
-                                    const at::Tensor& kb, const at::Tensor& vb, const at::Tensor& lse,
+                                    const c10::optional<at::Tensor>& grad_weights, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& stats,
                                     const c10::optional<at::Tensor>& rel_pos,
                                     const c10::optional<at::Tensor>& window_mask, int64_t kernel_size,
-                                    bool border_mask, int64_t height, int64_t width, int64_t need_bits) {
+                                    bool border_mask, int64_t need_bits) {
   // which gradients are wanted, one bit each: q, k, v, rel_pos, window_mask
   const bool needs[5] = {bool(need_bits & 1), bool(need_bits & 2), bool(need_bits & 4), bool(need_bits & 8),
                          bool(need_bits & 16)};
-  const auto ct = qb.scalar_type();
-  const Geo g(qb.size(0), qb.size(1), qb.size(2), vb.size(2), height, width, kernel_size, lanes_for(ct),
+  const auto ct = stats.scalar_type();
+  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size, lanes_for(ct),
               border_mask);
-  TORCH_CHECK(qb.size(3) == g.hk && qb.size(4) == g.wk && lse.size(3) == g.wq, "inconsistent saved geometry");
+  TORCH_CHECK(stats.size(4) == g.wq, "inconsistent saved statistics");
   const bool has_out = grad_out.has_value() && grad_out->defined();
   const bool has_w = grad_weights.has_value() && grad_weights->defined();
-  at::Tensor gb, gw, rel, mask;
-  if (has_out) gb = padded_planes(*grad_out, g, ct);
-  if (has_w) {  // (B, heads, H, W, kk) -> (B, heads, kk, H, wq), zero in the padding lanes
-    gw = at::zeros({g.batch, g.heads, g.kk, g.h, g.wq}, qb.options());
+  at::Tensor gw, rel, relt, mask;
+  if (has_w) {  // (B, heads, H, W, kk) -> (B*heads, kk, H, wq), zero in the padding lanes
+    gw = at::zeros({g.batch, g.heads, g.kk, g.h, g.wq}, stats.options());
     gw.narrow(4, 0, g.w).copy_(grad_weights->permute({0, 1, 4, 2, 3}));
   }
-  if (rel_pos.has_value() && rel_pos->defined()) rel = rel_pos->to(ct).contiguous();
-  if (window_mask.has_value() && window_mask->defined()) mask = window_mask->to(ct).contiguous();
-  auto opts = qb.options();
+  read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
+  auto opts = stats.options();
   auto none = at::empty({0}, opts);
   auto dq = needs[0] ? at::empty({g.batch, g.heads, g.d, g.h, g.w}, opts) : none;
   auto dk = needs[1] ? at::empty({g.batch, g.heads, g.d, g.h, g.w}, opts) : none;
   auto dv = needs[2] && has_out ? at::empty({g.batch, g.heads, g.dv, g.h, g.w}, opts) : none;
   const bool need_rel = rel.defined() && needs[3], need_mask = mask.defined() && needs[4];
-  auto drel_part = need_rel ? at::empty({g.batch, g.heads, g.kk, g.d}, opts) : none;
-  auto dmask_part = need_mask ? at::empty({g.batch, g.heads, g.kk}, opts) : none;
+  auto drel_part = need_rel ? at::empty({g.bh, g.kk, g.d}, opts) : none;
+  auto dmask_part = need_mask ? at::empty({g.bh, g.kk}, opts) : none;
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_backward", [&] {
-    using K = Kernel<scalar_t>;
-    typename K::Grads grads{needs[0] ? dq.data_ptr<scalar_t>() : nullptr,
-                            needs[1] ? dk.data_ptr<scalar_t>() : nullptr,
-                            dv.numel() ? dv.data_ptr<scalar_t>() : nullptr,
-                            need_rel ? drel_part.data_ptr<scalar_t>() : nullptr,
-                            need_mask ? dmask_part.data_ptr<scalar_t>() : nullptr};
-    K::backward(g, has_out ? gb.data_ptr<scalar_t>() : nullptr, has_w ? gw.data_ptr<scalar_t>() : nullptr,
-                qb.data_ptr<scalar_t>(), kb.data_ptr<scalar_t>(), vb.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                rel.defined() ? rel.data_ptr<scalar_t>() : nullptr, rel.defined() && rel.dim() == 4,
-                mask.defined() ? mask.data_ptr<scalar_t>() : nullptr, grads);
+    auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    typename Kernel<scalar_t>::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(),
+                                     ptr(gw), ptr(stats), ptr(rel), ptr(relt), ptr(mask),
+                                     rel.defined() && rel.size(0) > 1, ptr(dq), ptr(dk), ptr(dv), ptr(drel_part),
+                                     ptr(dmask_part)};
+    Kernel<scalar_t>::backward(g, f);
   });
-  // per-plane partial sums -> per head (or shared), summed in plane order: deterministic
-  at::Tensor drel, dmask;
+  // per-plane partial sums -> per head (or shared), added in plane order: deterministic
+  at::Tensor drel = none, dmask = none;
   if (need_rel) {
-    const int64_t groups = rel.dim() == 4 ? g.heads : 1;
+    const int64_t groups = rel.size(0);
     drel = at::zeros({groups, g.kk, g.d}, opts);
     AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_drel", [&] {
       const scalar_t* src = drel_part.data_ptr<scalar_t>();
@@ -625,27 +832,19 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
         for (int64_t i = 0; i < g.kk * g.d; ++i) to[i] += src[p * g.kk * g.d + i];
       }
     });
-  } else {
-    drel = none;
   }
-  if (need_mask && g.kk == 1) {  // one offset: its renormalised weight is 1 whatever the mask
+  if (need_mask) {
     dmask = at::zeros({g.heads, g.kk}, opts);
-  } else if (need_mask) {
-    dmask = at::zeros({g.heads, g.kk}, opts);
-    AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_dmask", [&] {
-      const scalar_t* src = dmask_part.data_ptr<scalar_t>();
-      scalar_t* dst = dmask.data_ptr<scalar_t>();
-      for (int64_t p = 0; p < g.bh; ++p)
-        for (int64_t i = 0; i < g.kk; ++i) dst[(p % g.heads) * g.kk + i] += src[p * g.kk + i];
-    });
-  } else {
-    dmask = none;
+    if (g.kk > 1) {  // with one offset the renormalised weight is 1 whatever the mask: the gradient is 0
+      AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_dmask", [&] {
+        const scalar_t* src = dmask_part.data_ptr<scalar_t>();
+        scalar_t* dst = dmask.data_ptr<scalar_t>();
+        for (int64_t p = 0; p < g.bh; ++p)
+          for (int64_t i = 0; i < g.kk; ++i) dst[(p % g.heads) * g.kk + i] += src[p * g.kk + i];
+      });
+    }
   }
   return {dq, dk, dv, drel, dmask};
-}
-
-int64_t na_lanes(int64_t double_precision) {
-  return lanes_for(double_precision ? at::kDouble : at::kFloat);
 }
 
 }  // namespace
@@ -653,10 +852,8 @@ int64_t na_lanes(int64_t double_precision) {
 TORCH_LIBRARY(neighborhood_cpu, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? rel_pos, Tensor? window_mask, int kernel_size, "
         "bool border_mask, bool return_weights) -> Tensor[]");
-  m.def("backward(Tensor? grad_out, Tensor? grad_weights, Tensor qb, Tensor kb, Tensor vb, Tensor lse, "
-        "Tensor? rel_pos, Tensor? window_mask, int kernel_size, bool border_mask, int height, int width, "
-        "int need_bits) -> Tensor[]");
-  m.def("lanes(int double_precision) -> int", &na_lanes);
+  m.def("backward(Tensor? grad_out, Tensor? grad_weights, Tensor q, Tensor k, Tensor v, Tensor stats, "
+        "Tensor? rel_pos, Tensor? window_mask, int kernel_size, bool border_mask, int need_bits) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(neighborhood_cpu, CPU, m) {
