@@ -22,10 +22,19 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <thread>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -228,6 +237,98 @@ inline void window_rows(const Geo& g, int64_t y, int64_t& dy0, int64_t& dy1) {
   } else {
     dy0 = 0;
     dy1 = g.k;
+  }
+}
+
+// Worker threads of our own, which wait on a condition variable between tasks (never spin): with OpenMP's
+// default wait policy, on a machine whose cores are busy with other processes, threads that spin at barriers
+// and after every region make an op slower by a factor (the tiled backend, all ATen ops, about 4x), which
+// this kernel must not be. The thread count is torch's (at::get_num_threads(), read at every call).
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = [] {
+      auto* p = new Pool();  // never destroyed: detached workers may outlive static destructors
+      pthread_atfork(nullptr, nullptr, [] { new (&Pool::get()) Pool(); });  // the child has no workers
+      return p;
+    }();
+    return *pool;
+  }
+
+  // task(t) for t in [0, threads), t = 0 on the calling thread; returns when all are done
+  void run(int64_t threads, const std::function<void(int64_t)>& task) {
+    std::lock_guard<std::mutex> one_at_a_time(run_mu_);
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int64_t>(started_) < threads - 1) {
+        std::thread([this, index = started_ + 1, seen = generation_] { work(index, seen); }).detach();
+        ++started_;
+      }
+      task_ = &task;
+      wanted_ = threads;
+      pending_ = threads - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    try {
+      task(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    task_ = nullptr;
+    if (!error) error = error_;
+    lock.unlock();
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  void work(int64_t index, int64_t seen) {  // seen: the last generation before this worker existed
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= wanted_) continue;
+      const auto* task = task_;
+      lock.unlock();
+      std::exception_ptr error;
+      try {
+        (*task)(index);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      if (error && !error_) error_ = error;
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  std::exception_ptr error_;
+  int64_t started_ = 0, wanted_ = 0, pending_ = 0, generation_ = 0;
+};
+
+// Runs item(state, i) for every i in [0, n) on torch's number of threads, each thread taking the next item
+// from a shared counter when it is free and keeping one `State` for all its items, so a thread that the OS
+// deschedules under load holds up only the item it is on. Which thread computes an item never changes the
+// item's result. Inside an (OpenMP) parallel region, or with one thread, it runs on the calling thread.
+template <typename State, typename Item>
+void parallel_items(int64_t n, const std::function<State()>& make_state, const Item& item) {
+  std::atomic<int64_t> next{0};
+  auto task = [&](int64_t) {
+    State state = make_state();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) item(state, i);
+  };
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) {
+    task(0);
+  } else {
+    Pool::get().run(threads, task);
   }
 }
 
@@ -472,33 +573,41 @@ struct Kernel {
 
   // Work items are bands of rows of one plane (whole planes when there are enough of them for the threads);
   // each copies the rows it reads into thread-local padded planes, which stay in cache while it computes.
+  struct FwdScratch {
+    Window win;
+    std::vector<V> s, bias;
+    std::vector<T> qbuf, kbuf, vbuf;  // the item's padded input rows
+    explicit FwdScratch(const Geo& g)
+        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(g.d * g.plane), kbuf(g.d * g.plane), vbuf(g.dv * g.plane) {}
+  };
+
+  // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
+  // busy to the end; each copies the rows it reads into its thread's padded planes, which stay in cache while
+  // it computes.
   static void forward(const Geo& g, const Fwd& f) {
     const Ranges ranges(g, f.mask, false);
     const int64_t nxb = g.wq / L;
-    const int64_t want = 4 * at::get_num_threads();
+    const int64_t want = 8 * at::get_num_threads();
     const int64_t bands = std::min<int64_t>(g.h, std::max<int64_t>(1, (want + g.bh - 1) / g.bh));
     const int64_t band = (g.h + bands - 1) / bands;
-    at::parallel_for(0, g.bh * bands, 1, [&](int64_t begin, int64_t end) {
-      Window win(g.kk);
-      std::vector<V> s(2 * g.kk), bias(g.k);
-      std::vector<T> qbuf(g.d * g.plane), kbuf(g.d * g.plane), vbuf(g.dv * g.plane);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
-        if (y0 >= y1) continue;
-        pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, qbuf.data());
-        pack_rows(f.k, g, p, y0, y1 + 2 * g.r, kbuf.data());
-        pack_rows(f.v, g, p, y0, y1 + 2 * g.r, vbuf.data());
-        for (int64_t y = y0; y < y1; ++y) {
-          int64_t dy0, dy1;
-          window_rows(g, y, dy0, dy1);
-          win.build(g, ranges, p % g.heads, dy0, dy1);
-          int64_t xi = 0;
-          for (; xi + 2 <= nxb; xi += 2) {
-            forward_blocks<2>(g, f, win, qbuf.data(), kbuf.data(), vbuf.data(), p, y, xi * L, s.data(), bias.data());
-          }
-          if (xi < nxb) {
-            forward_blocks<1>(g, f, win, qbuf.data(), kbuf.data(), vbuf.data(), p, y, xi * L, s.data(), bias.data());
-          }
+    parallel_items<FwdScratch>(g.bh * bands, [&] { return FwdScratch(g); }, [&](FwdScratch& sc, int64_t item) {
+      const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
+      if (y0 >= y1) return;
+      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, sc.qbuf.data());
+      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, sc.kbuf.data());
+      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, sc.vbuf.data());
+      for (int64_t y = y0; y < y1; ++y) {
+        int64_t dy0, dy1;
+        window_rows(g, y, dy0, dy1);
+        sc.win.build(g, ranges, p % g.heads, dy0, dy1);
+        int64_t xi = 0;
+        for (; xi + 2 <= nxb; xi += 2) {
+          forward_blocks<2>(g, f, sc.win, sc.qbuf.data(), sc.kbuf.data(), sc.vbuf.data(), p, y, xi * L,
+                            sc.s.data(), sc.bias.data());
+        }
+        if (xi < nxb) {
+          forward_blocks<1>(g, f, sc.win, sc.qbuf.data(), sc.kbuf.data(), sc.vbuf.data(), p, y, xi * L,
+                            sc.s.data(), sc.bias.data());
         }
       }
     });
@@ -705,34 +814,31 @@ struct Kernel {
     const bool keys = f.dk != nullptr || f.dv != nullptr;
     const Ranges live(g, f.mask, need_mask), active(g, f.mask, false);
     const int64_t nxb = g.wq / L;
-    at::parallel_for(0, g.bh, 1, [&](int64_t begin, int64_t end) {
-      Scratch sc(g, f.gout.defined());
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t head = p % g.heads;
-        pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.data());
-        pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.data());
-        pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.data());
-        if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.data());
-        std::fill(sc.dm.begin(), sc.dm.end(), V{});
-        std::fill(sc.drel.begin(), sc.drel.end(), V{});
-        for (int64_t y = 0; y < g.h; ++y) {
-          int64_t dy0, dy1;
-          window_rows(g, y, dy0, dy1);
-          sc.win.build(g, live, head, dy0, dy1);
-          int64_t xi = 0;
-          for (; xi + 2 <= nxb; xi += 2) backward_queries<2>(g, f, sc, need_mask, p, y, xi * L);
-          if (xi < nxb) backward_queries<1>(g, f, sc, need_mask, p, y, xi * L);
-          if (keys && y >= g.r) backward_keys(g, f, sc, active, p, y - g.r);
-        }
-        if (keys) {
-          for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, sc, active, p, yk);
-        }
-        if (f.drel != nullptr) {
-          for (int64_t i = 0; i < g.kk * g.d; ++i) f.drel[p * g.kk * g.d + i] = hsum(sc.drel[i]);
-        }
-        if (f.dmask != nullptr) {
-          for (int64_t o = 0; o < g.kk; ++o) f.dmask[p * g.kk + o] = need_mask ? hsum(sc.dm[o]) : T(0);
-        }
+    parallel_items<Scratch>(g.bh, [&] { return Scratch(g, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
+      const int64_t head = p % g.heads;
+      pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.data());
+      pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.data());
+      pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.data());
+      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.data());
+      std::fill(sc.dm.begin(), sc.dm.end(), V{});
+      std::fill(sc.drel.begin(), sc.drel.end(), V{});
+      for (int64_t y = 0; y < g.h; ++y) {
+        int64_t dy0, dy1;
+        window_rows(g, y, dy0, dy1);
+        sc.win.build(g, live, head, dy0, dy1);
+        int64_t xi = 0;
+        for (; xi + 2 <= nxb; xi += 2) backward_queries<2>(g, f, sc, need_mask, p, y, xi * L);
+        if (xi < nxb) backward_queries<1>(g, f, sc, need_mask, p, y, xi * L);
+        if (keys && y >= g.r) backward_keys(g, f, sc, active, p, y - g.r);
+      }
+      if (keys) {
+        for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, sc, active, p, yk);
+      }
+      if (f.drel != nullptr) {
+        for (int64_t i = 0; i < g.kk * g.d; ++i) f.drel[p * g.kk * g.d + i] = hsum(sc.drel[i]);
+      }
+      if (f.dmask != nullptr) {
+        for (int64_t o = 0; o < g.kk; ++o) f.dmask[p * g.kk + o] = need_mask ? hsum(sc.dm[o]) : T(0);
       }
     });
   }
