@@ -21,7 +21,8 @@ reference and at most 1/4 of its saved bytes; and the OpenMP wait-policy ratio a
 OpenMP wait policy: this process runs under OMP_WAIT_POLICY=PASSIVE unless the environment or
 --omp-wait-policy says otherwise ("default" = unset), as main.py does. The policy is read once, when torch's
 OpenMP runtime loads, so the ratio "default policy / PASSIVE" of the `auto` headline step (and of `tiled`, for
-comparison) is measured in child processes that alternate the two policies (3 each); --no-policy-ratio skips it.
+comparison, and of the conv) is measured in child processes, each running one step alone, that alternate the two
+policies (2 each); --no-policy-ratio skips it.
 On a machine whose cores are busy with other processes, spin-waiting threads tax an op by its number of parallel
 regions rather than by its work, which is what the ratio exposes.
 """
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default=None,
                         help="OMP_WAIT_POLICY for this process (default: the environment's, else passive)")
     parser.add_argument("--no-policy-ratio", action="store_true", help="skip the default-vs-PASSIVE child runs")
-    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # a child of the policy ratio
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # a child of the policy ratio
     return parser.parse_args(argv)
 
 
@@ -57,7 +58,7 @@ if __name__ == "__main__":  # must happen before torch (and its OpenMP runtime) 
         os.environ.pop("OMP_WAIT_POLICY", None)
     elif _ARGS.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = _ARGS.omp_wait_policy.upper()
-    elif not _ARGS.probe:
+    elif _ARGS.probe is None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -116,11 +117,12 @@ def run_shape(shape_name, device, repeats) -> bool:
     backends = backends_for(device, shape_name)
     auto = nb.select_backend(q, True, k, v, kernel, rel_pos=rel)
     a, b = (torch.randn(GEMM_N, GEMM_N, device=device) for _ in range(2))
+    grad = torch.ones_like(q)
 
     def attention_step(name):
         def step():
             out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=name)
-            torch.autograd.grad(out, (q, k, v, rel), torch.ones_like(out))
+            torch.autograd.grad(out, (q, k, v, rel), grad)
         return step
 
     def conv_step():
@@ -171,54 +173,62 @@ def run_shape(shape_name, device, repeats) -> bool:
     return ok
 
 
-def probe(threads: int, repeats: int) -> dict:
-    """One child of the policy ratio: median seconds of the headline step under `auto` and under `tiled`."""
+PROBES = ("auto", "tiled", "conv3x3")
+
+
+def probe(step_name: str, repeats: int) -> dict:
+    """One child of the policy ratio: the median seconds of one headline step, alone in its process (an
+    OpenMP op run before it, with the default policy, would leave threads spinning into it)."""
     q, k, v, rel, conv, image = make_problem(*SHAPES["headline"], torch.device("cpu"))
     kernel = SHAPES["headline"][4]
     auto = nb.select_backend(q, True, k, v, kernel, rel_pos=rel)
+    grad = torch.ones_like(q)
 
-    def step(name):
-        def run():
-            out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=name)
-            torch.autograd.grad(out, (q, k, v, rel), torch.ones_like(out))
-        return run
+    def attention():
+        out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=auto if step_name == "auto" else "tiled")
+        torch.autograd.grad(out, (q, k, v, rel), grad)
 
-    names = {"auto": auto, "tiled": "tiled"}
-    times = timed_rounds({label: step(name) for label, name in names.items()}, repeats, torch.device("cpu"))
-    return {"policy": os.environ.get("OMP_WAIT_POLICY", "default"), "backend": auto, **times}
+    def conv_step():
+        torch.autograd.grad(conv(image).sum(), (image, conv.weight))
+
+    step = conv_step if step_name == "conv3x3" else attention
+    seconds = timed_rounds({step_name: step}, repeats, torch.device("cpu"))[step_name]
+    return {"step": step_name, "backend": auto, "seconds": seconds}
 
 
-def policy_ratio(threads: int, repeats: int, rounds: int = 3) -> bool:
-    """Median step time with OpenMP's default wait policy over that with PASSIVE, from child processes that
-    alternate the two policies."""
-    results = {"default": [], "PASSIVE": []}
+def policy_ratio(threads: int, repeats: int, rounds: int = 2) -> bool:
+    """Median step time with OpenMP's default wait policy over that with PASSIVE, each step alone in child
+    processes that alternate the two policies."""
+    results = {(name, policy): [] for name in PROBES for policy in ("default", "PASSIVE")}
     auto = None
     for _ in range(rounds):
-        for policy in ("default", "PASSIVE"):
-            env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-            if policy == "PASSIVE":
-                env["OMP_WAIT_POLICY"] = "PASSIVE"
-            command = [sys.executable, __file__, "--probe", "--device", "cpu", "--threads", str(threads),
-                       "--repeats", str(repeats)]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            auto = result["backend"]
-            results[policy].append(result)
-    print(f"\nOpenMP wait policy, headline shape, {threads} threads, {rounds} child processes per policy "
-          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        for name in PROBES:
+            for policy in ("default", "PASSIVE"):
+                env = {key: value for key, value in os.environ.items()
+                       if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                if policy == "PASSIVE":
+                    env["OMP_WAIT_POLICY"] = "PASSIVE"
+                command = [sys.executable, __file__, "--probe", name, "--device", "cpu", "--threads", str(threads),
+                           "--repeats", str(repeats)]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                auto = result["backend"]
+                results[(name, policy)].append(result["seconds"])
+    print(f"\nOpenMP wait policy, headline shape, {threads} threads, each step alone in its process, median of "
+          f"{rounds} processes per policy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     ok = True
-    for label in ("auto", "tiled"):
-        default = statistics.median(r[label] for r in results["default"])
-        passive = statistics.median(r[label] for r in results["PASSIVE"])
-        name = f"{label} ({auto})" if label == "auto" else label
-        print(f"{name:<22} default {default * 1e3:8.1f} ms   PASSIVE {passive * 1e3:8.1f} ms   "
+    for name in PROBES:
+        default = statistics.median(results[(name, "default")])
+        passive = statistics.median(results[(name, "PASSIVE")])
+        label = f"auto ({auto})" if name == "auto" else name
+        print(f"{label:<18} default {default * 1e3:8.1f} ms   PASSIVE {passive * 1e3:8.1f} ms   "
               f"ratio {default / passive:.2f}")
-        if label == "auto":
-            good = default / passive <= POLICY_TARGET
-            print(f"{'PASS' if good else 'FAIL'} policy: {auto} default / PASSIVE = {default / passive:.2f} "
-                  f"(target <= {POLICY_TARGET})")
-            ok &= good
-    return ok
+    default = statistics.median(results[("auto", "default")])
+    passive = statistics.median(results[("auto", "PASSIVE")])
+    good = default / passive <= POLICY_TARGET
+    print(f"{'PASS' if good else 'FAIL'} policy: {auto} default / PASSIVE = {default / passive:.2f} "
+          f"(target <= {POLICY_TARGET})")
+    return ok and good
 
 
 def main(args=None) -> int:
@@ -226,8 +236,8 @@ def main(args=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    if args.probe:
-        print(json.dumps(probe(args.threads, args.repeats)))
+    if args.probe is not None:
+        print(json.dumps(probe(args.probe, args.repeats)))
         return 0
     if device.type == "cuda":
         nb._ensure_triton()

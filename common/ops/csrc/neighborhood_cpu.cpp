@@ -36,6 +36,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -83,7 +84,7 @@ inline void storeu(T* p, const V& v) {
 }
 
 template <typename V, typename T>
-inline void store_n(T* p, const V& v, int64_t n) {  // the first n lanes
+inline void store_n(T* p, V v, int64_t n) {  // the first n lanes
   if (n * static_cast<int64_t>(sizeof(T)) >= static_cast<int64_t>(sizeof(V))) {
     storeu(p, v);
   } else if (n > 0) {
@@ -192,14 +193,15 @@ struct Ranges {
   }
 };
 
-// The window entries of one query row: runs of at most MAX_RUN consecutive offsets of one window row (so that
-// a run's keys and embeddings sit at constant distances from one pointer), and the same entries one by one.
-constexpr int MAX_RUN = 8;
+// The window entries of one query row: runs of at most MAX_RUN consecutive offsets of one window row, or of
+// the same short columns of up to 3 consecutive rows (so that a run's keys and embeddings sit at constant
+// distances from one pointer, and a run has enough independent accumulators), and the entries one by one.
+constexpr int MAX_RUN = 8, MAX_RUN_AREA = 9;
 
 struct Window {
   struct Run {
-    int64_t off, o, n;  // first key's position relative to the query block's padded corner; first offset; length
-  };
+    int64_t off, o, n, rows;  // first key's position relative to the block's padded corner; first offset;
+  };                          // columns; rows
   std::vector<Run> runs;
   std::vector<int64_t> off, o, dx;  // per entry
   int64_t n = 0;
@@ -216,7 +218,13 @@ struct Window {
       const int64_t len = hi - lo, pieces = (len + MAX_RUN - 1) / MAX_RUN;
       for (int64_t piece = 0, dx = lo; piece < pieces; ++piece) {
         const int64_t size = (len - (dx - lo) + (pieces - piece) - 1) / (pieces - piece);  // near-equal pieces
-        runs.push_back({dy * g.wk + dx, dy * g.k + dx, size});
+        Run* last = runs.empty() ? nullptr : &runs.back();
+        if (pieces == 1 && last != nullptr && last->n == size && last->o + last->rows * g.k == dy * g.k + dx &&
+            (last->rows + 1) * size <= MAX_RUN_AREA && last->rows < 3) {
+          ++last->rows;  // the same columns one row down: one run of more rows
+        } else {
+          runs.push_back({dy * g.wk + dx, dy * g.k + dx, size, 1});
+        }
         dx += size;
       }
       for (int64_t x = lo; x < hi; ++x) {
@@ -346,27 +354,42 @@ struct Source {
 
 template <typename T, typename S>
 void pack_rows_as(const S* src, const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
+  using V = typename Simd<T>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
   const S* base = src + (p / s.heads) * s.sb + (p % s.heads) * s.sh;
+  const int64_t y0 = std::max<int64_t>(row0 - g.r, 0), y1 = std::min<int64_t>(row1 - g.r, g.h);
+  const auto prefetch = [&](int64_t c) {  // the channel's source rows: copying is bound by memory latency
+    if (c >= s.c) return;
+    const char* sp = reinterpret_cast<const char*>(base + c * s.sc);
+    for (int64_t y = y0; y < y1; ++y) {
+      const char* row = sp + y * s.sy * static_cast<int64_t>(sizeof(S));
+      const int64_t bytes = ((g.w - 1) * s.sx + 1) * static_cast<int64_t>(sizeof(S));
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+      __builtin_prefetch(row + bytes - 1);
+    }
+  };
+  prefetch(0);
   for (int64_t c = 0; c < s.c; ++c) {
+    prefetch(c + 1);
     const S* sp = base + c * s.sc;
     T* dp = dst + c * g.plane;
     for (int64_t row = row0; row < row1; ++row) {
       T* out = dp + row * g.wk;
+      int64_t x = 0;
+      for (; x + L <= g.wk; x += L) storeu(out + x, V{});  // rows are short: no memset/memcpy calls
+      for (; x < g.wk; ++x) out[x] = T(0);
       const int64_t y = row - g.r;
-      if (y < 0 || y >= g.h) {
-        std::fill(out, out + g.wk, T(0));
-        continue;
-      }
+      if (y < 0 || y >= g.h) continue;
       const S* in = sp + y * s.sy;
-      std::fill(out, out + g.r, T(0));
-      if (s.sx == 1 && std::is_same_v<S, T>) {
-        std::memcpy(out + g.r, in, g.w * sizeof(T));
-      } else if (s.sx == 1) {
-        for (int64_t x = 0; x < g.w; ++x) out[g.r + x] = static_cast<T>(in[x]);
-      } else {
-        for (int64_t x = 0; x < g.w; ++x) out[g.r + x] = static_cast<T>(in[x * s.sx]);
+      T* to = out + g.r;
+      if constexpr (std::is_same_v<S, T>) {
+        if (s.sx == 1) {
+          for (x = 0; x + L <= g.w; x += L) storeu(to + x, loadu<V>(in + x));
+          for (; x < g.w; ++x) to[x] = in[x];
+          continue;
+        }
       }
-      std::fill(out + g.r + g.w, out + g.wk, T(0));
+      for (x = 0; x < g.w; ++x) to[x] = static_cast<T>(in[x * s.sx]);
     }
   }
 }
@@ -391,57 +414,62 @@ struct Kernel {
   // building blocks; XB = 1 or 2 neighbouring vectors of query pixels (blocks) at once; per-entry values of
   // block x live at [x * stride + j] of the arrays they are read from or written to.
 
-  // out[x][g] = sum_c a[c][x] * (b[c][x + g] + relt[c][g]) for the N entries of one run; a and b are padded
-  // planes `plane` elements apart, relt points at (channel 0, the run's first offset) of the transposed
-  // (d, kk) embedding.
-  template <int N, int XB, bool REL>
-  static inline void run_dots(const T* a, const T* b, int64_t plane, int64_t channels, const T* relt, int64_t kk,
-                              V* out, int64_t out_stride) {
-    V acc[XB][N];
+  // out[x][i * N + j] = sum_c a[c][x] * (b[c][x + i * row + j] + relt[c][i * k + j]) for the R x N entries of
+  // one run; a and b are padded planes `plane` elements apart, relt points at (channel 0, the run's first
+  // offset) of the transposed (d, kk) embedding.
+  template <int N, int R, int XB, bool REL>
+  static inline void run_dots(const T* a, const T* b, int64_t plane, int64_t row, int64_t channels, const T* relt,
+                              int64_t kk, int64_t k, V* out, int64_t out_stride) {
+    V acc[XB][R * N];
     for (int x = 0; x < XB; ++x)
-      for (int j = 0; j < N; ++j) acc[x][j] = V{};
+      for (int j = 0; j < R * N; ++j) acc[x][j] = V{};
     for (int64_t c = 0; c < channels; ++c) {
       V av[XB];
       for (int x = 0; x < XB; ++x) av[x] = loadu<V>(a + c * plane + x * L);
-      const T* bc = b + c * plane;
-      for (int j = 0; j < N; ++j) {
-        const T rv = REL ? relt[c * kk + j] : T(0);
-        for (int x = 0; x < XB; ++x) {
-          if (REL) {
-            acc[x][j] += av[x] * (loadu<V>(bc + x * L + j) + rv);
-          } else {
-            acc[x][j] += av[x] * loadu<V>(bc + x * L + j);
+      for (int i = 0; i < R; ++i) {
+        const T* bc = b + c * plane + i * row;
+        const T* rc = REL ? relt + c * kk + i * k : nullptr;
+        for (int j = 0; j < N; ++j) {
+          const T rv = REL ? rc[j] : T(0);
+          for (int x = 0; x < XB; ++x) {
+            if (REL) {
+              acc[x][i * N + j] += av[x] * (loadu<V>(bc + x * L + j) + rv);
+            } else {
+              acc[x][i * N + j] += av[x] * loadu<V>(bc + x * L + j);
+            }
           }
         }
       }
     }
     for (int x = 0; x < XB; ++x)
-      for (int j = 0; j < N; ++j) out[x * out_stride + j] = acc[x][j];
+      for (int j = 0; j < R * N; ++j) out[x * out_stride + j] = acc[x][j];
   }
 
   // the logits (or dP) of every entry of the window: s[x * kk + j]
   template <int XB>
-  static void window_dots(const Window& win, const T* a, const T* b, int64_t plane, int64_t channels,
-                          const T* relt, int64_t kk, V* s) {
+  static void window_dots(const Geo& g, const Window& win, const T* a, const T* b, int64_t channels,
+                          const T* relt, V* s) {
     int64_t j = 0;
     for (const auto& run : win.runs) {
       const T* bb = b + run.off;
       const T* rr = relt == nullptr ? nullptr : relt + run.o;
       V* out = s + j;
-      switch (run.n * 2 + (relt != nullptr)) {
-#define NA_CASE(N)                                                                   \
-  case 2 * N:                                                                        \
-    run_dots<N, XB, false>(a, bb, plane, channels, rr, kk, out, kk);                 \
-    break;                                                                           \
-  case 2 * N + 1:                                                                    \
-    run_dots<N, XB, true>(a, bb, plane, channels, rr, kk, out, kk);                  \
+      switch ((run.n + 8 * (run.rows - 1)) * 2 + (relt != nullptr)) {
+#define NA_CASE(N, R)                                                                        \
+  case (N + 8 * (R - 1)) * 2:                                                                \
+    run_dots<N, R, XB, false>(a, bb, g.plane, g.wk, channels, rr, g.kk, g.k, out, g.kk);     \
+    break;                                                                                   \
+  case (N + 8 * (R - 1)) * 2 + 1:                                                            \
+    run_dots<N, R, XB, true>(a, bb, g.plane, g.wk, channels, rr, g.kk, g.k, out, g.kk);      \
     break;
-        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+        NA_CASE(1, 1) NA_CASE(2, 1) NA_CASE(3, 1) NA_CASE(4, 1) NA_CASE(5, 1) NA_CASE(6, 1) NA_CASE(7, 1)
+        NA_CASE(8, 1) NA_CASE(1, 2) NA_CASE(2, 2) NA_CASE(3, 2) NA_CASE(4, 2) NA_CASE(1, 3) NA_CASE(2, 3)
+        NA_CASE(3, 3)
 #undef NA_CASE
         default:
           break;
       }
-      j += run.n;
+      j += run.n * run.rows;
     }
   }
 
@@ -514,7 +542,7 @@ struct Kernel {
   template <int XB>
   static void logits(const Geo& g, const Window& win, const T* qp, const T* kp, const T* relt, int64_t y,
                      int64_t xb, V* s, V* bias) {
-    window_dots<XB>(win, qp + (y + g.r) * g.wk + xb + g.r, kp + y * g.wk + xb, g.plane, g.d, relt, g.kk, s);
+    window_dots<XB>(g, win, qp + (y + g.r) * g.wk + xb + g.r, kp + y * g.wk + xb, g.d, relt, s);
     for (int x = 0; x < XB; ++x) {
       if (column_bias(g, xb + x * L, bias)) {
         for (int64_t j = 0; j < win.n; ++j) s[x * g.kk + j] += bias[win.dx[j]];
@@ -576,9 +604,10 @@ struct Kernel {
   struct FwdScratch {
     Window win;
     std::vector<V> s, bias;
-    std::vector<T> qbuf, kbuf, vbuf;  // the item's padded input rows
+    std::unique_ptr<T[]> qbuf, kbuf, vbuf;  // the item's padded input rows (written by pack_rows before use)
     explicit FwdScratch(const Geo& g)
-        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(g.d * g.plane), kbuf(g.d * g.plane), vbuf(g.dv * g.plane) {}
+        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(new T[g.d * g.plane]), kbuf(new T[g.d * g.plane]),
+          vbuf(new T[g.dv * g.plane]) {}
   };
 
   // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
@@ -593,20 +622,20 @@ struct Kernel {
     parallel_items<FwdScratch>(g.bh * bands, [&] { return FwdScratch(g); }, [&](FwdScratch& sc, int64_t item) {
       const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
       if (y0 >= y1) return;
-      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, sc.qbuf.data());
-      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, sc.kbuf.data());
-      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, sc.vbuf.data());
+      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, sc.qbuf.get());
+      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, sc.kbuf.get());
+      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, sc.vbuf.get());
       for (int64_t y = y0; y < y1; ++y) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
         sc.win.build(g, ranges, p % g.heads, dy0, dy1);
         int64_t xi = 0;
         for (; xi + 2 <= nxb; xi += 2) {
-          forward_blocks<2>(g, f, sc.win, sc.qbuf.data(), sc.kbuf.data(), sc.vbuf.data(), p, y, xi * L,
+          forward_blocks<2>(g, f, sc.win, sc.qbuf.get(), sc.kbuf.get(), sc.vbuf.get(), p, y, xi * L,
                             sc.s.data(), sc.bias.data());
         }
         if (xi < nxb) {
-          forward_blocks<1>(g, f, sc.win, sc.qbuf.data(), sc.kbuf.data(), sc.vbuf.data(), p, y, xi * L,
+          forward_blocks<1>(g, f, sc.win, sc.qbuf.get(), sc.kbuf.get(), sc.vbuf.get(), p, y, xi * L,
                             sc.s.data(), sc.bias.data());
         }
       }
@@ -633,14 +662,14 @@ struct Kernel {
     std::vector<V> s, pw, dp, bias, dm, drel;
     Window win;
     std::vector<int64_t> soff, woff;
-    std::vector<T> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs
+    std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs (written by pack_rows)
     const T *qp, *kp, *vp, *gp;
     Scratch(const Geo& g, bool has_gout)
         : slots(2 * g.r + 1), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
           dsring(slots * slot_size, T(0)), s(2 * g.kk), pw(2 * g.kk), dp(2 * g.kk), bias(g.k), dm(g.kk),
-          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(g.d * g.plane), kbuf(g.d * g.plane),
-          vbuf(g.dv * g.plane), gbuf(has_gout ? g.dv * g.plane : 0), qp(qbuf.data()), kp(kbuf.data()),
-          vp(vbuf.data()), gp(has_gout ? gbuf.data() : nullptr) {}
+          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(new T[g.d * g.plane]),
+          kbuf(new T[g.d * g.plane]), vbuf(new T[g.dv * g.plane]), gbuf(has_gout ? new T[g.dv * g.plane] : nullptr),
+          qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()), gp(gbuf.get()) {}
   };
 
   // d rel[o][c] += sum over the XB blocks of dS_o * q_c, N channels at a time
@@ -677,7 +706,7 @@ struct Kernel {
     const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
     V *s = sc.s.data(), *pw = sc.pw.data(), *dp = sc.dp.data();
     logits<XB>(g, win, qp, kp, relt, y, xb, s, sc.bias.data());
-    if (sc.gp != nullptr) window_dots<XB>(win, sc.gp + qoff, sc.vp + koff, g.plane, g.dv, nullptr, g.kk, dp);
+    if (sc.gp != nullptr) window_dots<XB>(g, win, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, dp);
     T* pslot = sc.pring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
     T* dsslot = sc.dsring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
     int64_t valid[XB];
@@ -816,10 +845,10 @@ struct Kernel {
     const int64_t nxb = g.wq / L;
     parallel_items<Scratch>(g.bh, [&] { return Scratch(g, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
       const int64_t head = p % g.heads;
-      pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.data());
-      pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.data());
-      pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.data());
-      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.data());
+      pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.get());
+      pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.get());
+      pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.get());
+      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.get());
       std::fill(sc.dm.begin(), sc.dm.end(), V{});
       std::fill(sc.drel.begin(), sc.drel.end(), V{});
       for (int64_t y = 0; y < g.h; ++y) {
