@@ -56,31 +56,25 @@ namespace {
 #endif
 #endif
 
-template <typename T>
-struct Simd;
-// V: a SIMD vector; U: the same, for unaligned access (it aliases its element type only, so stores through it
-// do not make the compiler reload integers)
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(NA_VBYTES)));
-  typedef float U __attribute__((vector_size(NA_VBYTES), aligned(4)));
-  typedef int32_t I __attribute__((vector_size(NA_VBYTES)));
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(NA_VBYTES)));
-  typedef double U __attribute__((vector_size(NA_VBYTES), aligned(8)));
-  typedef int64_t I __attribute__((vector_size(NA_VBYTES)));
+// Simd<T, VB>::V: a vector of VB bytes of T. Rows are processed VB / sizeof(T) pixels at a time; the widest
+// vectors the CPU has (NA_VBYTES) except on maps so narrow that half a vector would be padding.
+template <typename T, int VB>
+struct Simd {
+  typedef T V __attribute__((vector_size(VB)));
 };
 
+// Unaligned loads and stores through a vector type that aliases its element type only (so that stores do not
+// make the compiler reload unrelated integers, as memcpy would).
 template <typename V, typename T>
 inline V loadu(const T* p) {
-  return *reinterpret_cast<const typename Simd<T>::U*>(p);
+  typedef T U __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));
+  return *reinterpret_cast<const U*>(p);
 }
 
 template <typename V, typename T>
 inline void storeu(T* p, const V& v) {
-  *reinterpret_cast<typename Simd<T>::U*>(p) = v;
+  typedef T U __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));
+  *reinterpret_cast<U*>(p) = v;
 }
 
 template <typename V, typename T>
@@ -99,59 +93,68 @@ inline auto hsum(const V& v) {
   return s;
 }
 
-#if defined(__AVX512F__) && NA_VBYTES == 64
-// exp for float vectors: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; f from a two-part log2 e
-// (accurate for large |x|), 2^f from a degree-6 polynomial (relative error 1e-7), 2^n applied by scalef
-// (which also gives 0 for exp(-inf) and inf on overflow).
-inline Simd<float>::V vexp(Simd<float>::V v) {
-  const __m512 x = _mm512_max_ps(reinterpret_cast<__m512&>(v), _mm512_set1_ps(-120.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fmsub_ps(x, _mm512_set1_ps(1.44269502162933349609375f), n);
-  f = _mm512_fmadd_ps(x, _mm512_set1_ps(1.925963033500011e-08f), f);
-  __m512 p = _mm512_set1_ps(1.5054538380354643e-04f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3395266141742468e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.619487449526787e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550341680645943e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402263879776001e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __m512 y = _mm512_scalef_ps(p, n);
-  return reinterpret_cast<const Simd<float>::V&>(y);
-}
-#else
-// exp for float vectors (the Cephes expf polynomial, about 1 ulp); exactly 0 below -87.3, so exp(-inf) = 0.
-inline Simd<float>::V vexp(Simd<float>::V x) {
-  using V = Simd<float>::V;
-  using I = Simd<float>::I;
-  const auto under = x < -87.33654f;
-  x = x > 88.0f ? V{} + 88.0f : x;
-  x = under ? V{} - 87.0f : x;
-  V fx = x * 1.44269504088896341f + 0.5f;
-  I n = __builtin_convertvector(fx, I);  // truncates; make it floor
-  V fn = __builtin_convertvector(n, V);
-  n = fn > fx ? n - 1 : n;
-  fn = __builtin_convertvector(n, V);
-  x = x - fn * 0.693359375f;
-  x = x - fn * -2.12194440e-4f;
-  V y = V{} + 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  const I bits = (n + 127) << 23;
-  y = y * __builtin_bit_cast(V, bits);
-  return under ? V{} : y;
-}
-#endif
+// exp of a float vector, where AVX-512 has it: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; f from
+// a two-part log2 e (accurate for large |x|), 2^f from a degree-6 polynomial (relative error 1e-7), 2^n
+// applied by scalef (which also gives 0 for exp(-inf) and inf on overflow).
+#define NA_EXP_AVX512(W, VT)                                                                           \
+  do {                                                                                                 \
+    const VT x = _mm##W##_max_ps(reinterpret_cast<const VT&>(v), _mm##W##_set1_ps(-120.0f));           \
+    const VT n = _mm##W##_roundscale_ps(_mm##W##_mul_ps(x, _mm##W##_set1_ps(1.44269504088896341f)),    \
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                \
+    VT f = _mm##W##_fmsub_ps(x, _mm##W##_set1_ps(1.44269502162933349609375f), n);                      \
+    f = _mm##W##_fmadd_ps(x, _mm##W##_set1_ps(1.925963033500011e-08f), f);                             \
+    VT p = _mm##W##_set1_ps(1.5054538380354643e-04f);                                                  \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.3395266141742468e-03f));                            \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(9.619487449526787e-03f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(5.550341680645943e-02f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(2.402263879776001e-01f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(6.931471824645996e-01f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.0f));                                               \
+    const VT y = _mm##W##_scalef_ps(p, n);                                                             \
+    return reinterpret_cast<const V&>(y);                                                              \
+  } while (0)
 
-// doubles (tests and fp64 users): the libm exp per lane; exactness matters there, not speed.
-inline Simd<double>::V vexp(Simd<double>::V x) {
-  for (size_t i = 0; i < sizeof(x) / sizeof(double); ++i) x[i] = std::exp(x[i]);
-  return x;
+// exp of a vector: the above where it applies; otherwise for floats the Cephes expf polynomial (about 1 ulp,
+// exactly 0 below -87.3 so that exp(-inf) = 0); for doubles (tests and fp64 users) libm's exp per lane, as
+// exactness matters there, not speed.
+template <typename V>
+inline V vexp(V v) {
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (std::is_same_v<T, double>) {
+    for (size_t i = 0; i < sizeof(V) / sizeof(double); ++i) v[i] = std::exp(v[i]);
+    return v;
+  } else {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) NA_EXP_AVX512(512, __m512);
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (sizeof(V) == 32) NA_EXP_AVX512(256, __m256);
+#endif
+    typedef int32_t I __attribute__((vector_size(sizeof(V))));
+    V x = v;
+    const auto under = x < -87.33654f;
+    x = x > 88.0f ? V{} + 88.0f : x;
+    x = under ? V{} - 87.0f : x;
+    V fx = x * 1.44269504088896341f + 0.5f;
+    I n = __builtin_convertvector(fx, I);  // truncates; make it floor
+    V fn = __builtin_convertvector(n, V);
+    n = fn > fx ? n - 1 : n;
+    fn = __builtin_convertvector(n, V);
+    x = x - fn * 0.693359375f;
+    x = x - fn * -2.12194440e-4f;
+    V y = V{} + 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * (x * x) + x + 1.0f;
+    const I bits = (n + 127) << 23;
+    y = y * __builtin_bit_cast(V, bits);
+    return under ? V{} : y;
+  }
 }
+#undef NA_EXP_AVX512
 
 // The geometry of one call. Padded planes are (C, hk, wk) with the image at rows [r, r + h), columns
 // [r, r + w); hk = h + 2r, wk = wq + 2r, wq = w rounded up to whole vectors.
@@ -354,7 +357,7 @@ struct Source {
 
 template <typename T, typename S>
 void pack_rows_as(const S* src, const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
-  using V = typename Simd<T>::V;
+  using V = typename Simd<T, NA_VBYTES>::V;
   constexpr int64_t L = sizeof(V) / sizeof(T);
   const S* base = src + (p / s.heads) * s.sb + (p % s.heads) * s.sh;
   const int64_t y0 = std::max<int64_t>(row0 - g.r, 0), y1 = std::min<int64_t>(row1 - g.r, g.h);
@@ -404,9 +407,9 @@ void pack_rows(const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t r
   });
 }
 
-template <typename T>
+template <typename T, int VB>
 struct Kernel {
-  using V = typename Simd<T>::V;
+  using V = typename Simd<T, VB>::V;
   static constexpr int64_t L = sizeof(V) / sizeof(T);
   static constexpr int CGROUP = 8;  // channels whose accumulators stay in registers together
 
@@ -876,8 +879,27 @@ struct Kernel {
 // ----------------------------------------------------------------------------------------------------------
 // ATen glue
 
-int64_t lanes_for(at::ScalarType t) {
-  return NA_VBYTES / (t == at::kDouble ? 8 : 4);
+// Bytes per vector for a row of `width` pixels: the CPU's widest, except half of it for floats on maps of at
+// most a quarter of the widest vector (8 pixels with AVX-512), where half the lanes would be padding.
+int vector_bytes(at::ScalarType t, int64_t width) {
+  if (t == at::kFloat && NA_VBYTES >= 32 && width * 4 <= NA_VBYTES / 2) return NA_VBYTES / 2;
+  return NA_VBYTES;
+}
+
+int64_t lanes_for(at::ScalarType t, int64_t width) {
+  return vector_bytes(t, width) / (t == at::kDouble ? 8 : 4);
+}
+
+// f(kernel) with the Kernel instance for this dtype and row width (doubles: only the widest vectors)
+template <typename T, typename F>
+void with_kernel(int64_t width, const F& f) {
+  if constexpr (std::is_same_v<T, float> && NA_VBYTES >= 32) {
+    if (vector_bytes(at::kFloat, width) != NA_VBYTES) {
+      f(Kernel<T, NA_VBYTES / 2>{});
+      return;
+    }
+  }
+  f(Kernel<T, NA_VBYTES>{});
 }
 
 at::ScalarType compute_type(at::ScalarType t) {
@@ -900,8 +922,8 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.dim() == 5, "q, k, v must be (B, heads, H, W, d)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "the fused CPU kernel takes CPU tensors");
   const auto ct = compute_type(q.scalar_type());
-  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size, lanes_for(ct),
-              border_mask);
+  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
+              lanes_for(ct, q.size(3)), border_mask);
   at::Tensor rel, relt, mask;
   read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
   auto opts = q.options().dtype(ct);
@@ -910,9 +932,12 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
   auto weights = return_weights ? at::empty({g.batch, g.heads, g.kk, g.h, g.w}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_forward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    typename Kernel<scalar_t>::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
-                                     rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
-    Kernel<scalar_t>::forward(g, f);
+    with_kernel<scalar_t>(g.w, [&](auto kernel) {
+      using K = decltype(kernel);
+      typename K::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
+                        rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
+      K::forward(g, f);
+    });
   });
   return {out, weights, stats};
 }
@@ -927,8 +952,8 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
   const bool needs[5] = {bool(need_bits & 1), bool(need_bits & 2), bool(need_bits & 4), bool(need_bits & 8),
                          bool(need_bits & 16)};
   const auto ct = stats.scalar_type();
-  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size, lanes_for(ct),
-              border_mask);
+  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
+              lanes_for(ct, q.size(3)), border_mask);
   TORCH_CHECK(stats.size(4) == g.wq, "inconsistent saved statistics");
   const bool has_out = grad_out.has_value() && grad_out->defined();
   const bool has_w = grad_weights.has_value() && grad_weights->defined();
@@ -948,11 +973,13 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
   auto dmask_part = need_mask ? at::empty({g.bh, g.kk}, opts) : none;
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_backward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    typename Kernel<scalar_t>::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(),
-                                     ptr(gw), ptr(stats), ptr(rel), ptr(relt), ptr(mask),
-                                     rel.defined() && rel.size(0) > 1, ptr(dq), ptr(dk), ptr(dv), ptr(drel_part),
-                                     ptr(dmask_part)};
-    Kernel<scalar_t>::backward(g, f);
+    with_kernel<scalar_t>(g.w, [&](auto kernel) {
+      using K = decltype(kernel);
+      typename K::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(), ptr(gw),
+                        ptr(stats), ptr(rel), ptr(relt), ptr(mask), rel.defined() && rel.size(0) > 1, ptr(dq),
+                        ptr(dk), ptr(dv), ptr(drel_part), ptr(dmask_part)};
+      K::backward(g, f);
+    });
   });
   // per-plane partial sums -> per head (or shared), added in plane order: deterministic
   at::Tensor drel = none, dmask = none;
