@@ -47,18 +47,48 @@ _LOCK = threading.Lock()
 _STATE: dict = {"tried": False, "ok": False, "problem": None}
 
 
+STATS_ALIGN = 16  # the row length of the saved softmax statistics is rounded up to this (see the C++ source)
+
+
 def _build_and_load() -> None:
     compile_flags, link_flags = jit_build.torch_flags()
     path = jit_build.build(NAME, SOURCE, FLAGS + compile_flags + link_flags)
     torch.ops.load_library(str(path))
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the two ops, so that tracing (torch.compile, FakeTensor) can pass through."""
+
+    def compute(t):
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("neighborhood_cpu::forward")
+    def _forward(q, k, v, rel_pos, window_mask, kernel_size, border_mask, return_weights):
+        b, heads, h, w, _ = q.shape
+        dtype = compute(q)
+        weights_shape = (b, heads, kernel_size * kernel_size, h, w) if return_weights else (0,)
+        return [q.new_empty((b, heads, v.shape[-1], h, w), dtype=dtype), q.new_empty(weights_shape, dtype=dtype),
+                q.new_empty((2, b, heads, h, -(-w // STATS_ALIGN) * STATS_ALIGN), dtype=dtype)]
+
+    @torch.library.register_fake("neighborhood_cpu::backward")
+    def _backward(grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border_mask, need_bits):
+        b, heads, h, w, d = q.shape
+        dtype, kk = stats.dtype, kernel_size * kernel_size
+        shapes = [(b, heads, d, h, w) if need_bits & 1 else (0,), (b, heads, d, h, w) if need_bits & 2 else (0,),
+                  (b, heads, v.shape[-1], h, w) if need_bits & 4 and grad_out is not None else (0,),
+                  (rel_pos.numel() // (kk * d), kk, d) if need_bits & 8 and rel_pos is not None else (0,),
+                  (heads, kk) if need_bits & 16 and window_mask is not None else (0,)]
+        return [q.new_empty(shape, dtype=dtype) for shape in shapes]
 
 
 def ensure_built(warn: bool = True) -> bool:
     """Build (first use on this machine), load (first use in this process) and check the kernel once.
     Returns whether it is usable; when not, warns once (unless warn=False) with the reason."""
+    if _STATE["tried"]:  # the common case, without the lock (which torch.compile cannot trace)
+        return _STATE["ok"]
     with _LOCK:
         if not _STATE["tried"]:
-            _STATE["tried"] = True
             try:
                 _build_and_load()
                 problem = _self_check()
@@ -66,7 +96,7 @@ def ensure_built(warn: bool = True) -> bool:
                 problem = str(exc)
             except (OSError, RuntimeError) as exc:  # loading or running a broken library
                 problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-            _STATE["ok"], _STATE["problem"] = problem is None, problem
+            _STATE["ok"], _STATE["problem"], _STATE["tried"] = problem is None, problem, True
             if problem is not None and warn:
                 warnings.warn(f"neighborhood_attention: the fused CPU kernel is unavailable ({problem}); using the "
                               "'tiled' backend instead, which is several times slower", RuntimeWarning, stacklevel=3)

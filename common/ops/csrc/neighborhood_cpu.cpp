@@ -156,10 +156,15 @@ inline V vexp(V v) {
 }
 #undef NA_EXP_AVX512
 
+// Row length of the saved softmax statistics: whole vectors of any width (so that the shape does not depend on
+// the vector width, and a fake tensor can be made without knowing it).
+constexpr int64_t STATS_ALIGN = 16;
+inline int64_t stats_width(int64_t w) { return (w + STATS_ALIGN - 1) / STATS_ALIGN * STATS_ALIGN; }
+
 // The geometry of one call. Padded planes are (C, hk, wk) with the image at rows [r, r + h), columns
 // [r, r + w); hk = h + 2r, wk = wq + 2r, wq = w rounded up to whole vectors.
 struct Geo {
-  int64_t batch, heads, bh, d, dv, h, w, k, r, kk, lanes, wq, hk, wk, plane;
+  int64_t batch, heads, bh, d, dv, h, w, k, r, kk, lanes, wq, hk, wk, plane, ws;
   bool border_mask;
 
   Geo(int64_t batch_, int64_t heads_, int64_t d_, int64_t dv_, int64_t h_, int64_t w_, int64_t k_, int64_t lanes_,
@@ -167,6 +172,7 @@ struct Geo {
       : batch(batch_), heads(heads_), bh(batch_ * heads_), d(d_), dv(dv_), h(h_), w(w_), k(k_), r(k_ / 2),
         kk(k_ * k_), lanes(lanes_), border_mask(border_mask_) {
     wq = (w + lanes - 1) / lanes * lanes;
+    ws = stats_width(w);
     hk = h + 2 * r;
     wk = wq + 2 * r;
     plane = hk * wk;
@@ -560,7 +566,7 @@ struct Kernel {
     Source q, k, v;
     const T *rel, *relt, *mask;
     bool rel_per_head;
-    T *out, *weights, *stats;  // stats: (2, bh, h, wq): the softmax's max and 1 / sum(e m) per query
+    T *out, *weights, *stats;  // stats: (2, bh, h, ws): the softmax's max and 1 / sum(e m) per query
   };
 
   template <int XB>
@@ -587,9 +593,9 @@ struct Kernel {
       }
       const V inv = total > 0 ? T(1) / total : V{};
       for (int64_t j = 0; j < win.n; ++j) sx[j] *= inv;
-      T* st = f.stats + (p * g.h + y) * g.wq + xb + x * L;
+      T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
       storeu(st, mx);
-      storeu(st + g.bh * g.h * g.wq, inv);
+      storeu(st + g.bh * g.h * g.ws, inv);
       if (f.weights != nullptr) {
         T* wrow = f.weights + (p * g.kk * g.h + y) * g.w + xb + x * L;
         if (win.n < g.kk) {
@@ -716,8 +722,8 @@ struct Kernel {
     for (int x = 0; x < XB; ++x) {
       valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
       V *sx = s + x * g.kk, *px = pw + x * g.kk, *dpx = dp + x * g.kk;
-      const T* st = f.stats + (p * g.h + y) * g.wq + xb + x * L;
-      const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.wq);
+      const T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
+      const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.ws);
       for (int64_t j = 0; j < win.n; ++j) {
         sx[j] = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
         px[j] = maskh == nullptr ? sx[j] : sx[j] * maskh[win.o[j]];
@@ -921,6 +927,8 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
                                    bool border_mask, bool return_weights) {
   TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.dim() == 5, "q, k, v must be (B, heads, H, W, d)");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "the fused CPU kernel takes CPU tensors");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(k.scalar_type()) &&
+              at::isFloatingType(v.scalar_type()), "q, k, v must be floating point");
   const auto ct = compute_type(q.scalar_type());
   const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
               lanes_for(ct, q.size(3)), border_mask);
@@ -928,7 +936,7 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
   read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
   auto opts = q.options().dtype(ct);
   auto out = at::empty({g.batch, g.heads, g.dv, g.h, g.w}, opts);
-  auto stats = at::empty({2, g.batch, g.heads, g.h, g.wq}, opts);
+  auto stats = at::empty({2, g.batch, g.heads, g.h, g.ws}, opts);
   auto weights = return_weights ? at::empty({g.batch, g.heads, g.kk, g.h, g.w}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_forward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
@@ -954,7 +962,7 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
   const auto ct = stats.scalar_type();
   const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
               lanes_for(ct, q.size(3)), border_mask);
-  TORCH_CHECK(stats.size(4) == g.wq, "inconsistent saved statistics");
+  TORCH_CHECK(stats.dim() == 5 && stats.size(4) == g.ws, "inconsistent saved statistics");
   const bool has_out = grad_out.has_value() && grad_out->defined();
   const bool has_w = grad_weights.has_value() && grad_weights->defined();
   at::Tensor gw, rel, relt, mask;
