@@ -24,6 +24,7 @@ processes do not pay for the same failed compile again; delete the file to retry
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import platform
@@ -118,8 +119,13 @@ def _exclusive(lock_path: Path, timeout_s: float):
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     raise BuildError(f"gave up after {timeout_s:.0f} s waiting for another process to finish "
-                                     f"building (lock {lock_path}); if no build is running, delete the lock file")
+                                     f"building (lock {lock_path})") from None
                 time.sleep(0.2)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                yield  # a filesystem without locks: concurrent builders may compile twice, still atomically
+                return
         try:
             yield
         finally:

@@ -78,6 +78,20 @@ def _register_flop_formulas() -> None:
         width = dv + (d if need_bits & 1 else 0) + (d if need_bits & 2 else 0) + (dv if need_bits & 4 else 0)
         return 2 * b * heads * h * w * kernel_size * kernel_size * width
 
+    # A FlopCounterMode copies the registry when it is created; the first use (which loads the library) may come
+    # inside one (the `time` task's MAC count), which would then not count this call.
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for mode in _get_current_dispatch_mode_stack():
+            counter = getattr(mode, "counter", mode)  # FlopCounterMode enters a _FlopCounterMode holding it
+            if isinstance(counter, FlopCounterMode):
+                counter.flop_registry.setdefault(torch.ops.neighborhood_cpu.forward, _forward)
+                counter.flop_registry.setdefault(torch.ops.neighborhood_cpu.backward, _backward)
+    except (ImportError, AttributeError):  # private torch API; without it only that first call goes uncounted
+        pass
+
 
 def _register_fakes() -> None:
     """Shape-only implementations of the two ops, so that tracing (torch.compile, FakeTensor) can pass through."""
@@ -113,7 +127,7 @@ def ensure_built(warn: bool = True) -> bool:
         if not _STATE["tried"]:
             try:
                 _build_and_load()
-                problem = _self_check()
+                problem = _in_fresh_thread(_self_check)
             except jit_build.BuildError as exc:
                 problem = str(exc)
             except (OSError, RuntimeError) as exc:  # loading or running a broken library
@@ -128,6 +142,26 @@ def ensure_built(warn: bool = True) -> bool:
 def problem() -> str | None:
     """Why the kernel is unusable (None if it is usable or has not been tried)."""
     return _STATE["problem"]
+
+
+def _in_fresh_thread(fn):
+    """fn() on a new thread, which has torch's defaults whatever the caller's state: the first call may come
+    under no_grad or inference_mode, autocast, or a dispatch mode such as the FLOP counter (all thread-local),
+    none of which may change or see the self-check."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="neighborhood_cpu self-check")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _self_check() -> str | None:

@@ -182,3 +182,21 @@ def test_flop_counter_counts_the_attention_products(fused):
     d, dv = q.shape[-1], v.shape[-1]
     assert forward == per_query * (d + dv)  # q.k, p.v
     assert counter.get_total_flops() - forward == per_query * (dv + d + d + dv)  # dP, dq, dk, dv
+
+
+def test_first_use_under_no_grad_inference_mode_or_a_flop_counter(tmp_path):
+    """The build and self-check may be triggered by any first call; a fresh process makes it the first."""
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        from common.ops import neighborhood as nb
+        warnings.simplefilter("error")
+        q, k, v = (torch.randn(1, 2, 5, 6, 4) for _ in range(3))
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            nb.neighborhood_attention(q, k, v, 3)
+        print(nb.neighborhood_cpu.problem(), counter.get_total_flops() == 2 * 2 * 30 * 9 * 8)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None True"
