@@ -3,17 +3,17 @@
 // by common/ops/neighborhood_cpu.py (which documents the method); the oracle is `reference_attention` in
 // common/ops/neighborhood.py.
 //
-// Vectorisation runs along image rows: one SIMD vector holds LANES consecutive query pixels of one channel,
-// so every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in
-// the inner loops. The inputs are first copied into channel-major planes (B*heads, C, hk, wk), zero-padded
-// by r = k // 2 on every side and with rows rounded up to whole vectors, so a window read never needs a
-// bounds check. Two neighbouring vectors of a row are processed together where the row is long enough,
+// Vectorisation runs along image rows: one SIMD vector holds L consecutive query pixels of one channel, so
+// every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
+// inner loops. Each work item first copies the rows it reads into channel-major planes (C, hk, wk), zero-
+// padded by r = k // 2 on every side and with rows rounded up to whole vectors, so a window read never needs
+// a bounds check. Two neighbouring vectors of a row are processed together where the row is long enough,
 // which doubles the independent accumulator chains and shares every relative-embedding broadcast.
 //
-// Threads: ATen's parallel_for (torch's OpenMP pool and thread count), one parallel region per copy and
-// per pass. The forward pass splits image rows among threads; the backward pass splits (batch, head)
-// planes, and each plane is processed in the same order whatever the thread count, so the backward pass
-// is deterministic (bitwise, for any number of threads).
+// Threads: torch's thread count, on a pool of our own whose threads sleep while idle (see Pool); one task
+// per pass. The forward pass hands out (plane, row band) items; the backward pass hands out (batch, head)
+// planes, each processed in the same order whatever the thread count, so the backward pass is deterministic
+// (bitwise, for any number of threads).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,15 +28,16 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
-#include <exception>
-#include <mutex>
-#include <new>
-#include <thread>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <new>
+#include <system_error>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -278,8 +279,13 @@ class Pool {
     std::exception_ptr error;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      while (static_cast<int64_t>(started_) < threads - 1) {
-        std::thread([this, index = started_ + 1, seen = generation_] { work(index, seen); }).detach();
+      while (started_ < threads - 1) {
+        try {
+          std::thread([this, index = started_ + 1, seen = generation_] { work(index, seen); }).detach();
+        } catch (const std::system_error&) {  // out of threads: go on with those there are
+          threads = started_ + 1;
+          break;
+        }
         ++started_;
       }
       task_ = &task;
