@@ -160,13 +160,13 @@ def run_shape(shape_name, device, repeats) -> bool:
     if device.type == "cpu":
         ratio, share = times[auto] / conv_t, flops[auto] / times[auto] / gemm_rate
         checks += [(ratio <= CONV_RATIO_TARGET, f"{auto} fwd+bwd = {ratio:.2f}x the conv (target <= {CONV_RATIO_TARGET}x)"),
-                   (share >= GEMM_SHARE_TARGET, f"{auto} at {100 * share:.1f}% of the GEMM's GFLOP/s "
-                                                f"(target >= {100 * GEMM_SHARE_TARGET:.0f}%)")]
+                   (share >= GEMM_SHARE_TARGET, (f"{auto} at {100 * share:.1f}% of the GEMM's GFLOP/s "
+                                                 f"(target >= {100 * GEMM_SHARE_TARGET:.0f}%)"))]
     if "reference" in times and "tiled" in times:
         speed, mem = times["reference"] / times["tiled"], memory["tiled"] / memory["reference"]
         checks += [(speed >= SPEED_TARGET, f"tiled is {speed:.2f}x faster than reference (target >= {SPEED_TARGET:g}x)"),
-                   (mem <= MEMORY_TARGET, f"tiled saves {mem:.3f} of reference's bytes for backward "
-                                          f"(target <= {MEMORY_TARGET:g})")]
+                   (mem <= MEMORY_TARGET, (f"tiled saves {mem:.3f} of reference's bytes for backward "
+                                           f"(target <= {MEMORY_TARGET:g})"))]
     for good, text in checks:
         print(f"{'PASS' if good else 'FAIL'} {shape_name}: {text}")
         ok &= good

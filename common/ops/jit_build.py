@@ -87,7 +87,7 @@ def torch_flags() -> tuple[list[str], list[str]]:
 
 def _compiler_version(compiler: str) -> str:
     try:
-        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         raise BuildError(f"the C++ compiler {compiler} does not run ({exc})") from exc
     return result.stdout.strip()
@@ -158,7 +158,7 @@ def build(name: str, source: Path, flags: list[str], announce: bool = True) -> P
         os.close(fd)
         command = [compiler, str(source), "-o", tmp, *flags]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
         except subprocess.TimeoutExpired as exc:
             os.unlink(tmp)
             raise BuildError(f"compiling {source.name} took more than {COMPILE_TIMEOUT_S} s") from exc
