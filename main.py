@@ -5,12 +5,19 @@
 
 from __future__ import annotations
 
-import difflib
-import sys
+import os
 
-import click
+if __name__ == "__main__":
+    # Before torch loads its OpenMP runtime, which reads this once: threads that spin while waiting make every
+    # CPU op several times slower when the cores are shared with other processes (README, "Threads on the CPU").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common.errors import TrainingInterrupted, UserError
+import difflib  # noqa: E402
+import sys  # noqa: E402
+
+import click  # noqa: E402
+
+from common.errors import TrainingInterrupted, UserError  # noqa: E402
 
 # The core's tasks; model packages add figure tasks of their own (common.registry.register_figure_task).
 TASKS = {

@@ -1,29 +1,39 @@
-"""Neighbourhood attention backends against the unfold reference and a 3x3 convolution, in one run.
+"""Neighbourhood attention backends against a 3x3 convolution and a large GEMM, in one run.
 
-    python bench/neighborhood.py [--device cpu|cuda] [--batch 8] [--repeats 7] [--threads 2]
-                                 [--omp-wait-policy passive|active]
+    python bench/neighborhood.py [--device cpu|cuda] [--shapes all|headline] [--repeats 7] [--threads 2]
+                                 [--omp-wait-policy passive|active|default] [--no-policy-ratio]
 
-Headline layer: 64 channels as 8 heads of d=8, a 32x32 map, kernel 7, fp32, a shared relative embedding,
-border="mask". For each backend it measures forward+backward time (the median of --repeats runs after
-warm-up; the backends run in interleaved rounds so that load from other processes hits all of them alike)
-and the bytes saved for backward (torch.autograd.graph.saved_tensors_hooks, each storage counted once, the
-inputs included). Everything is printed as a ratio to the `reference` backend and to a 3x3
-nn.Conv2d(64, 64) forward+backward on the same (B, 64, 32, 32) activation. On CUDA it runs batch 8 and 64
-and includes "triton" when that backend is available. Nothing is asserted: the PASS/FAIL lines report the
-targets (tiled at least 4x faster than reference; at most 1/4 of its saved bytes).
+Shapes (fp32, a shared relative embedding, border="mask", forward+backward): the headline layer, 64 channels
+as 8 heads of d=8 on a 32x32 map at B=8 with kernel 7, and its variations kernel 3, kernel 11, 8 heads of
+d=32 on 16x16, and B=2 on 56x56 (--shapes headline runs the first only). For each shape, every backend, a
+3x3 nn.Conv2d(C, C) on the same (B, C, H, W) activation and a 1024x1024 torch.mm run in interleaved rounds
+(so that load from other processes hits all of them alike; the median of --repeats after warm-up) and are
+printed as time / conv and achieved GFLOP/s: the attention core counts 6 x 2 x B*heads*H*W*k*k*d FLOPs
+(q.k and p.v forward, their four products backward; the embedding terms and the softmax not counted), the
+conv 3 x 2 x B*C*C*9*H*W, the GEMM 2 x 1024^3. Bytes saved for backward come from
+torch.autograd.graph.saved_tensors_hooks (each storage once, the inputs included). The `reference` backend
+runs on the headline shape only (it takes seconds per step elsewhere).
 
-OpenMP wait policy: unless OMP_WAIT_POLICY is already set, the script sets it to PASSIVE before torch is
-imported (--omp-wait-policy overrides). With the default spin-waiting, on a machine whose cores are busy
-with other processes every parallel region waits for a descheduled worker, which taxes an op by its count
-of kernels rather than by its work (measured here under load: tiled 2 threads ~2x slower than 1 thread
-with ACTIVE, equal with PASSIVE; the reference is barely affected either way). Both backends run in the
-same process under the same setting, which the header prints.
+PASS/FAIL lines report the targets (nothing is asserted): on every shape the CPU backend `auto` picks at most
+1.5x the conv and at least 25% of the GEMM's GFLOP/s; on the headline tiled at least 4x faster than the
+reference and at most 1/4 of its saved bytes; and the OpenMP wait-policy ratio at most 1.2.
+
+OpenMP wait policy: this process runs under OMP_WAIT_POLICY=PASSIVE unless the environment or
+--omp-wait-policy says otherwise ("default" = unset), as main.py does. The policy is read once, when torch's
+OpenMP runtime loads, so the ratio "default policy / PASSIVE" of the `auto` headline step (and of `tiled`, for
+comparison, and of the conv) is measured in child processes, each running one step alone, that alternate the two
+policies (2 each); --no-policy-ratio skips it.
+On a machine whose cores are busy with other processes, spin-waiting threads tax an op by its number of parallel
+regions rather than by its work, which is what the ratio exposes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,19 +41,24 @@ from pathlib import Path
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--batch", type=int, default=None, help="default: 8 on the CPU; 8 and 64 on CUDA")
+    parser.add_argument("--shapes", choices=("all", "headline"), default="all")
+    parser.add_argument("--batch", type=int, default=None, help="CUDA only: batch of the headline (default 8 and 64)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
-    parser.add_argument("--omp-wait-policy", choices=("passive", "active"), default=None,
+    parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default=None,
                         help="OMP_WAIT_POLICY for this process (default: the environment's, else passive)")
+    parser.add_argument("--no-policy-ratio", action="store_true", help="skip the default-vs-PASSIVE child runs")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # a child of the policy ratio
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":  # must happen before torch (and its OpenMP runtime) is loaded
     _ARGS = parse_args()
-    if _ARGS.omp_wait_policy:
+    if _ARGS.omp_wait_policy == "default":
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    elif _ARGS.omp_wait_policy:
         os.environ["OMP_WAIT_POLICY"] = _ARGS.omp_wait_policy.upper()
-    else:
+    elif _ARGS.probe is None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -55,8 +70,12 @@ from common.inspect.memory import SavedTensors  # noqa: E402
 from common.inspect.timing import timed_rounds  # noqa: E402
 from common.ops import neighborhood as nb  # noqa: E402
 
-HEADS, HEAD_DIM, SIZE, KERNEL = 8, 8, 32, 7
+# name: (batch, heads, head dim, height = width, kernel)
+SHAPES = {"headline": (8, 8, 8, 32, 7), "kernel 3": (8, 8, 8, 32, 3), "kernel 11": (8, 8, 8, 32, 11),
+          "d=32, 16x16": (8, 8, 32, 16, 7), "B=2, 56x56": (2, 8, 8, 56, 7)}
+CONV_RATIO_TARGET, GEMM_SHARE_TARGET, POLICY_TARGET = 1.5, 0.25, 1.2
 SPEED_TARGET, MEMORY_TARGET = 4.0, 0.25
+GEMM_N = 1024
 
 
 def saved_bytes(fn) -> int:
@@ -67,59 +86,149 @@ def saved_bytes(fn) -> int:
     return saved.bytes
 
 
-def run(batch: int, device: torch.device, repeats: int) -> bool:
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    shape = (batch, HEADS, SIZE, SIZE, HEAD_DIM)
-    q, k, v = (torch.randn(shape, generator=gen).to(device).requires_grad_() for _ in range(3))
-    rel = (torch.randn(KERNEL, KERNEL, HEAD_DIM, generator=gen) * 0.5).to(device).requires_grad_()
-    channels = HEADS * HEAD_DIM
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device)
-    x = torch.randn(batch, channels, SIZE, SIZE, generator=gen).to(device).requires_grad_()
+def attention_flops(batch, heads, head_dim, size, kernel) -> int:
+    return 6 * 2 * batch * heads * size * size * kernel * kernel * head_dim
 
-    if device.type == "cuda":
-        nb._ensure_triton()
-    backends = [name for name in nb.BACKENDS if not (device.type == "cpu" and name == "triton")]
+
+def make_problem(batch, heads, head_dim, size, kernel, device):
+    """q, k, v as the layers make them (channel-major views of one conv output), a shared embedding, the conv."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    channels = heads * head_dim
+    x = torch.randn(batch, 3 * channels, size, size, generator=gen).to(device)
+    q, k, v = (t.detach().requires_grad_() for t in nb.split_heads(x, 3 * heads).chunk(3, dim=1))
+    rel = (torch.randn(kernel, kernel, head_dim, generator=gen) * 0.5).to(device).requires_grad_()
+    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device)
+    image = torch.randn(batch, channels, size, size, generator=gen).to(device).requires_grad_()
+    return q, k, v, rel, conv, image
+
+
+def backends_for(device, shape_name):
+    names = [name for name in nb.BACKENDS if name != "triton" or device.type == "cuda"]
+    if device.type == "cpu" and "fused_cpu" in names and not nb.neighborhood_cpu.ensure_built():
+        names.remove("fused_cpu")  # it would only run tiled again
+    if shape_name != "headline":
+        names = [name for name in names if name != "reference"]
+    return names
+
+
+def run_shape(shape_name, device, repeats) -> bool:
+    batch, heads, head_dim, size, kernel = SHAPES[shape_name]
+    q, k, v, rel, conv, image = make_problem(batch, heads, head_dim, size, kernel, device)
+    backends = backends_for(device, shape_name)
+    auto = nb.select_backend(q, True, k, v, kernel, rel_pos=rel)
+    a, b = (torch.randn(GEMM_N, GEMM_N, device=device) for _ in range(2))
+    grad = torch.ones_like(q)
 
     def attention_step(name):
         def step():
-            out = nb.neighborhood_attention(q, k, v, KERNEL, rel_pos=rel, backend=name)
-            out.backward(torch.ones_like(out))
+            out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=name)
+            torch.autograd.grad(out, (q, k, v, rel), grad)
         return step
 
     def conv_step():
-        conv(x).sum().backward()
+        torch.autograd.grad(conv(image).sum(), (image, conv.weight))
 
     steps = {name: attention_step(name) for name in backends}
     steps["conv3x3"] = conv_step
+    steps["gemm"] = lambda: torch.mm(a, b)
     times = timed_rounds(steps, repeats, device)
-    memory = {name: saved_bytes(lambda name=name: nb.neighborhood_attention(q, k, v, KERNEL, rel_pos=rel,
+    memory = {name: saved_bytes(lambda name=name: nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel,
                                                                               backend=name))
               for name in backends}
-    memory["conv3x3"] = saved_bytes(lambda: conv(x))
+    memory["conv3x3"] = saved_bytes(lambda: conv(image))
 
-    ref_t, ref_m, conv_t = times["reference"], memory["reference"], times["conv3x3"]
+    channels = heads * head_dim
+    flops = {name: attention_flops(batch, heads, head_dim, size, kernel) for name in backends}
+    flops["conv3x3"] = 3 * 2 * batch * channels * channels * 9 * size * size
+    gemm_rate = 2 * GEMM_N ** 3 / times["gemm"]
+    conv_t = times["conv3x3"]
     where = (f"threads={torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
              if device.type == "cpu" else torch.cuda.get_device_name(device))
-    print(f"\nB={batch}, heads={HEADS}, d={HEAD_DIM}, {SIZE}x{SIZE}, kernel {KERNEL}, fp32, device={device} ({where}), "
-          f"median of {repeats}")
-    print(f"{'backend':<10} {'fwd+bwd ms':>11} {'speedup vs ref':>15} {'time / conv':>12} {'saved MiB':>10} "
-          f"{'saved / ref':>12}")
-    for name in steps:
-        print(f"{name:<10} {times[name] * 1e3:>11.1f} {ref_t / times[name]:>15.2f} {times[name] / conv_t:>12.2f} "
-              f"{memory[name] / 2 ** 20:>10.2f} {memory[name] / ref_m:>12.3f}")
+    print(f"\n{shape_name}: B={batch}, heads={heads}, d={head_dim}, {size}x{size}, kernel {kernel}, fp32, "
+          f"device={device} ({where}), median of {repeats}; auto -> {auto}")
+    print(f"{'step':<10} {'fwd+bwd ms':>11} {'time / conv':>12} {'GFLOP/s':>8} {'% of GEMM':>10} {'saved MiB':>10}"
+          f"{' saved / ref':>12}")
+    for name in [*backends, "conv3x3", "gemm"]:
+        rate = (2 * GEMM_N ** 3 if name == "gemm" else flops[name]) / times[name]
+        saved = f"{memory[name] / 2 ** 20:>10.2f}" if name in memory else f"{'':>10}"
+        ratio = f"{memory[name] / memory['reference']:>12.3f}" if "reference" in memory and name in memory else ""
+        print(f"{name:<10} {times[name] * 1e3:>11.2f} {times[name] / conv_t:>12.2f} {rate / 1e9:>8.1f} "
+              f"{100 * rate / gemm_rate:>9.1f}% {saved}{ratio}")
     ok = True
-    if "tiled" in times:
-        speed = ref_t / times["tiled"]
-        mem = memory["tiled"] / ref_m
-        for label, good, text in (
-                ("speed", speed >= SPEED_TARGET, f"tiled is {speed:.2f}x faster than reference (target >= "
-                                                 f"{SPEED_TARGET:g}x)"),
-                ("memory", mem <= MEMORY_TARGET, f"tiled saves {mem:.3f} of reference's bytes for backward "
-                                                 f"(target <= {MEMORY_TARGET:g})")):
-            print(f"{'PASS' if good else 'FAIL'} {label}: {text}")
-            ok &= good
+    checks = []
+    if device.type == "cpu":
+        ratio, share = times[auto] / conv_t, flops[auto] / times[auto] / gemm_rate
+        checks += [(ratio <= CONV_RATIO_TARGET, f"{auto} fwd+bwd = {ratio:.2f}x the conv (target <= {CONV_RATIO_TARGET}x)"),
+                   (share >= GEMM_SHARE_TARGET, (f"{auto} at {100 * share:.1f}% of the GEMM's GFLOP/s "
+                                                 f"(target >= {100 * GEMM_SHARE_TARGET:.0f}%)"))]
+    if "reference" in times and "tiled" in times:
+        speed, mem = times["reference"] / times["tiled"], memory["tiled"] / memory["reference"]
+        checks += [(speed >= SPEED_TARGET, f"tiled is {speed:.2f}x faster than reference (target >= {SPEED_TARGET:g}x)"),
+                   (mem <= MEMORY_TARGET, (f"tiled saves {mem:.3f} of reference's bytes for backward "
+                                           f"(target <= {MEMORY_TARGET:g})"))]
+    for good, text in checks:
+        print(f"{'PASS' if good else 'FAIL'} {shape_name}: {text}")
+        ok &= good
     return ok
+
+
+PROBES = ("auto", "tiled", "conv3x3")
+
+
+def probe(step_name: str, repeats: int) -> dict:
+    """One child of the policy ratio: the median seconds of one headline step, alone in its process (an
+    OpenMP op run before it, with the default policy, would leave threads spinning into it)."""
+    q, k, v, rel, conv, image = make_problem(*SHAPES["headline"], torch.device("cpu"))
+    kernel = SHAPES["headline"][4]
+    auto = nb.select_backend(q, True, k, v, kernel, rel_pos=rel)
+    grad = torch.ones_like(q)
+
+    def attention():
+        out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=auto if step_name == "auto" else "tiled")
+        torch.autograd.grad(out, (q, k, v, rel), grad)
+
+    def conv_step():
+        torch.autograd.grad(conv(image).sum(), (image, conv.weight))
+
+    step = conv_step if step_name == "conv3x3" else attention
+    seconds = timed_rounds({step_name: step}, repeats, torch.device("cpu"))[step_name]
+    return {"step": step_name, "backend": auto, "seconds": seconds}
+
+
+def policy_ratio(threads: int, repeats: int, rounds: int = 2) -> bool:
+    """Median step time with OpenMP's default wait policy over that with PASSIVE, each step alone in child
+    processes that alternate the two policies."""
+    results = {(name, policy): [] for name in PROBES for policy in ("default", "PASSIVE")}
+    auto = None
+    for _ in range(rounds):
+        for name in PROBES:
+            for policy in ("default", "PASSIVE"):
+                env = {key: value for key, value in os.environ.items()
+                       if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                if policy == "PASSIVE":
+                    env["OMP_WAIT_POLICY"] = "PASSIVE"
+                command = [sys.executable, __file__, "--probe", name, "--device", "cpu", "--threads", str(threads),
+                           "--repeats", str(repeats)]
+                done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                auto = result["backend"]
+                results[(name, policy)].append(result["seconds"])
+    print(f"\nOpenMP wait policy, headline shape, {threads} threads, each step alone in its process, median of "
+          f"{rounds} processes per policy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    ok = True
+    for name in PROBES:
+        default = statistics.median(results[(name, "default")])
+        passive = statistics.median(results[(name, "PASSIVE")])
+        label = f"auto ({auto})" if name == "auto" else name
+        print(f"{label:<18} default {default * 1e3:8.1f} ms   PASSIVE {passive * 1e3:8.1f} ms   "
+              f"ratio {default / passive:.2f}")
+    default = statistics.median(results[("auto", "default")])
+    passive = statistics.median(results[("auto", "PASSIVE")])
+    good = default / passive <= POLICY_TARGET
+    print(f"{'PASS' if good else 'FAIL'} policy: {auto} default / PASSIVE = {default / passive:.2f} "
+          f"(target <= {POLICY_TARGET})")
+    return ok and good
 
 
 def main(args=None) -> int:
@@ -127,9 +236,19 @@ def main(args=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    batches = [args.batch] if args.batch else ([8, 64] if device.type == "cuda" else [8])
-    for batch in batches:
-        run(batch, device, args.repeats)
+    if args.probe is not None:
+        print(json.dumps(probe(args.probe, args.repeats)))
+        return 0
+    if device.type == "cuda":
+        nb._ensure_triton()
+        for batch in [args.batch] if args.batch else [8, 64]:
+            SHAPES["headline"] = (batch, *SHAPES["headline"][1:])
+            run_shape("headline", device, args.repeats)
+        return 0
+    for name in SHAPES if args.shapes == "all" else ["headline"]:
+        run_shape(name, device, args.repeats)
+    if not args.no_policy_ratio:
+        policy_ratio(args.threads, min(args.repeats, 5))
     return 0
 
 

@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from common.inspect.capture import windows_to_dense
+from common.ops import neighborhood_cpu
 
 BORDERS = ("mask", "zeros")
 
@@ -540,8 +541,17 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 1, 4, 2, 3).reshape(b, heads * d, h, w)
 
 
+def fused_cpu_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, border="mask", return_weights=False):
+    """The fused C++ kernel for the CPU (common/ops/neighborhood_cpu.py), compiled on first use. Where it cannot be
+    built (after one warning) and for tensors on other devices, this is the tiled backend."""
+    if q.device.type != "cpu" or not neighborhood_cpu.ensure_built():
+        return tiled_attention(q, k, v, kernel_size, rel_pos, window_mask, border, return_weights)
+    return neighborhood_cpu.fused_attention(q, k, v, kernel_size, rel_pos, window_mask, border, return_weights)
+
+
 Backend = Callable[..., torch.Tensor]
-BACKENDS: dict[str, Backend] = {"reference": reference_attention, "tiled": tiled_attention}
+BACKENDS: dict[str, Backend] = {"reference": reference_attention, "tiled": tiled_attention,
+                                "fused_cpu": fused_cpu_attention}
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -552,6 +562,8 @@ def _check(q, k, v, kernel_size, rel_pos, window_mask, border):
     if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:4] != q.shape[:4] or 0 in q.shape:
         raise ValueError(f"q, k, v must be non-empty (B, heads, H, W, d) with matching shapes, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not all(t.is_floating_point() for t in (q, k, v)):
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
@@ -628,13 +640,16 @@ def select_backend(q: torch.Tensor, needs_grad: bool, k=None, v=None, kernel_siz
     """The fastest correct backend for this request: on CUDA "triton" for fp32/fp16/bf16 when it is
     registered (lazily, see `_ensure_triton`) and, if the Triton module defines `supports(q, k, v,
     kernel_size, rel_pos=..., window_mask=..., border=..., return_weights=...) -> bool`, that accepts the
-    request; otherwise "tiled" (CPU and CUDA, with or without grad)."""
+    request; on the CPU "fused_cpu" once it is built and has passed its self-check (`neighborhood_cpu.ensure_built`);
+    otherwise "tiled" (CPU and CUDA, with or without grad)."""
     if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES and _ensure_triton() and _triton_verified(q.device):
         supports = _TRITON["supports"]
         if supports is None or kernel_size is None or supports(
                 q, k if k is not None else q, v if v is not None else q, kernel_size, rel_pos=rel_pos,
                 window_mask=window_mask, border=border, return_weights=return_weights):
             return "triton"
+    if q.device.type == "cpu" and "fused_cpu" in BACKENDS and neighborhood_cpu.ensure_built():
+        return "fused_cpu"
     return "tiled" if "tiled" in BACKENDS else "reference"
 
 

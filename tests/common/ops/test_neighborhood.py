@@ -47,10 +47,10 @@ def run(backend, inputs, kernel, border, weights_grad=False, seed=1):
     q, k, v, rel_pos, window_mask = inputs
     out, weights = neighborhood_attention(q, k, v, kernel, rel_pos=rel_pos, window_mask=window_mask, border=border,
                                           backend=backend, return_weights=True)
-    gen = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    gen = torch.Generator().manual_seed(seed)  # the same coefficients in any dtype (drawn in float32)
+    loss = (out * torch.randn(out.shape, generator=gen).to(out.dtype)).sum()
     if weights_grad:
-        loss = loss + (weights * torch.randn(weights.shape, generator=gen, dtype=out.dtype)).sum()
+        loss = loss + (weights * torch.randn(weights.shape, generator=gen).to(out.dtype)).sum()
     wrt = [t for t in inputs if t is not None]
     return [out, weights, *torch.autograd.grad(loss, wrt)]
 
@@ -299,11 +299,13 @@ def test_tiled_saves_far_less_than_reference_for_backward():
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatch and input checks.
 
-def test_auto_uses_tiled_on_cpu_with_and_without_grad(monkeypatch):
+@pytest.mark.parametrize("built, expected", [(True, "fused_cpu"), (False, "tiled")])
+def test_auto_on_cpu_uses_the_fused_kernel_when_it_is_built_else_tiled(monkeypatch, built, expected):
+    monkeypatch.setattr(nb.neighborhood_cpu, "ensure_built", lambda warn=True: built)
     q, k, v, _, _ = make_inputs(5, 5, 3)
-    assert nb.select_backend(q, True) == "tiled" and nb.select_backend(q, False) == "tiled"
+    assert nb.select_backend(q, True) == expected and nb.select_backend(q, False) == expected
     calls = []
-    monkeypatch.setitem(nb.BACKENDS, "tiled", lambda *a, **kw: calls.append(1) or reference_attention(*a, **kw))
+    monkeypatch.setitem(nb.BACKENDS, expected, lambda *a, **kw: calls.append(1) or reference_attention(*a, **kw))
     neighborhood_attention(q, k, v, 3)
     with torch.no_grad():
         neighborhood_attention(q, k, v, 3)
@@ -340,7 +342,7 @@ def triton_slot(monkeypatch):
 def test_triton_registered_lazily_for_cuda(triton_slot):
     triton_slot(_fake_triton())
     assert "triton" not in nb.BACKENDS
-    assert nb.select_backend(torch.zeros(1), True) == "tiled"  # CPU tensors never trigger the import
+    assert nb.select_backend(torch.zeros(1), True) != "triton"  # CPU tensors never trigger the import
     assert not nb._TRITON["tried"]
     assert nb.select_backend(_FakeCuda(), True) == "triton"
     assert nb.BACKENDS["triton"]() == "triton-called"
@@ -397,6 +399,8 @@ def test_clear_errors():
         neighborhood_attention(q, k, v, 3, rel_pos=torch.zeros(5, 5, D))
     with pytest.raises(ValueError, match="window_mask"):
         neighborhood_attention(q, k, v, 3, window_mask=torch.ones(HEADS + 1, 3, 3))
+    with pytest.raises(ValueError, match="floating point"):
+        neighborhood_attention(q.long(), k.long(), v.long(), 3)
 
 
 def test_attend_and_record_records_only_while_recording():

@@ -1,0 +1,1038 @@
+// Fused neighbourhood attention for the CPU: forward and backward in one pass each over the image, no
+// k*k-expanded tensor and no GEMM on halo keys. Built on first use by common/ops/jit_build.py and wrapped
+// by common/ops/neighborhood_cpu.py (which documents the method); the oracle is `reference_attention` in
+// common/ops/neighborhood.py.
+//
+// Vectorisation runs along image rows: one SIMD vector holds L consecutive query pixels of one channel, so
+// every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
+// inner loops. Each work item first copies the rows it reads into channel-major planes (C, hk, wk), zero-
+// padded by r = k // 2 on every side and with rows rounded up to whole vectors, so a window read never needs
+// a bounds check. Two neighbouring vectors of a row are processed together where the row is long enough,
+// which doubles the independent accumulator chains and shares every relative-embedding broadcast.
+//
+// Threads: torch's thread count, on a pool of our own whose threads sleep while idle (see Pool); one task
+// per pass. The forward pass hands out (plane, row band) items; the backward pass hands out (batch, head)
+// planes, each processed in the same order whatever the thread count, so the backward pass is deterministic
+// (bitwise, for any number of threads).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <system_error>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#ifndef NA_VBYTES
+#if defined(__AVX512F__)
+#define NA_VBYTES 64
+#elif defined(__AVX__)
+#define NA_VBYTES 32
+#else
+#define NA_VBYTES 16
+#endif
+#endif
+
+// Simd<T, VB>::V: a vector of VB bytes of T. Rows are processed VB / sizeof(T) pixels at a time; the widest
+// vectors the CPU has (NA_VBYTES) except on maps so narrow that half a vector would be padding.
+template <typename T, int VB>
+struct Simd {
+  typedef T V __attribute__((vector_size(VB)));
+};
+
+// Unaligned loads and stores through a vector type that aliases its element type only (so that stores do not
+// make the compiler reload unrelated integers, as memcpy would).
+template <typename V, typename T>
+inline V loadu(const T* p) {
+  typedef T U __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));
+  return *reinterpret_cast<const U*>(p);
+}
+
+template <typename V, typename T>
+inline void storeu(T* p, const V& v) {
+  typedef T U __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));
+  *reinterpret_cast<U*>(p) = v;
+}
+
+template <typename V, typename T>
+inline void store_n(T* p, V v, int64_t n) {  // the first n lanes
+  if (n * static_cast<int64_t>(sizeof(T)) >= static_cast<int64_t>(sizeof(V))) {
+    storeu(p, v);
+  } else if (n > 0) {
+    std::memcpy(p, &v, n * sizeof(T));
+  }
+}
+
+template <typename V>
+inline auto hsum(const V& v) {
+  auto s = v[0];
+  for (size_t i = 1; i < sizeof(V) / sizeof(v[0]); ++i) s += v[i];
+  return s;
+}
+
+// exp of a float vector, where AVX-512 has it: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; f from
+// a two-part log2 e (accurate for large |x|), 2^f from a degree-6 polynomial (relative error 1e-7), 2^n
+// applied by scalef (which also gives 0 for exp(-inf) and inf on overflow).
+#define NA_EXP_AVX512(W, VT)                                                                           \
+  do {                                                                                                 \
+    const VT x = _mm##W##_max_ps(reinterpret_cast<const VT&>(v), _mm##W##_set1_ps(-120.0f));           \
+    const VT n = _mm##W##_roundscale_ps(_mm##W##_mul_ps(x, _mm##W##_set1_ps(1.44269504088896341f)),    \
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                \
+    VT f = _mm##W##_fmsub_ps(x, _mm##W##_set1_ps(1.44269502162933349609375f), n);                      \
+    f = _mm##W##_fmadd_ps(x, _mm##W##_set1_ps(1.925963033500011e-08f), f);                             \
+    VT p = _mm##W##_set1_ps(1.5054538380354643e-04f);                                                  \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.3395266141742468e-03f));                            \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(9.619487449526787e-03f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(5.550341680645943e-02f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(2.402263879776001e-01f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(6.931471824645996e-01f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.0f));                                               \
+    const VT y = _mm##W##_scalef_ps(p, n);                                                             \
+    return reinterpret_cast<const V&>(y);                                                              \
+  } while (0)
+
+// exp of a vector: the above where it applies; otherwise for floats the Cephes expf polynomial (about 1 ulp,
+// exactly 0 below -87.3 so that exp(-inf) = 0); for doubles (tests and fp64 users) libm's exp per lane, as
+// exactness matters there, not speed.
+template <typename V>
+inline V vexp(V v) {
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (std::is_same_v<T, double>) {
+    for (size_t i = 0; i < sizeof(V) / sizeof(double); ++i) v[i] = std::exp(v[i]);
+    return v;
+  } else {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(V) == 64) NA_EXP_AVX512(512, __m512);
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    if constexpr (sizeof(V) == 32) NA_EXP_AVX512(256, __m256);
+#endif
+    typedef int32_t I __attribute__((vector_size(sizeof(V))));
+    V x = v;
+    const auto under = x < -87.33654f;
+    x = x > 88.0f ? V{} + 88.0f : x;
+    x = under ? V{} - 87.0f : x;
+    V fx = x * 1.44269504088896341f + 0.5f;
+    I n = __builtin_convertvector(fx, I);  // truncates; make it floor
+    V fn = __builtin_convertvector(n, V);
+    n = fn > fx ? n - 1 : n;
+    fn = __builtin_convertvector(n, V);
+    x = x - fn * 0.693359375f;
+    x = x - fn * -2.12194440e-4f;
+    V y = V{} + 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * (x * x) + x + 1.0f;
+    const I bits = (n + 127) << 23;
+    y = y * __builtin_bit_cast(V, bits);
+    return under ? V{} : y;
+  }
+}
+#undef NA_EXP_AVX512
+
+// Row length of the saved softmax statistics: whole vectors of any width (so that the shape does not depend on
+// the vector width, and a fake tensor can be made without knowing it).
+constexpr int64_t STATS_ALIGN = 16;
+inline int64_t stats_width(int64_t w) { return (w + STATS_ALIGN - 1) / STATS_ALIGN * STATS_ALIGN; }
+
+// The geometry of one call. Padded planes are (C, hk, wk) with the image at rows [r, r + h), columns
+// [r, r + w); hk = h + 2r, wk = wq + 2r, wq = w rounded up to whole vectors.
+struct Geo {
+  int64_t batch, heads, bh, d, dv, h, w, k, r, kk, lanes, wq, hk, wk, plane, ws;
+  bool border_mask;
+
+  Geo(int64_t batch_, int64_t heads_, int64_t d_, int64_t dv_, int64_t h_, int64_t w_, int64_t k_, int64_t lanes_,
+      bool border_mask_)
+      : batch(batch_), heads(heads_), bh(batch_ * heads_), d(d_), dv(dv_), h(h_), w(w_), k(k_), r(k_ / 2),
+        kk(k_ * k_), lanes(lanes_), border_mask(border_mask_) {
+    wq = (w + lanes - 1) / lanes * lanes;
+    ws = stats_width(w);
+    hk = h + 2 * r;
+    wk = wq + 2 * r;
+    plane = hk * wk;
+  }
+};
+
+// For each head and window row dy, the columns [lo, hi) whose window_mask is non-zero (every column without a
+// mask, or when every offset is needed for the mask's gradient).
+struct Ranges {
+  std::vector<int64_t> lo, hi;
+  template <typename T>
+  Ranges(const Geo& g, const T* mask, bool all) : lo(g.heads * g.k, 0), hi(g.heads * g.k, g.k) {
+    if (mask == nullptr || all) return;
+    for (int64_t head = 0; head < g.heads; ++head) {
+      for (int64_t dy = 0; dy < g.k; ++dy) {
+        int64_t a = g.k, b = 0;
+        for (int64_t dx = 0; dx < g.k; ++dx) {
+          if (mask[head * g.kk + dy * g.k + dx] != T(0)) {
+            a = std::min(a, dx);
+            b = dx + 1;
+          }
+        }
+        lo[head * g.k + dy] = a < b ? a : 0;
+        hi[head * g.k + dy] = a < b ? b : 0;
+      }
+    }
+  }
+};
+
+// The window entries of one query row: runs of at most MAX_RUN consecutive offsets of one window row, or of
+// the same short columns of up to 3 consecutive rows (so that a run's keys and embeddings sit at constant
+// distances from one pointer, and a run has enough independent accumulators), and the entries one by one.
+constexpr int MAX_RUN = 8, MAX_RUN_AREA = 9;
+
+struct Window {
+  struct Run {
+    int64_t off, o, n, rows;  // first key's position relative to the block's padded corner; first offset;
+  };                          // columns; rows
+  std::vector<Run> runs;
+  std::vector<int64_t> off, o, dx;  // per entry
+  int64_t n = 0;
+
+  explicit Window(int64_t kk) : off(kk), o(kk), dx(kk) { runs.reserve(kk); }
+
+  // rows [dy0, dy1), columns ranges[head] of each row; key (y + dy - r, x + dx - r) sits at padded
+  // (y + dy, x + dx), so off = dy * wk + dx from the block's padded position (y, xb).
+  void build(const Geo& g, const Ranges& ranges, int64_t head, int64_t dy0, int64_t dy1) {
+    runs.clear();
+    n = 0;
+    for (int64_t dy = dy0; dy < dy1; ++dy) {
+      const int64_t lo = ranges.lo[head * g.k + dy], hi = ranges.hi[head * g.k + dy];
+      const int64_t len = hi - lo, pieces = (len + MAX_RUN - 1) / MAX_RUN;
+      for (int64_t piece = 0, dx = lo; piece < pieces; ++piece) {
+        const int64_t size = (len - (dx - lo) + (pieces - piece) - 1) / (pieces - piece);  // near-equal pieces
+        Run* last = runs.empty() ? nullptr : &runs.back();
+        if (pieces == 1 && last != nullptr && last->n == size && last->o + last->rows * g.k == dy * g.k + dx &&
+            (last->rows + 1) * size <= MAX_RUN_AREA && last->rows < 3) {
+          ++last->rows;  // the same columns one row down: one run of more rows
+        } else {
+          runs.push_back({dy * g.wk + dx, dy * g.k + dx, size, 1});
+        }
+        dx += size;
+      }
+      for (int64_t x = lo; x < hi; ++x) {
+        off[n] = dy * g.wk + x;
+        o[n] = dy * g.k + x;
+        dx[n] = x;
+        ++n;
+      }
+    }
+  }
+};
+
+// rows dy of the window of query row y that lie in the image (border="mask"), or all of them ("zeros")
+inline void window_rows(const Geo& g, int64_t y, int64_t& dy0, int64_t& dy1) {
+  if (g.border_mask) {
+    dy0 = std::max<int64_t>(0, g.r - y);
+    dy1 = std::min<int64_t>(g.k, g.h + g.r - y);
+  } else {
+    dy0 = 0;
+    dy1 = g.k;
+  }
+}
+
+// Worker threads of our own, which wait on a condition variable between tasks (never spin): with OpenMP's
+// default wait policy, on a machine whose cores are busy with other processes, threads that spin at barriers
+// and after every region make an op slower by a factor (the tiled backend, all ATen ops, about 4x), which
+// this kernel must not be. The thread count is torch's (at::get_num_threads(), read at every call).
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = [] {
+      auto* p = new Pool();  // never destroyed: detached workers may outlive static destructors
+      pthread_atfork(nullptr, nullptr, [] { new (&Pool::get()) Pool(); });  // the child has no workers
+      return p;
+    }();
+    return *pool;
+  }
+
+  // task(t) for t in [0, threads), t = 0 on the calling thread; returns when all are done
+  void run(int64_t threads, const std::function<void(int64_t)>& task) {
+    std::lock_guard<std::mutex> one_at_a_time(run_mu_);
+    std::exception_ptr error;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (started_ < threads - 1) {
+        try {
+          std::thread([this, index = started_ + 1, seen = generation_] { work(index, seen); }).detach();
+        } catch (const std::system_error&) {  // out of threads: go on with those there are
+          threads = started_ + 1;
+          break;
+        }
+        ++started_;
+      }
+      task_ = &task;
+      wanted_ = threads;
+      pending_ = threads - 1;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    try {
+      task(0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    task_ = nullptr;
+    if (!error) error = error_;
+    lock.unlock();
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  void work(int64_t index, int64_t seen) {  // seen: the last generation before this worker existed
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      wake_.wait(lock, [&] { return generation_ != seen; });
+      seen = generation_;
+      if (index >= wanted_) continue;
+      const auto* task = task_;
+      lock.unlock();
+      std::exception_ptr error;
+      try {
+        (*task)(index);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      lock.lock();
+      if (error && !error_) error_ = error;
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex run_mu_, mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t)>* task_ = nullptr;
+  std::exception_ptr error_;
+  int64_t started_ = 0, wanted_ = 0, pending_ = 0, generation_ = 0;
+};
+
+// Runs item(state, i) for every i in [0, n) on torch's number of threads, each thread taking the next item
+// from a shared counter when it is free and keeping one `State` for all its items, so a thread that the OS
+// deschedules under load holds up only the item it is on. Which thread computes an item never changes the
+// item's result. Inside an (OpenMP) parallel region, or with one thread, it runs on the calling thread.
+template <typename State, typename Item>
+void parallel_items(int64_t n, const std::function<State()>& make_state, const Item& item) {
+  std::atomic<int64_t> next{0};
+  auto task = [&](int64_t) {
+    State state = make_state();
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) item(state, i);
+  };
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) {
+    task(0);
+  } else {
+    Pool::get().run(threads, task);
+  }
+}
+
+// A (B, heads, H, W, C) input, any strides and floating dtype; read plane by plane into padded buffers.
+struct Source {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t heads = 1, c = 0, sb = 0, sh = 0, sy = 0, sx = 0, sc = 0;
+  Source() = default;
+  explicit Source(const at::Tensor& t)
+      : data(t.const_data_ptr()), dtype(t.scalar_type()), heads(t.size(1)), c(t.size(4)), sb(t.stride(0)),
+        sh(t.stride(1)), sy(t.stride(2)), sx(t.stride(3)), sc(t.stride(4)) {}
+  bool defined() const { return data != nullptr; }
+};
+
+template <typename T, typename S>
+void pack_rows_as(const S* src, const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
+  using V = typename Simd<T, NA_VBYTES>::V;
+  constexpr int64_t L = sizeof(V) / sizeof(T);
+  const S* base = src + (p / s.heads) * s.sb + (p % s.heads) * s.sh;
+  const int64_t y0 = std::max<int64_t>(row0 - g.r, 0), y1 = std::min<int64_t>(row1 - g.r, g.h);
+  const auto prefetch = [&](int64_t c) {  // the channel's source rows: copying is bound by memory latency
+    if (c >= s.c) return;
+    const char* sp = reinterpret_cast<const char*>(base + c * s.sc);
+    for (int64_t y = y0; y < y1; ++y) {
+      const char* row = sp + y * s.sy * static_cast<int64_t>(sizeof(S));
+      const int64_t bytes = ((g.w - 1) * s.sx + 1) * static_cast<int64_t>(sizeof(S));
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+      __builtin_prefetch(row + bytes - 1);
+    }
+  };
+  prefetch(0);
+  for (int64_t c = 0; c < s.c; ++c) {
+    prefetch(c + 1);
+    const S* sp = base + c * s.sc;
+    T* dp = dst + c * g.plane;
+    for (int64_t row = row0; row < row1; ++row) {
+      T* out = dp + row * g.wk;
+      int64_t x = 0;
+      for (; x + L <= g.wk; x += L) storeu(out + x, V{});  // rows are short: no memset/memcpy calls
+      for (; x < g.wk; ++x) out[x] = T(0);
+      const int64_t y = row - g.r;
+      if (y < 0 || y >= g.h) continue;
+      const S* in = sp + y * s.sy;
+      T* to = out + g.r;
+      if constexpr (std::is_same_v<S, T>) {
+        if (s.sx == 1) {
+          for (x = 0; x + L <= g.w; x += L) storeu(to + x, loadu<V>(in + x));
+          for (; x < g.w; ++x) to[x] = in[x];
+          continue;
+        }
+      }
+      for (x = 0; x < g.w; ++x) to[x] = static_cast<T>(in[x * s.sx]);
+    }
+  }
+}
+
+// padded rows [row0, row1) (row = image row + r; zero outside the image) of every channel of plane p of s, into
+// the (C, hk, wk) plane buffer dst
+template <typename T>
+void pack_rows(const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "neighborhood_cpu_pack", [&] {
+    pack_rows_as(static_cast<const scalar_t*>(s.data), s, g, p, std::max<int64_t>(row0, 0),
+                 std::min<int64_t>(row1, g.hk), dst);
+  });
+}
+
+template <typename T, int VB>
+struct Kernel {
+  using V = typename Simd<T, VB>::V;
+  static constexpr int64_t L = sizeof(V) / sizeof(T);
+  static constexpr int CGROUP = 8;  // channels whose accumulators stay in registers together
+
+  // ------------------------------------------------------------------------------------------------------
+  // building blocks; XB = 1 or 2 neighbouring vectors of query pixels (blocks) at once; per-entry values of
+  // block x live at [x * stride + j] of the arrays they are read from or written to.
+
+  // out[x][i * N + j] = sum_c a[c][x] * (b[c][x + i * row + j] + relt[c][i * k + j]) for the R x N entries of
+  // one run; a and b are padded planes `plane` elements apart, relt points at (channel 0, the run's first
+  // offset) of the transposed (d, kk) embedding.
+  template <int N, int R, int XB, bool REL>
+  static inline void run_dots(const T* a, const T* b, int64_t plane, int64_t row, int64_t channels, const T* relt,
+                              int64_t kk, int64_t k, V* out, int64_t out_stride) {
+    V acc[XB][R * N];
+    for (int x = 0; x < XB; ++x)
+      for (int j = 0; j < R * N; ++j) acc[x][j] = V{};
+    for (int64_t c = 0; c < channels; ++c) {
+      V av[XB];
+      for (int x = 0; x < XB; ++x) av[x] = loadu<V>(a + c * plane + x * L);
+      for (int i = 0; i < R; ++i) {
+        const T* bc = b + c * plane + i * row;
+        const T* rc = REL ? relt + c * kk + i * k : nullptr;
+        for (int j = 0; j < N; ++j) {
+          const T rv = REL ? rc[j] : T(0);
+          for (int x = 0; x < XB; ++x) {
+            if (REL) {
+              acc[x][i * N + j] += av[x] * (loadu<V>(bc + x * L + j) + rv);
+            } else {
+              acc[x][i * N + j] += av[x] * loadu<V>(bc + x * L + j);
+            }
+          }
+        }
+      }
+    }
+    for (int x = 0; x < XB; ++x)
+      for (int j = 0; j < R * N; ++j) out[x * out_stride + j] = acc[x][j];
+  }
+
+  // the logits (or dP) of every entry of the window: s[x * kk + j]
+  template <int XB>
+  static void window_dots(const Geo& g, const Window& win, const T* a, const T* b, int64_t channels,
+                          const T* relt, V* s) {
+    int64_t j = 0;
+    for (const auto& run : win.runs) {
+      const T* bb = b + run.off;
+      const T* rr = relt == nullptr ? nullptr : relt + run.o;
+      V* out = s + j;
+      switch ((run.n + 8 * (run.rows - 1)) * 2 + (relt != nullptr)) {
+#define NA_CASE(N, R)                                                                        \
+  case (N + 8 * (R - 1)) * 2:                                                                \
+    run_dots<N, R, XB, false>(a, bb, g.plane, g.wk, channels, rr, g.kk, g.k, out, g.kk);     \
+    break;                                                                                   \
+  case (N + 8 * (R - 1)) * 2 + 1:                                                            \
+    run_dots<N, R, XB, true>(a, bb, g.plane, g.wk, channels, rr, g.kk, g.k, out, g.kk);      \
+    break;
+        NA_CASE(1, 1) NA_CASE(2, 1) NA_CASE(3, 1) NA_CASE(4, 1) NA_CASE(5, 1) NA_CASE(6, 1) NA_CASE(7, 1)
+        NA_CASE(8, 1) NA_CASE(1, 2) NA_CASE(2, 2) NA_CASE(3, 2) NA_CASE(4, 2) NA_CASE(1, 3) NA_CASE(2, 3)
+        NA_CASE(3, 3)
+#undef NA_CASE
+        default:
+          break;
+      }
+      j += run.n * run.rows;
+    }
+  }
+
+  // dst[c][x] = sum_j w[x][j] * (b[c][off_j + x] + rel[o_j][c]) for N channels (rel: (kk, d) layout, at
+  // channel c0), stored (first `valid[x]` lanes) at dst + c * dst_plane + x * L
+  template <int N, int XB, bool REL>
+  static inline void weighted_group(const Window& win, const V* w, const T* b, int64_t plane, const T* rel,
+                                    int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid) {
+    V acc[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) acc[x][c] = V{};
+    for (int64_t j = 0; j < win.n; ++j) {
+      V wj[XB];
+      for (int x = 0; x < XB; ++x) wj[x] = w[x * kk + j];
+      const T* bj = b + win.off[j];
+      const T* rj = REL ? rel + win.o[j] * d : nullptr;
+      for (int c = 0; c < N; ++c) {
+        for (int x = 0; x < XB; ++x) {
+          if (REL) {
+            acc[x][c] += wj[x] * (loadu<V>(bj + c * plane + x * L) + rj[c]);
+          } else {
+            acc[x][c] += wj[x] * loadu<V>(bj + c * plane + x * L);
+          }
+        }
+      }
+    }
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) store_n(dst + c * dst_plane + x * L, acc[x][c], valid[x]);
+  }
+
+  template <int XB>
+  static void weighted(const Window& win, const V* w, const T* b, int64_t plane, int64_t channels, const T* rel,
+                       int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid) {
+    for (int64_t c = 0; c < channels; c += CGROUP) {
+      const T* bc = b + c * plane;
+      T* dc = dst + c * dst_plane;
+      const T* rc = rel == nullptr ? nullptr : rel + c;
+      switch (std::min<int64_t>(CGROUP, channels - c) * 2 + (rel != nullptr)) {
+#define NA_CASE(N)                                                                     \
+  case 2 * N:                                                                          \
+    weighted_group<N, XB, false>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid);  \
+    break;                                                                             \
+  case 2 * N + 1:                                                                      \
+    weighted_group<N, XB, true>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid);   \
+    break;
+        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+        default:
+          break;
+      }
+    }
+  }
+
+  // border="mask" at the left and right edges: per window column dx, 0 for lanes whose key column is inside
+  // the image, -inf for those outside. Lanes past the image's right edge (padding queries, discarded) are
+  // never masked, so their softmax stays finite. Returns false when no lane of the block needs it.
+  static bool column_bias(const Geo& g, int64_t xb, V* bias) {
+    if (!g.border_mask || (xb >= g.r && xb + L - 1 + g.r < g.w)) return false;
+    const T inf = std::numeric_limits<T>::infinity();
+    for (int64_t dx = 0; dx < g.k; ++dx) {
+      for (int64_t lane = 0; lane < L; ++lane) {
+        const int64_t x = xb + lane, col = x + dx - g.r;
+        bias[dx][lane] = (x < g.w && (col < 0 || col >= g.w)) ? -inf : T(0);
+      }
+    }
+    return true;
+  }
+
+  // the logits of XB blocks starting at column xb of query row y: s[x * kk + j], -inf where masked
+  template <int XB>
+  static void logits(const Geo& g, const Window& win, const T* qp, const T* kp, const T* relt, int64_t y,
+                     int64_t xb, V* s, V* bias) {
+    window_dots<XB>(g, win, qp + (y + g.r) * g.wk + xb + g.r, kp + y * g.wk + xb, g.d, relt, s);
+    for (int x = 0; x < XB; ++x) {
+      if (column_bias(g, xb + x * L, bias)) {
+        for (int64_t j = 0; j < win.n; ++j) s[x * g.kk + j] += bias[win.dx[j]];
+      }
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------------
+  // forward
+
+  struct Fwd {
+    Source q, k, v;
+    const T *rel, *relt, *mask;
+    bool rel_per_head;
+    T *out, *weights, *stats;  // stats: (2, bh, h, ws): the softmax's max and 1 / sum(e m) per query
+  };
+
+  template <int XB>
+  static void forward_blocks(const Geo& g, const Fwd& f, const Window& win, const T* qp, const T* kp, const T* vp,
+                             int64_t p, int64_t y, int64_t xb, V* s, V* bias) {
+    const int64_t head = p % g.heads;
+    const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
+    logits<XB>(g, win, qp, kp, relt, y, xb, s, bias);
+    int64_t valid[XB];
+    for (int x = 0; x < XB; ++x) {
+      valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+      // softmax over the window, times the mask, renormalised: P_j = e_j m_j / sum e m
+      V* sx = s + x * g.kk;
+      V mx = V{} - std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < win.n; ++j) mx = sx[j] > mx ? sx[j] : mx;
+      mx = mx == -std::numeric_limits<T>::infinity() ? V{} : mx;  // nothing left: all weights 0
+      V total = V{};
+      for (int64_t j = 0; j < win.n; ++j) {
+        V e = vexp(sx[j] - mx);
+        if (maskh != nullptr) e *= maskh[win.o[j]];
+        sx[j] = e;
+        total += e;
+      }
+      const V inv = total > 0 ? T(1) / total : V{};
+      for (int64_t j = 0; j < win.n; ++j) sx[j] *= inv;
+      T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
+      storeu(st, mx);
+      storeu(st + g.bh * g.h * g.ws, inv);
+      if (f.weights != nullptr) {
+        T* wrow = f.weights + (p * g.kk * g.h + y) * g.w + xb + x * L;
+        if (win.n < g.kk) {
+          for (int64_t o = 0; o < g.kk; ++o) store_n(wrow + o * g.h * g.w, V{}, valid[x]);
+        }
+        for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j], valid[x]);
+      }
+    }
+    weighted<XB>(win, s, vp + y * g.wk + xb, g.plane, g.dv, nullptr, g.d, g.kk,
+                 f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid);
+  }
+
+  // Work items are bands of rows of one plane (whole planes when there are enough of them for the threads);
+  // each copies the rows it reads into thread-local padded planes, which stay in cache while it computes.
+  struct FwdScratch {
+    Window win;
+    std::vector<V> s, bias;
+    std::unique_ptr<T[]> qbuf, kbuf, vbuf;  // the item's padded input rows (written by pack_rows before use)
+    explicit FwdScratch(const Geo& g)
+        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(new T[g.d * g.plane]), kbuf(new T[g.d * g.plane]),
+          vbuf(new T[g.dv * g.plane]) {}
+  };
+
+  // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
+  // busy to the end; each copies the rows it reads into its thread's padded planes, which stay in cache while
+  // it computes.
+  static void forward(const Geo& g, const Fwd& f) {
+    const Ranges ranges(g, f.mask, false);
+    const int64_t nxb = g.wq / L;
+    const int64_t want = 8 * at::get_num_threads();
+    const int64_t bands = std::min<int64_t>(g.h, std::max<int64_t>(1, (want + g.bh - 1) / g.bh));
+    const int64_t band = (g.h + bands - 1) / bands;
+    parallel_items<FwdScratch>(g.bh * bands, [&] { return FwdScratch(g); }, [&](FwdScratch& sc, int64_t item) {
+      const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
+      if (y0 >= y1) return;
+      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, sc.qbuf.get());
+      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, sc.kbuf.get());
+      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, sc.vbuf.get());
+      for (int64_t y = y0; y < y1; ++y) {
+        int64_t dy0, dy1;
+        window_rows(g, y, dy0, dy1);
+        sc.win.build(g, ranges, p % g.heads, dy0, dy1);
+        int64_t xi = 0;
+        for (; xi + 2 <= nxb; xi += 2) {
+          forward_blocks<2>(g, f, sc.win, sc.qbuf.get(), sc.kbuf.get(), sc.vbuf.get(), p, y, xi * L,
+                            sc.s.data(), sc.bias.data());
+        }
+        if (xi < nxb) {
+          forward_blocks<1>(g, f, sc.win, sc.qbuf.get(), sc.kbuf.get(), sc.vbuf.get(), p, y, xi * L,
+                            sc.s.data(), sc.bias.data());
+        }
+      }
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------------------
+  // backward
+
+  struct Bwd {
+    Source q, k, v, gout;
+    const T *gw, *stats, *rel, *relt, *mask;
+    bool rel_per_head;
+    T *dq, *dk, *dv;  // (bh, C, h, w) or null
+    T *drel, *dmask;  // per plane: (bh, kk, d), (bh, kk), or null
+  };
+
+  // Thread-local scratch. P and dS of the last 2r + 1 query rows, a ring of (kk, wk) rows each (query x at
+  // column x + r, zero in the r columns either side): the key rows of the gather pass read nothing older.
+  // Accumulators of d rel (kk x d vectors) and d mask (kk vectors) of the current plane.
+  struct Scratch {
+    int64_t slots, slot_size;
+    std::vector<T> pring, dsring;
+    std::vector<V> s, pw, dp, bias, dm, drel;
+    Window win;
+    std::vector<int64_t> soff, woff;
+    std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs (written by pack_rows)
+    const T *qp, *kp, *vp, *gp;
+    Scratch(const Geo& g, bool has_gout)
+        : slots(2 * g.r + 1), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
+          dsring(slots * slot_size, T(0)), s(2 * g.kk), pw(2 * g.kk), dp(2 * g.kk), bias(g.k), dm(g.kk),
+          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(new T[g.d * g.plane]),
+          kbuf(new T[g.d * g.plane]), vbuf(new T[g.dv * g.plane]), gbuf(has_gout ? new T[g.dv * g.plane] : nullptr),
+          qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()), gp(gbuf.get()) {}
+  };
+
+  // d rel[o][c] += sum over the XB blocks of dS_o * q_c, N channels at a time
+  template <int N, int XB>
+  static inline void drel_group(const Window& win, const V* ds, int64_t kk, const T* q, int64_t plane, V* acc,
+                                int64_t d) {
+    V qv[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) qv[x][c] = loadu<V>(q + c * plane + x * L);
+    for (int64_t j = 0; j < win.n; ++j) {
+      V* a = acc + win.o[j] * d;
+      V sum[N];
+      for (int c = 0; c < N; ++c) sum[c] = a[c];
+      for (int x = 0; x < XB; ++x) {
+        const V dsx = ds[x * kk + j];
+        for (int c = 0; c < N; ++c) sum[c] += dsx * qv[x][c];
+      }
+      for (int c = 0; c < N; ++c) a[c] = sum[c];
+    }
+  }
+
+  // (1) one or two query blocks of row y: logits again, E = exp(S - max) / sum(e m), P = E m,
+  // dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), d mask += E (dP - sum P dP),
+  // d rel += dS q, dq = sum dS (k + rel); P and dS go to the ring.
+  template <int XB>
+  static void backward_queries(const Geo& g, const Bwd& f, Scratch& sc, bool need_mask, int64_t p, int64_t y,
+                               int64_t xb) {
+    const Window& win = sc.win;
+    const int64_t head = p % g.heads;
+    const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* rel = f.rel == nullptr ? nullptr : f.rel + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
+    const T *qp = sc.qp, *kp = sc.kp;
+    const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
+    V *s = sc.s.data(), *pw = sc.pw.data(), *dp = sc.dp.data();
+    logits<XB>(g, win, qp, kp, relt, y, xb, s, sc.bias.data());
+    if (sc.gp != nullptr) window_dots<XB>(g, win, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, dp);
+    T* pslot = sc.pring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
+    T* dsslot = sc.dsring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
+    int64_t valid[XB];
+    for (int x = 0; x < XB; ++x) {
+      valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+      V *sx = s + x * g.kk, *px = pw + x * g.kk, *dpx = dp + x * g.kk;
+      const T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
+      const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.ws);
+      for (int64_t j = 0; j < win.n; ++j) {
+        sx[j] = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
+        px[j] = maskh == nullptr ? sx[j] : sx[j] * maskh[win.o[j]];
+      }
+      if (sc.gp == nullptr) {
+        for (int64_t j = 0; j < win.n; ++j) dpx[j] = V{};
+      }
+      if (f.gw != nullptr) {
+        const T* gwrow = f.gw + (p * g.kk * g.h + y) * g.wq + xb + x * L;
+        for (int64_t j = 0; j < win.n; ++j) dpx[j] += loadu<V>(gwrow + win.o[j] * g.h * g.wq);
+      }
+      V dsum = V{};
+      for (int64_t j = 0; j < win.n; ++j) dsum += px[j] * dpx[j];
+      T* pcol = pslot + x * L;
+      T* dscol = dsslot + x * L;
+      if (win.n < g.kk) {
+        for (int64_t o = 0; o < g.kk; ++o) {
+          storeu(pcol + o * g.wk, V{});
+          storeu(dscol + o * g.wk, V{});
+        }
+      }
+      for (int64_t j = 0; j < win.n; ++j) {
+        const V centred = dpx[j] - dsum;
+        if (need_mask) sc.dm[win.o[j]] += sx[j] * centred;
+        dpx[j] = px[j] * centred;  // dS
+        storeu(pcol + win.o[j] * g.wk, px[j]);
+        storeu(dscol + win.o[j] * g.wk, dpx[j]);
+      }
+    }
+    if (f.drel != nullptr) {
+      for (int64_t c = 0; c < g.d; c += 4) {
+        const T* qc = qp + qoff + c * g.plane;
+        V* acc = sc.drel.data() + c;
+        switch (std::min<int64_t>(4, g.d - c)) {
+          case 1: drel_group<1, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+          case 2: drel_group<2, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+          case 3: drel_group<3, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+          default: drel_group<4, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
+        }
+      }
+    }
+    if (f.dq != nullptr) {
+      weighted<XB>(win, dp, kp + koff, g.plane, g.d, rel, g.d, g.kk, f.dq + (p * g.d * g.h + y) * g.w + xb,
+                   g.h * g.w, valid);
+    }
+  }
+
+  // dst[c][x] = sum_j w[woff_j + x] * src[c][soff_j + x] for N channels: the gradient of one or two key
+  // blocks gathered from the queries that see them (w: the P or dS ring, src: grad_out or q planes)
+  template <int N, int XB>
+  static inline void gather_group(const T* w, const T* src, int64_t plane, const int64_t* woff,
+                                  const int64_t* soff, int64_t n, T* dst, int64_t dst_plane, const int64_t* valid) {
+    V acc[XB][N];
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) acc[x][c] = V{};
+    for (int64_t j = 0; j < n; ++j) {
+      V wj[XB];
+      for (int x = 0; x < XB; ++x) wj[x] = loadu<V>(w + woff[j] + x * L);
+      const T* sj = src + soff[j];
+      for (int c = 0; c < N; ++c)
+        for (int x = 0; x < XB; ++x) acc[x][c] += wj[x] * loadu<V>(sj + c * plane + x * L);
+    }
+    for (int x = 0; x < XB; ++x)
+      for (int c = 0; c < N; ++c) store_n(dst + c * dst_plane + x * L, acc[x][c], valid[x]);
+  }
+
+  template <int XB>
+  static void gather(const T* w, const T* src, int64_t plane, int64_t channels, const int64_t* woff,
+                     const int64_t* soff, int64_t n, T* dst, int64_t dst_plane, const int64_t* valid) {
+    for (int64_t c = 0; c < channels; c += CGROUP) {
+      const T* sc = src + c * plane;
+      T* dc = dst + c * dst_plane;
+      switch (std::min<int64_t>(CGROUP, channels - c)) {
+#define NA_CASE(N)                                                              \
+  case N:                                                                       \
+    gather_group<N, XB>(w, sc, plane, woff, soff, n, dc, dst_plane, valid);     \
+    break;
+        NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
+#undef NA_CASE
+        default:
+          break;
+      }
+    }
+  }
+
+  // (2) key row yk (its queries' rows are all in the ring): dk = sum_o dS_o q and dv = sum_o P_o grad_out
+  static void backward_keys(const Geo& g, const Bwd& f, Scratch& sc, const Ranges& active, int64_t p, int64_t yk) {
+    const int64_t head = p % g.heads;
+    // the queries (yk + r - dy, x + r - dx) that see key (yk, x); only those in the image have dS, P != 0
+    const int64_t dy0 = std::max<int64_t>(0, yk + g.r - g.h + 1), dy1 = std::min<int64_t>(g.k, yk + g.r + 1);
+    int64_t n = 0;
+    for (int64_t dy = dy0; dy < dy1; ++dy) {
+      const int64_t yq = yk + g.r - dy;
+      for (int64_t dx = active.lo[head * g.k + dy]; dx < active.hi[head * g.k + dy]; ++dx) {
+        sc.woff[n] = (yq % sc.slots) * sc.slot_size + (dy * g.k + dx) * g.wk + 2 * g.r - dx;
+        sc.soff[n] = (yq + g.r) * g.wk + 2 * g.r - dx;
+        ++n;
+      }
+    }
+    const int64_t nkb = (g.w + L - 1) / L;
+    for (int64_t xi = 0; xi < nkb;) {
+      const int64_t xb = xi * L;
+      const bool two = xi + 2 <= nkb;
+      int64_t valid[2];
+      for (int x = 0; x < 2; ++x) valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+      if (f.dk != nullptr) {
+        const T *w = sc.dsring.data() + xb, *src = sc.qp + xb;
+        T* dst = f.dk + (p * g.d * g.h + yk) * g.w + xb;
+        if (two) gather<2>(w, src, g.plane, g.d, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+        else gather<1>(w, src, g.plane, g.d, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+      }
+      if (f.dv != nullptr) {
+        const T *w = sc.pring.data() + xb, *src = sc.gp + xb;
+        T* dst = f.dv + (p * g.dv * g.h + yk) * g.w + xb;
+        if (two) gather<2>(w, src, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+        else gather<1>(w, src, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+      }
+      xi += two ? 2 : 1;
+    }
+  }
+
+  // Per plane, rows in order: the query pass of row y, then the key pass of row y - r, whose queries are then
+  // all done; the last r key rows after the last query row.
+  static void backward(const Geo& g, const Bwd& f) {
+    const bool need_mask = f.dmask != nullptr && f.mask != nullptr;
+    const bool keys = f.dk != nullptr || f.dv != nullptr;
+    const Ranges live(g, f.mask, need_mask), active(g, f.mask, false);
+    const int64_t nxb = g.wq / L;
+    parallel_items<Scratch>(g.bh, [&] { return Scratch(g, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
+      const int64_t head = p % g.heads;
+      pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.get());
+      pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.get());
+      pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.get());
+      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.get());
+      std::fill(sc.dm.begin(), sc.dm.end(), V{});
+      std::fill(sc.drel.begin(), sc.drel.end(), V{});
+      for (int64_t y = 0; y < g.h; ++y) {
+        int64_t dy0, dy1;
+        window_rows(g, y, dy0, dy1);
+        sc.win.build(g, live, head, dy0, dy1);
+        int64_t xi = 0;
+        for (; xi + 2 <= nxb; xi += 2) backward_queries<2>(g, f, sc, need_mask, p, y, xi * L);
+        if (xi < nxb) backward_queries<1>(g, f, sc, need_mask, p, y, xi * L);
+        if (keys && y >= g.r) backward_keys(g, f, sc, active, p, y - g.r);
+      }
+      if (keys) {
+        for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, sc, active, p, yk);
+      }
+      if (f.drel != nullptr) {
+        for (int64_t i = 0; i < g.kk * g.d; ++i) f.drel[p * g.kk * g.d + i] = hsum(sc.drel[i]);
+      }
+      if (f.dmask != nullptr) {
+        for (int64_t o = 0; o < g.kk; ++o) f.dmask[p * g.kk + o] = need_mask ? hsum(sc.dm[o]) : T(0);
+      }
+    });
+  }
+};
+
+// ----------------------------------------------------------------------------------------------------------
+// ATen glue
+
+// Bytes per vector for a row of `width` pixels: the CPU's widest, except half of it for floats on maps of at
+// most a quarter of the widest vector (8 pixels with AVX-512), where half the lanes would be padding.
+int vector_bytes(at::ScalarType t, int64_t width) {
+  if (t == at::kFloat && NA_VBYTES >= 32 && width * 4 <= NA_VBYTES / 2) return NA_VBYTES / 2;
+  return NA_VBYTES;
+}
+
+int64_t lanes_for(at::ScalarType t, int64_t width) {
+  return vector_bytes(t, width) / (t == at::kDouble ? 8 : 4);
+}
+
+// f(kernel) with the Kernel instance for this dtype and row width (doubles: only the widest vectors)
+template <typename T, typename F>
+void with_kernel(int64_t width, const F& f) {
+  if constexpr (std::is_same_v<T, float> && NA_VBYTES >= 32) {
+    if (vector_bytes(at::kFloat, width) != NA_VBYTES) {
+      f(Kernel<T, NA_VBYTES / 2>{});
+      return;
+    }
+  }
+  f(Kernel<T, NA_VBYTES>{});
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void read_options(const c10::optional<at::Tensor>& rel_pos, const c10::optional<at::Tensor>& window_mask,
+                  const Geo& g, at::ScalarType ct, at::Tensor& rel, at::Tensor& relt, at::Tensor& mask) {
+  if (rel_pos.has_value() && rel_pos->defined()) {
+    rel = rel_pos->to(ct).reshape({-1, g.kk, g.d}).contiguous();  // (1 or heads, kk, d)
+    relt = rel.transpose(1, 2).contiguous();                       // (1 or heads, d, kk)
+  }
+  if (window_mask.has_value() && window_mask->defined()) mask = window_mask->to(ct).contiguous();
+}
+
+std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const c10::optional<at::Tensor>& rel_pos,
+                                   const c10::optional<at::Tensor>& window_mask, int64_t kernel_size,
+                                   bool border_mask, bool return_weights) {
+  TORCH_CHECK(q.dim() == 5 && k.sizes() == q.sizes() && v.dim() == 5, "q, k, v must be (B, heads, H, W, d)");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "the fused CPU kernel takes CPU tensors");
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(k.scalar_type()) &&
+              at::isFloatingType(v.scalar_type()), "q, k, v must be floating point");
+  const auto ct = compute_type(q.scalar_type());
+  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
+              lanes_for(ct, q.size(3)), border_mask);
+  at::Tensor rel, relt, mask;
+  read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
+  auto opts = q.options().dtype(ct);
+  auto out = at::empty({g.batch, g.heads, g.dv, g.h, g.w}, opts);
+  auto stats = at::empty({2, g.batch, g.heads, g.h, g.ws}, opts);
+  auto weights = return_weights ? at::empty({g.batch, g.heads, g.kk, g.h, g.w}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_forward", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    with_kernel<scalar_t>(g.w, [&](auto kernel) {
+      using K = decltype(kernel);
+      typename K::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
+                        rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
+      K::forward(g, f);
+    });
+  });
+  return {out, weights, stats};
+}
+
+std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
+                                    const c10::optional<at::Tensor>& grad_weights, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& stats,
+                                    const c10::optional<at::Tensor>& rel_pos,
+                                    const c10::optional<at::Tensor>& window_mask, int64_t kernel_size,
+                                    bool border_mask, int64_t need_bits) {
+  // which gradients are wanted, one bit each: q, k, v, rel_pos, window_mask
+  const bool needs[5] = {bool(need_bits & 1), bool(need_bits & 2), bool(need_bits & 4), bool(need_bits & 8),
+                         bool(need_bits & 16)};
+  const auto ct = stats.scalar_type();
+  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
+              lanes_for(ct, q.size(3)), border_mask);
+  TORCH_CHECK(stats.dim() == 5 && stats.size(4) == g.ws, "inconsistent saved statistics");
+  const bool has_out = grad_out.has_value() && grad_out->defined();
+  const bool has_w = grad_weights.has_value() && grad_weights->defined();
+  at::Tensor gw, rel, relt, mask;
+  if (has_w) {  // (B, heads, H, W, kk) -> (B*heads, kk, H, wq), zero in the padding lanes
+    gw = at::zeros({g.batch, g.heads, g.kk, g.h, g.wq}, stats.options());
+    gw.narrow(4, 0, g.w).copy_(grad_weights->permute({0, 1, 4, 2, 3}));
+  }
+  read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
+  auto opts = stats.options();
+  auto none = at::empty({0}, opts);
+  auto dq = needs[0] ? at::empty({g.batch, g.heads, g.d, g.h, g.w}, opts) : none;
+  auto dk = needs[1] ? at::empty({g.batch, g.heads, g.d, g.h, g.w}, opts) : none;
+  auto dv = needs[2] && has_out ? at::empty({g.batch, g.heads, g.dv, g.h, g.w}, opts) : none;
+  const bool need_rel = rel.defined() && needs[3], need_mask = mask.defined() && needs[4];
+  auto drel_part = need_rel ? at::empty({g.bh, g.kk, g.d}, opts) : none;
+  auto dmask_part = need_mask ? at::empty({g.bh, g.kk}, opts) : none;
+  AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_backward", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
+    with_kernel<scalar_t>(g.w, [&](auto kernel) {
+      using K = decltype(kernel);
+      typename K::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(), ptr(gw),
+                        ptr(stats), ptr(rel), ptr(relt), ptr(mask), rel.defined() && rel.size(0) > 1, ptr(dq),
+                        ptr(dk), ptr(dv), ptr(drel_part), ptr(dmask_part)};
+      K::backward(g, f);
+    });
+  });
+  // per-plane partial sums -> per head (or shared), added in plane order: deterministic
+  at::Tensor drel = none, dmask = none;
+  if (need_rel) {
+    const int64_t groups = rel.size(0);
+    drel = at::zeros({groups, g.kk, g.d}, opts);
+    AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_drel", [&] {
+      const scalar_t* src = drel_part.data_ptr<scalar_t>();
+      scalar_t* dst = drel.data_ptr<scalar_t>();
+      for (int64_t p = 0; p < g.bh; ++p) {
+        scalar_t* to = dst + (groups == 1 ? 0 : p % g.heads) * g.kk * g.d;
+        for (int64_t i = 0; i < g.kk * g.d; ++i) to[i] += src[p * g.kk * g.d + i];
+      }
+    });
+  }
+  if (need_mask) {
+    dmask = at::zeros({g.heads, g.kk}, opts);
+    if (g.kk > 1) {  // with one offset the renormalised weight is 1 whatever the mask: the gradient is 0
+      AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_dmask", [&] {
+        const scalar_t* src = dmask_part.data_ptr<scalar_t>();
+        scalar_t* dst = dmask.data_ptr<scalar_t>();
+        for (int64_t p = 0; p < g.bh; ++p)
+          for (int64_t i = 0; i < g.kk; ++i) dst[(p % g.heads) * g.kk + i] += src[p * g.kk + i];
+      });
+    }
+  }
+  return {dq, dk, dv, drel, dmask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(neighborhood_cpu, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor? rel_pos, Tensor? window_mask, int kernel_size, "
+        "bool border_mask, bool return_weights) -> Tensor[]");
+  m.def("backward(Tensor? grad_out, Tensor? grad_weights, Tensor q, Tensor k, Tensor v, Tensor stats, "
+        "Tensor? rel_pos, Tensor? window_mask, int kernel_size, bool border_mask, int need_bits) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(neighborhood_cpu, CPU, m) {
+  m.impl("forward", &na_forward);
+  m.impl("backward", &na_backward);
+}

@@ -1,0 +1,223 @@
+"""The "fused_cpu" backend of neighbourhood attention: one C++ kernel per direction (csrc/neighborhood_cpu.cpp).
+
+Built on first use by `jit_build` (one compiler call, about a minute, then cached per machine) and loaded as
+torch ops (torch.ops.neighborhood_cpu.forward/backward). `ensure_built()` says whether it is usable; when it
+cannot be built (no compiler, a failed compile) or does not match the reference on a small problem, the
+caller falls back to the tiled backend after one warning.
+
+How it computes (the math is the module docstring of common/ops/neighborhood.py):
+
+- layout: q, k, v and grad_out are copied once into channel-major planes (B, heads, C, H + 2r, W' + 2r), the
+  image zero-padded by r = k // 2 on every side and each row rounded up to whole SIMD vectors (W'); a
+  convolution output split into heads is already channel-major, so that copy is a plain memcpy of rows. One
+  SIMD vector holds consecutive query pixels of one channel, so each window dot product is a vertical
+  multiply-add (q[c] * (k[c] shifted by the offset + rel[o][c])) with no horizontal reduction, and the
+  padding removes every bounds check.
+- forward, per block of query pixels: the logits of its window offsets (those in the image for
+  border="mask", those whose window_mask is non-zero), the softmax times the mask, renormalised, and the
+  weighted sum of values, all in registers and a few KiB of stack; saved for backward are the padded
+  planes and the log-sum-exp of each query (4 bytes per pixel and head), nothing per window offset.
+- backward, per (batch, head) plane: the logits and weights recomputed from the log-sum-exp,
+  dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), dq = sum dS (k + rel); P and dS
+  go to two per-thread planes, from which dk = sum dS q and dv = sum P grad_out are gathered per key (the
+  queries that see a key are a fixed set of shifted positions), so gradients accumulate in registers, never
+  by scattered adds; d rel and d window_mask are sums over the plane, added over planes in plane order.
+- threads: torch's (at::parallel_for): image rows in forward, planes in backward. Each plane is computed in
+  the same order whatever the thread count, so the backward pass is deterministic.
+- dtypes: fp32 and fp64 are computed in their own precision; fp16 and bf16 are converted to fp32 by the
+  layout copy and the results cast back.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from common.ops import jit_build
+
+NAME = "neighborhood_cpu"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "neighborhood_cpu.cpp"
+FLAGS = ["-shared", "-fPIC", "-O3", "-march=native", "-std=c++20", "-fopenmp", "-ffp-contract=fast", "-DNDEBUG",
+         "-w"]
+
+_LOCK = threading.Lock()
+_STATE: dict = {"tried": False, "ok": False, "problem": None}
+
+
+STATS_ALIGN = 16  # the row length of the saved softmax statistics is rounded up to this (see the C++ source)
+
+
+def _build_and_load() -> None:
+    compile_flags, link_flags = jit_build.torch_flags()
+    path = jit_build.build(NAME, SOURCE, FLAGS + compile_flags + link_flags)
+    torch.ops.load_library(str(path))
+    _register_fakes()
+    _register_flop_formulas()
+
+
+def _register_flop_formulas() -> None:
+    """What torch.utils.flop_counter counts for the two ops (2 FLOPs per multiply-add): the products of the
+    attention core, as for a matmul formulation of the same maths -- q.k and p.v forward; dP = grad_out.v, dq,
+    dk, dv backward, each one window's worth per query. The embedding's additions, the softmax and the logits
+    that backward recomputes are not counted (as for the other backends' element-wise work)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.neighborhood_cpu.forward, get_raw=True)
+    def _forward(q, k, v, rel_pos, window_mask, kernel_size, border_mask, return_weights, out_val=None):
+        b, heads, h, w, d = q.shape
+        return 2 * b * heads * h * w * kernel_size * kernel_size * (d + v.shape[-1])
+
+    @register_flop_formula(torch.ops.neighborhood_cpu.backward, get_raw=True)
+    def _backward(grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border_mask, need_bits,
+                  out_val=None):
+        b, heads, h, w, d = q.shape
+        dv = v.shape[-1] if grad_out is not None else 0
+        width = dv + (d if need_bits & 1 else 0) + (d if need_bits & 2 else 0) + (dv if need_bits & 4 else 0)
+        return 2 * b * heads * h * w * kernel_size * kernel_size * width
+
+    # A FlopCounterMode copies the registry when it is created; the first use (which loads the library) may come
+    # inside one (the `time` task's MAC count), which would then not count this call.
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+        from torch.utils.flop_counter import FlopCounterMode
+
+        for mode in _get_current_dispatch_mode_stack():
+            counter = getattr(mode, "counter", mode)  # FlopCounterMode enters a _FlopCounterMode holding it
+            if isinstance(counter, FlopCounterMode):
+                counter.flop_registry.setdefault(torch.ops.neighborhood_cpu.forward, _forward)
+                counter.flop_registry.setdefault(torch.ops.neighborhood_cpu.backward, _backward)
+    except (ImportError, AttributeError):  # private torch API; without it only that first call goes uncounted
+        pass
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations of the two ops, so that tracing (torch.compile, FakeTensor) can pass through."""
+
+    def compute(t):
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("neighborhood_cpu::forward")
+    def _forward(q, k, v, rel_pos, window_mask, kernel_size, border_mask, return_weights):
+        b, heads, h, w, _ = q.shape
+        dtype = compute(q)
+        weights_shape = (b, heads, kernel_size * kernel_size, h, w) if return_weights else (0,)
+        return [q.new_empty((b, heads, v.shape[-1], h, w), dtype=dtype), q.new_empty(weights_shape, dtype=dtype),
+                q.new_empty((2, b, heads, h, -(-w // STATS_ALIGN) * STATS_ALIGN), dtype=dtype)]
+
+    @torch.library.register_fake("neighborhood_cpu::backward")
+    def _backward(grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border_mask, need_bits):
+        b, heads, h, w, d = q.shape
+        dtype, kk = stats.dtype, kernel_size * kernel_size
+        shapes = [(b, heads, d, h, w) if need_bits & 1 else (0,), (b, heads, d, h, w) if need_bits & 2 else (0,),
+                  (b, heads, v.shape[-1], h, w) if need_bits & 4 and grad_out is not None else (0,),
+                  (rel_pos.numel() // (kk * d), kk, d) if need_bits & 8 and rel_pos is not None else (0,),
+                  (heads, kk) if need_bits & 16 and window_mask is not None else (0,)]
+        return [q.new_empty(shape, dtype=dtype) for shape in shapes]
+
+
+def ensure_built(warn: bool = True) -> bool:
+    """Build (first use on this machine), load (first use in this process) and check the kernel once.
+    Returns whether it is usable; when not, warns once (unless warn=False) with the reason."""
+    if _STATE["tried"]:  # the common case, without the lock (which torch.compile cannot trace)
+        return _STATE["ok"]
+    with _LOCK:
+        if not _STATE["tried"]:
+            try:
+                _build_and_load()
+                problem = _in_fresh_thread(_self_check)
+            except jit_build.BuildError as exc:
+                problem = str(exc)
+            except (OSError, RuntimeError) as exc:  # loading or running a broken library
+                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            _STATE["ok"], _STATE["problem"], _STATE["tried"] = problem is None, problem, True
+            if problem is not None and warn:
+                warnings.warn(f"neighborhood_attention: the fused CPU kernel is unavailable ({problem}); using the "
+                              "'tiled' backend instead, which is several times slower", RuntimeWarning, stacklevel=3)
+    return _STATE["ok"]
+
+
+def problem() -> str | None:
+    """Why the kernel is unusable (None if it is usable or has not been tried)."""
+    return _STATE["problem"]
+
+
+def _in_fresh_thread(fn):
+    """fn() on a new thread, which has torch's defaults whatever the caller's state: the first call may come
+    under no_grad or inference_mode, autocast, or a dispatch mode such as the FLOP counter (all thread-local),
+    none of which may change or see the self-check."""
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="neighborhood_cpu self-check")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def _self_check() -> str | None:
+    """Forward and every gradient against the reference on one small problem (a miscompiled kernel must not
+    silently train a model); None if they agree."""
+    from common.ops.neighborhood import reference_attention
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 2, 6, 19, 4, generator=gen, requires_grad=True) for _ in range(3)]
+    rel_pos = torch.randn(2, 5, 5, 4, generator=gen, requires_grad=True)
+    mask = torch.rand(2, 5, 5, generator=gen).requires_grad_()
+    results = []
+    for fn in (fused_attention, reference_attention):
+        out, weights = fn(*inputs, 5, rel_pos=rel_pos, window_mask=mask, border="mask", return_weights=True)
+        loss = (out * out).sum() + (weights * weights[..., :1]).sum()
+        results.append([out, weights, *torch.autograd.grad(loss, [*inputs, rel_pos, mask])])
+    if all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(*results)):
+        return None
+    return "it disagrees with the reference on a self-check"
+
+
+def _from_planes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, heads, C, H, W) -> a (B, heads, H, W, C) view (channel-major, like a conv output split into heads)."""
+    return t.permute(0, 1, 3, 4, 2).to(dtype)
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rel_pos, window_mask, kernel_size, border, return_weights):
+        out, weights, stats = torch.ops.neighborhood_cpu.forward(q, k, v, rel_pos, window_mask, kernel_size,
+                                                                 border == "mask", return_weights)
+        ctx.save_for_backward(q, k, v, stats, rel_pos, window_mask)
+        ctx.setup = (kernel_size, border)
+        ctx.set_materialize_grads(False)
+        out = _from_planes(out, q.dtype)
+        if return_weights:
+            return out, _from_planes(weights, q.dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_weights=None):
+        q, k, v, stats, rel_pos, window_mask = ctx.saved_tensors
+        kernel_size, border = ctx.setup
+        needs = ctx.needs_input_grad[:5]
+        bits = sum(1 << i for i, need in enumerate(needs) if need)
+        dq, dk, dv, drel, dmask = torch.ops.neighborhood_cpu.backward(
+            grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border == "mask", bits)
+        grad_q = _from_planes(dq, q.dtype) if needs[0] else None
+        grad_k = _from_planes(dk, k.dtype) if needs[1] else None
+        grad_v = _from_planes(dv, v.dtype) if needs[2] and dv.numel() else None
+        grad_rel = drel.reshape(rel_pos.shape).to(rel_pos.dtype) if needs[3] and rel_pos is not None else None
+        grad_mask = dmask.reshape(window_mask.shape).to(window_mask.dtype) if needs[4] and window_mask is not None else None
+        return grad_q, grad_k, grad_v, grad_rel, grad_mask, None, None, None
+
+
+def fused_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, border="mask", return_weights=False):
+    """The fused kernel itself (call `ensure_built()` first); same results as `reference_attention`."""
+    return _FusedAttention.apply(q, k, v, rel_pos, window_mask, kernel_size, border, return_weights)

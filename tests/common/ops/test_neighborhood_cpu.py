@@ -1,0 +1,202 @@
+"""The fused CPU kernel ("fused_cpu"): what the shared backend tests in test_neighborhood.py do not cover --
+that it is built wherever a compiler exists, kernel sizes 1 and 13, row widths around the vector widths,
+a deterministic backward whatever the thread count, fork safety of its threads, tracing by torch.compile,
+and the fallback to "tiled" (one warning) where it cannot be built."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.ops import jit_build, neighborhood_cpu
+from common.ops import neighborhood as nb
+from tests.common.ops.test_neighborhood import VARIANTS, assert_all_close, make_inputs, run
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _has_compiler() -> bool:
+    try:
+        jit_build.find_compiler()
+        return True
+    except jit_build.BuildError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def fused():
+    if not _has_compiler():
+        pytest.skip("no C++ compiler: the fused kernel falls back to tiled (tested below)")
+    assert neighborhood_cpu.ensure_built(), neighborhood_cpu.problem()
+    return "fused_cpu"
+
+
+def test_built_wherever_a_compiler_exists(fused):
+    q = torch.zeros(1, 1, 3, 3, 2)
+    assert nb.select_backend(q, True) == "fused_cpu" and neighborhood_cpu.problem() is None
+
+
+def exact(inputs):
+    """The same inputs in float64, for an oracle free of float32 round-off."""
+    return [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+
+
+@pytest.mark.parametrize("kernel", [1, 13])
+@pytest.mark.parametrize("border", ["mask", "zeros"])
+def test_kernel_sizes_1_and_13(fused, kernel, border):
+    # With one offset the renormalised weight is 1 whatever the mask, so the mask's gradient is exactly 0; the
+    # float32 reference leaves round-off of 1e-5 there, hence the float64 oracle.
+    for rel, mask in VARIANTS:
+        inputs = make_inputs(9, 14, kernel, rel, mask)
+        want = [t.float() for t in run("reference", exact(inputs), kernel, border, weights_grad=True)]
+        assert_all_close(run(fused, inputs, kernel, border, weights_grad=True), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [4, 8, 9, 16, 17, 33])
+def test_row_widths_around_the_vector_widths(fused, width):
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        for border in ("mask", "zeros"):
+            inputs = make_inputs(5, width, 5, "per_head", True, dtype=dtype)
+            assert_all_close(run(fused, inputs, 5, border, weights_grad=True),
+                             run("reference", inputs, 5, border, weights_grad=True), atol=tol, rtol=tol)
+
+
+def test_backward_is_deterministic_whatever_the_thread_count(fused):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 11, 19, 8, generator=gen, requires_grad=True) for _ in range(3))
+    rel = torch.randn(4, 7, 7, 8, generator=gen, requires_grad=True)
+    mask = torch.rand(4, 7, 7, generator=gen, requires_grad=True)
+    grad = torch.randn(3, 4, 11, 19, 8, generator=gen)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 2, 3):
+            torch.set_num_threads(count)
+            out = nb.neighborhood_attention(q, k, v, 7, rel_pos=rel, window_mask=mask, backend=fused)
+            results.append([out, *torch.autograd.grad(out, (q, k, v, rel, mask), grad)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def _child_runs_the_kernel(queue):
+    torch.set_num_threads(2)
+    q, k, v, rel_pos, mask = make_inputs(8, 9, 5, "shared", True)
+    out = nb.neighborhood_attention(q, k, v, 5, rel_pos=rel_pos, window_mask=mask, backend="fused_cpu")
+    out.sum().backward()
+    queue.put(bool(torch.isfinite(q.grad).all()))
+
+
+def test_its_threads_survive_fork(fused):
+    """A DataLoader worker is a fork of a process whose kernel threads exist only in the parent."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v, _, _ = make_inputs(8, 9, 5)
+        nb.neighborhood_attention(q, k, v, 5, backend=fused).sum().backward()  # starts the worker threads
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_runs_the_kernel, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the fused kernel")
+    assert child.exitcode == 0 and queue.get(timeout=5)
+
+
+def test_torch_compile_traces_through_it(fused):
+    q, k, v, rel_pos, mask = make_inputs(6, 7, 5, "shared", True)
+
+    def loss(q, k, v, rel_pos, mask):
+        return nb.neighborhood_attention(q, k, v, 5, rel_pos=rel_pos, window_mask=mask, backend="fused_cpu").square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    want = loss(q, k, v, rel_pos, mask)
+    got = compiled(q, k, v, rel_pos, mask)
+    torch.testing.assert_close(got, want)
+    inputs = [q, k, v, rel_pos, mask]
+    for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_self_check_catches_a_wrong_kernel(fused, monkeypatch):
+    real = neighborhood_cpu.fused_attention
+
+    def wrong(*args, **kwargs):
+        out, weights = real(*args, **kwargs)
+        return out * 1.01, weights
+
+    monkeypatch.setattr(neighborhood_cpu, "fused_attention", wrong)
+    assert "disagrees" in neighborhood_cpu._self_check()
+
+
+def test_without_a_compiler_it_falls_back_to_tiled_with_one_warning(tmp_path):
+    """A fresh process (the library is loaded once per process) with no compiler and an empty cache."""
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from common.ops import neighborhood as nb
+        warnings.simplefilter("always")
+        q, k, v = (torch.randn(1, 2, 5, 6, 4) for _ in range(3))
+        with warnings.catch_warnings(record=True) as caught:
+            print(nb.select_backend(q, True))
+            for backend in ("auto", "fused_cpu", "auto"):
+                out = nb.neighborhood_attention(q, k, v, 3, backend=backend)
+                torch.testing.assert_close(out, nb.reference_attention(q, k, v, 3), atol=1e-5, rtol=1e-5)
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        print(len(messages))
+        print(messages[0])
+    """)
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    backend, count, message = done.stdout.strip().splitlines()[-3:]
+    assert backend == "tiled" and count == "1"
+    assert "no C++ compiler found" in message and "'tiled'" in message and "set CXX" in message
+    assert not (tmp_path / "cache").exists()  # nothing written
+
+
+def test_flop_counter_counts_the_attention_products(fused):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v, rel_pos, mask = make_inputs(6, 7, 5, "shared", True, dv=3)
+    with FlopCounterMode(display=False) as counter:
+        out = nb.neighborhood_attention(q, k, v, 5, rel_pos=rel_pos, window_mask=mask, backend=fused)
+        forward = counter.get_total_flops()
+        torch.autograd.grad(out.sum(), (q, k, v))
+    per_query = 2 * 25 * q.shape[0] * q.shape[1] * 6 * 7  # 2 FLOPs per product, one window per query
+    d, dv = q.shape[-1], v.shape[-1]
+    assert forward == per_query * (d + dv)  # q.k, p.v
+    assert counter.get_total_flops() - forward == per_query * (dv + d + d + dv)  # dP, dq, dk, dv
+
+
+def test_first_use_under_no_grad_inference_mode_or_a_flop_counter(tmp_path):
+    """The build and self-check may be triggered by any first call; a fresh process makes it the first."""
+    script = textwrap.dedent("""
+        import warnings
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        from common.ops import neighborhood as nb
+        warnings.simplefilter("error")
+        q, k, v = (torch.randn(1, 2, 5, 6, 4) for _ in range(3))
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            nb.neighborhood_attention(q, k, v, 3)
+        print(nb.neighborhood_cpu.problem(), counter.get_total_flops() == 2 * 2 * 30 * 9 * 8)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None True"
