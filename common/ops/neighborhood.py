@@ -319,10 +319,11 @@ def _workspace(g: _Tiling, dtype: torch.dtype, device: torch.device):
     numel, pattern = math.prod(shape), (g.th, g.tw, g.k)
     pool = _WORKSPACE.__dict__.setdefault("buffers", {})
     dense, sparse, zeroed = pool.pop(dtype, (None, None, (None, 0)))  # popped while in use: a nested
-    if dense is None or dense.numel() < numel:                          # call gets its own
-        dense = torch.empty(numel, dtype=dtype)
-    if sparse is None or sparse.numel() < numel:
-        sparse, zeroed = torch.empty(numel, dtype=dtype), (None, 0)
+    with torch.inference_mode(False):  # a buffer made under inference_mode could not be written outside it
+        if dense is None or dense.numel() < numel:  # a nested call gets its own
+            dense = torch.empty(numel, dtype=dtype)
+        if sparse is None or sparse.numel() < numel:
+            sparse, zeroed = torch.empty(numel, dtype=dtype), (None, 0)
     if zeroed[0] != pattern or zeroed[1] < numel:
         sparse[:numel].zero_()
         zeroed = (pattern, numel)

@@ -198,6 +198,16 @@ def test_tiled_workspace_reuse_across_shapes():
     assert_all_close(run("tiled", inputs, 3, "zeros"), run("reference", inputs, 3, "zeros"), atol=1e-5, rtol=1e-5)
 
 
+def test_tiled_trains_after_an_inference_mode_call():
+    """The scratch matrices a call under torch.inference_mode allocates are reused by training calls after it
+    (the time task interleaves them): they must be ordinary tensors, writable outside inference mode."""
+    nb.release_workspace()
+    inputs = make_inputs(8, 8, 3, "shared", False)
+    with torch.inference_mode():
+        neighborhood_attention(*(t.detach() for t in inputs[:3]), 3, backend="tiled")
+    assert_all_close(run("tiled", inputs, 3, "mask"), run("reference", inputs, 3, "mask"), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Border rule and weights.
 
