@@ -10,11 +10,12 @@ What is measured, and how:
 * **params** -- every parameter tensor element, trainable or frozen, each
   shared (tied) parameter counted once.
 * **MACs** -- multiply-accumulates of one forward pass at batch 1 in eval mode,
-  counted by `torch.utils.flop_counter.FlopCounterMode`. It counts the
-  matrix-multiply family (linear, matmul, bmm, convolution, scaled dot-product
-  attention, ...), not element-wise work (activations, normalisation, softmax,
-  pooling). **FLOPs** are ``2 * MACs``, the convention of the SASA and AACN
-  papers; SAN reports MACs.
+  counted by `torch.utils.flop_counter.FlopCounterMode` on meta tensors (shapes
+  only, no arithmetic): convolutions and matrix products, and every attention op
+  by the formula of its math (`common.inspect.flops`: q.k and q.r logits and
+  weighted sums of values; the same count for every backend and device), not
+  element-wise work (activations, normalisation, softmax, pooling). **FLOPs**
+  are ``2 * MACs``, the convention of the SASA and AACN papers; SAN reports MACs.
 * **train img/s** -- images per second of full training steps (zero_grad,
   forward, cross-entropy, backward, SGD step) at ``batch_size``.
 * **infer img/s** -- images per second of eval-mode forward passes under
@@ -53,6 +54,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import UserError
+from common.inspect import flops  # noqa: F401  (SDPA's formulas on every device, before a counter exists)
 
 MB = 2**20  # memory is reported in MiB, which the tables call MB
 _SEED = 0  # synthetic inputs are reproducible from run to run
@@ -95,25 +97,52 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one eval-mode forward pass on a batch-1 input.
+def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one eval-mode forward pass on a batch-1 input of shape ``(1, *input_size)``:
+    half the FLOPs of `count_flops_by_op` (FlopCounterMode counts 2 FLOPs per multiply-add)."""
+    return sum(count_flops_by_op(model, input_size).values()) // 2
 
-    The input has shape ``(1, *input_size)`` and lives on the model's device.
-    FlopCounterMode counts 2 FLOPs per multiply-add, hence ``// 2``. The model
-    is put in eval mode for the pass (so the count does not depend on dropout
-    or batch-norm mode, and BN statistics are not updated) and every module's
-    training flag is restored afterwards; nothing else is touched.
+
+def count_flops_by_op(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """FLOPs of one eval-mode forward pass at batch 1, per op: {"aten.convolution": ..., "attention_flops.
+    neighborhood_attention": ...} (the attention ops of `common.inspect.flops` by their names).
+
+    Counted on meta tensors: `torch.func.functional_call` runs the model with every parameter and buffer
+    replaced by a meta tensor of its shape, so nothing is computed and a 224x224 ResNet-50 costs a fraction of
+    a second. A model that cannot run on meta tensors (one that reads a value with ``.item()``, say) is counted
+    by a real forward pass on its own device instead; the two agree, since every formula reads shapes only.
+    The model is put in eval mode for the pass (so the count does not depend on dropout or batch-norm mode, and
+    BN statistics are not updated) and every module's training flag is restored afterwards; nothing else is
+    touched.
     """
+    with _eval_mode(model), torch.no_grad():
+        try:
+            counts = _flops_on_meta(model, input_size)
+        except Exception:  # noqa: BLE001 - any failure on meta tensors: count on real ones (errors surface there)
+            counts = _flops_on_device(model, input_size)
+    return {str(op): flops for op, flops in counts.items()}
+
+
+def _flops_on_meta(model: nn.Module, input_size: tuple[int, ...]) -> dict:
+    reference = _first_tensor(model)
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    tensors = {name: torch.empty_like(t, device="meta")
+               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    x = torch.empty(1, *input_size, dtype=dtype, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        torch.func.functional_call(model, tensors, (x,), tie_weights=True, strict=False)
+    return counter.get_flop_counts().get("Global", {})
+
+
+def _flops_on_device(model: nn.Module, input_size: tuple[int, ...]) -> dict:
     reference = _first_tensor(model)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     generator = torch.Generator(device=device).manual_seed(_SEED)
     x = torch.randn(1, *input_size, device=device, dtype=dtype, generator=generator)
-
-    counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
+    with FlopCounterMode(display=False) as counter:
         model(x)
-    return counter.get_total_flops() // 2
+    return counter.get_flop_counts().get("Global", {})
 
 
 def _first_tensor(model: nn.Module) -> torch.Tensor | None:

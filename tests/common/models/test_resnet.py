@@ -8,6 +8,7 @@ from torch import nn
 
 from common.models.resnet import ConvMixer
 from common.registry import create_model
+from tests.helpers import metafile_entry, paper_gflops
 
 
 def n_params(model):
@@ -81,3 +82,9 @@ def test_mixer_options_can_differ_per_stage():
     assert model.stages[0][0].mix1.kernel_size == (5, 5) and model.stages[1][0].mix1.kernel_size == (1, 1)
     with pytest.raises(ValueError, match="one entry per stage"):
         create_model("resnet", layers=[1, 1], widths=[8, 16], mixer_kwargs=[{}])
+
+
+@pytest.mark.parametrize("name", ["resnet26", "resnet50"])
+def test_imagenet_resnets_count_the_papers_flops(name):
+    ours, paper, _ = paper_gflops(metafile_entry("baselines", name))
+    assert abs(ours / paper - 1) < 0.10, (ours, paper)
