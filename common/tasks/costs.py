@@ -22,6 +22,9 @@ from common.train.distributed import select_device
 from common.train.engine import AMP_DTYPES, build_model
 
 SHARED_SETTINGS = ("budget_s", "warmup", "iters", "latency_iters")  # settings of the call, not of one model
+# time.batch_size unless set: on the CPU a batch of 64 costs the larger CIFAR models several seconds per training
+# step, and configs/compare/cifar.yaml would not fit its 10-minute budget even with the fewest rounds.
+DEFAULT_BATCH = {"cuda": 64, "cpu": 16}
 
 
 def _model_for(cfg: Config, load: str | None) -> nn.Module:
@@ -54,9 +57,11 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
     specs = []
     for cfg in cfgs:
         input_size, _ = input_spec(cfg.data)
-        specs.append(ModelSpec(cfg.name, _model_for(cfg, load), input_size=input_size,
-                               batch_size=cfg.time.batch_size, device=str(select_device(cfg.device)),
-                               amp_dtype=AMP_DTYPES[cfg.train.amp], channels_last=cfg.train.channels_last))
+        device = select_device(cfg.device)
+        batch_size = cfg.time.batch_size or DEFAULT_BATCH.get(device.type, 64)
+        specs.append(ModelSpec(cfg.name, _model_for(cfg, load), input_size=input_size, batch_size=batch_size,
+                               device=str(device), amp_dtype=AMP_DTYPES[cfg.train.amp],
+                               channels_last=cfg.train.channels_last))
     results = measure_all(specs, warmup=settings["warmup"], iters=settings["iters"],
                           latency_iters=settings["latency_iters"], budget_s=settings["budget_s"] * len(specs),
                           progress=Progress(quiet=quiet))

@@ -42,12 +42,12 @@ def test_time_settings_of_the_call_must_agree(write_config, tmp_path):
 
 
 def test_time_loads_a_checkpoint_and_rejects_load_with_several_configs(write_config, tmp_path):
-    cfg = write_config({"train": {"epochs": 1}, "time": {"batch_size": 2, "budget_s": 1, "warmup": 0, "iters": 1,
-                                                         "latency_iters": 1}})
+    cfg = write_config({"train": {"epochs": 1}, "time": {"budget_s": 1, "warmup": 0, "iters": 1, "latency_iters": 1}})
     run = tmp_path / "run"
     assert run_main("--config", str(cfg), "--output", str(run)).returncode == 0
     ok = run_main("--config", str(cfg), "--task", "time", "--load", str(run), "--output", str(tmp_path / "t"))
     assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "t" / "time.json").read_text())[0]["batch_size"] == 16  # the CPU's default
     bad = run_main("--config", str(cfg), "--config", str(cfg), "--task", "time", "--load", str(run))
     assert bad.returncode == 2 and "--load gives weights for one model" in bad.stderr
 
