@@ -163,7 +163,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
             raise UserError("--task eval needs --load CHECKPOINT_OR_RUN_DIR")
         tasks.evaluate_checkpoint(cfgs[0] if cfgs else None, load, output)
     elif task == "time":
-        tasks.time_models(cfgs, load=load, output=output)
+        tasks.time_models(cfgs, load=load, output=output, quiet=quiet)
     elif task in ("viz", "viz_1"):
         tasks.visualize(task, cfgs[0] if cfgs else None, load=load, output=output, image=image, index=index,
                         pixel=pixel, layers=layers)

@@ -18,12 +18,21 @@ views re-index them by absolute key row and column. Nothing of size
   and the log-sum-exp for backward. The price: H + W more dimensions in q'.k'.
 - `attention_probabilities` builds the probabilities for the attention-capture
   contract (and the tests): the per-axis logits broadcast-added to q k^T.
+
+Cost of `relative_attention`, counted by torch.utils.flop_counter whatever the
+SDPA kernel (`relative_attention_macs`, convention in common/inspect/flops.py):
+B * heads * HW * (HW * (d_k + d_v) + (H + W) * d_k) multiply-accumulates:
+q . k and the weighted sum of v for every query-key pair, and the H row and
+W column logits q_i . r of every query. Not the fused call's padding, one-hot
+columns or unused table offsets; not the softmax or the logit additions.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from common.inspect.flops import counted_op
 
 # Flash attention (CPU and CUDA) needs one head width for q, k and v, so all three are zero-padded to a
 # common width; a multiple of 8 was ~8% faster than an unaligned one on CPU (74 -> 80 at 32x32, dk_h 10).
@@ -69,6 +78,15 @@ def _concat_padded(parts: list[torch.Tensor], width: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def relative_attention_macs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], scale: float,
+                            rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> int:
+    """Multiply-accumulates of `relative_attention` (see the module docstring); its FLOPs are twice this."""
+    b, heads, length, dk = q.shape
+    relative = (grid[0] + grid[1]) * dk if rows is not None else 0
+    return b * heads * length * (k.shape[2] * (dk + v.shape[-1]) + relative)
+
+
+@counted_op("aacn_relative_attention", macs=relative_attention_macs)
 def relative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], scale: float,
                        rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
     """softmax_j(scale (q_i . k_j + A_H[i, row j] + A_W[i, col j])) v_j for every query, via one SDPA call.

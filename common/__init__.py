@@ -11,8 +11,9 @@ Layers, lowest first; a module imports only from its own layer and the ones belo
     train/                     the training engine: optimisers, checkpoints, distributed, EMA, logging
     tasks/                     what each `main.py --task` does
 
-The capture contract (`inspect.capture`) is the one exception: it needs only torch and every layer may
-import it, so attention kernels can record their maps. Paper packages reach the core through the
+The two contracts are the exceptions: the capture contract (`inspect.capture`) and the FLOP-count contract
+(`inspect.flops`) need only torch and every layer may import them, so attention kernels can record their maps
+and count the FLOPs of their math. Paper packages reach the core through the
 registries (models, mixers, stems, figure tasks) and the model hooks; `registry.MODEL_PACKAGES` is the
 one place here that names them (tests/common/test_layering.py checks both rules).
 """

@@ -160,10 +160,13 @@ class LogConfig:
 
 @dataclass
 class TimeConfig:
-    batch_size: int = _bounded(64, lo=1)
-    warmup: int = _bounded(3, lo=0)
-    iters: int = _bounded(10, lo=1)
-    latency_iters: int = _bounded(30, lo=1)
+    batch_size: Optional[int] = _bounded(None, lo=1)  # default: 64 on CUDA, 16 on the CPU (see tasks/costs.py)
+    # Seconds of measurement per model; the models of one call share their budgets (their rounds interleave).
+    # 35 s x 17 models: configs/compare/cifar.yaml takes about 10 minutes on 2 CPU cores.
+    budget_s: float = _bounded(35.0, lo=0.0, lo_open=True)
+    warmup: int = _bounded(1, lo=0)  # untimed calls of each workload before the rounds
+    iters: int = _bounded(3, lo=1)  # at least this many timed training steps and inference passes per model
+    latency_iters: int = _bounded(10, lo=1)  # at least this many timed batch-1 calls per model
 
 
 @dataclass

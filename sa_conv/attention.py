@@ -19,6 +19,15 @@ position table is ever a buffer and checkpoints hold only parameters.
   in the isotropic case: the centre is exactly where the parameters say.
 - `LearnedPositionScores` (w.r, positional only): a_h(delta) = w_row_h . row(dy) + w_col_h . col(dx).
 - `ContentScores` (q.r, or q.k + q.r): a_h(q, k) = (q_h . k_h + q_h . [row(dy), col(dx)]) / sqrt(hidden).
+
+Cost, in multiply-accumulates per image of Q = H*W tokens (the convention of common/inspect/flops.py, which
+torch.utils.flop_counter follows here): the weighted sums heads * Q^2 * hidden and W_value Q * heads * hidden^2,
+plus the scores. None for the Gaussian ones (the quadratic form of an offset is element-wise; the anisotropic
+ones add the 2x2 product S_h S_h^T of each head); the tables times w for the learned ones (heads * (2G_h - 1 +
+2G_w - 1) * embedding_size, once per batch); for q.r the query projection Q * hidden * heads * hidden and
+`relative_logits` (heads * Q * (H + W) * hidden / 2: the H row and W column logits of every query, counted as
+such rather than as the matrix product over every table row that computes them); q.k adds the key projection
+and heads * Q^2 * hidden. The softmax is not counted.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import torch
 from torch import nn
 
 from common.inspect.capture import AttentionLayer
+from common.inspect.flops import counted_op
 from common.models.weight_decay import mark_no_weight_decay
 
 ATTENTIONS = ("quadratic", "quadratic_aniso", "learned", "learned_query", "learned_content")
@@ -52,6 +62,32 @@ def _combine_axes(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     w = col.shape[-2]
     out = row[..., :, None, :, None] + col[..., None, :, None, :]
     return out.reshape(*lead, h * w, h * w)
+
+
+def relative_logits_macs(q: torch.Tensor, row: torch.Tensor, col: torch.Tensor, iy: torch.Tensor,
+                         ix: torch.Tensor) -> int:
+    """Multiply-accumulates of `relative_logits`: B * heads * H * W * (H + W) * embedding_size."""
+    b, heads, height, width, _ = q.shape
+    return b * heads * height * width * (height + width) * row.shape[1]
+
+
+@counted_op("sa_conv_relative_logits", macs=relative_logits_macs)
+def relative_logits(q: torch.Tensor, row: torch.Tensor, col: torch.Tensor, iy: torch.Tensor,
+                    ix: torch.Tensor) -> torch.Tensor:
+    """q . [row(dy), col(dx)] for every (query, key) pair of an H x W grid: (B, heads, H*W, H*W).
+
+    q: (B, heads, H, W, 2e), its first half against the row table (2G_h - 1, e), its second against the
+    column table (2G_w - 1, e); iy (H, H) and ix (W, W): the table rows of the (query, key) offsets.
+    """
+    b, heads, height, width, _ = q.shape
+    e = row.shape[1]
+    # q . row(dy) for every table row, then pick the row of each (query row, key row) pair.
+    qr_row = q[..., :e] @ row.to(q.dtype).t()  # (B, heads, H, W, 2Gh - 1)
+    qr_col = q[..., e:] @ col.to(q.dtype).t()
+    by_row = torch.gather(qr_row, -1, iy[:, None, :].expand(b, heads, height, width, height))
+    by_col = torch.gather(qr_col, -1, ix[None, :, :].expand(b, heads, height, width, width))
+    logits = by_row[..., :, None] + by_col[..., None, :]  # (B, heads, H, W, Hk, Wk)
+    return logits.reshape(b, heads, height * width, height * width)
 
 
 class GaussianScores(nn.Module):
@@ -173,16 +209,8 @@ class ContentScores(_RelativeTables):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, heads, H*W, H*W)."""
         b, height, width, _ = x.shape
-        e = self.row.shape[1]
         q = self.query(x).reshape(b, height, width, self.heads, self.hidden).permute(0, 3, 1, 2, 4) * self.scale
-        iy, ix = self.offset_index(height, width, x.device)
-        # q . row(dy) for every table row, then pick the row of each (query row, key row) pair.
-        qr_row = q[..., :e] @ self.row.to(q.dtype).t()  # (B, heads, H, W, 2Gh - 1)
-        qr_col = q[..., e:] @ self.col.to(q.dtype).t()
-        row = torch.gather(qr_row, -1, iy[:, None, :].expand(b, self.heads, height, width, height))
-        col = torch.gather(qr_col, -1, ix[None, :, :].expand(b, self.heads, height, width, width))
-        logits = row[..., :, None] + col[..., None, :]  # (B, heads, H, W, Hk, Wk)
-        logits = logits.reshape(b, self.heads, height * width, height * width)
+        logits = relative_logits(q, self.row, self.col, *self.offset_index(height, width, x.device))
         if self.key is not None:
             k = self.key(x).reshape(b, height * width, self.heads, self.hidden).transpose(1, 2)
             logits = logits + q.reshape(b, self.heads, height * width, self.hidden) @ k.transpose(-1, -2)
@@ -266,4 +294,4 @@ def init_bert_(module: nn.Module) -> None:
 
 
 __all__ = ["ATTENTIONS", "ContentScores", "DROPOUT_MASKS", "GaussianScores", "INITS", "ImageSelfAttention",
-           "LearnedPositionScores", "init_bert_", "relative_offsets"]
+           "LearnedPositionScores", "init_bert_", "relative_logits", "relative_offsets"]

@@ -8,6 +8,10 @@ as in the official code: value channel c uses weight group c mod G. Viewing the 
 time from a padded copy of the values, in forward and in backward, and saves only the weights and
 the (unexpanded) values. `aggregate_unfold` is the straightforward unfold formulation, kept as the
 test oracle and the benchmark's reference.
+
+Cost: B * C * H * W * k^2 multiply-accumulates (one per value channel and footprint offset), for both
+formulations: torch.utils.flop_counter counts this formula (`aggregation_macs`, registered through
+`common.inspect.flops`), not the element-wise ops that compute it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from common.inspect.flops import counted_op
 from san.footprint import offsets, pad, pad_adjoint, windows
 
 
@@ -66,6 +71,12 @@ class _Aggregate(torch.autograd.Function):
         return grad_weights, grad_values, None, None
 
 
+def aggregation_macs(weights: torch.Tensor, values: torch.Tensor, kernel_size: int, padding: str) -> int:
+    """Multiply-accumulates of the aggregation: B * C * H * W * k^2 (FLOPs: twice that)."""
+    return values.numel() * kernel_size * kernel_size
+
+
+@counted_op("san_aggregation", macs=aggregation_macs)
 def aggregate(weights: torch.Tensor, values: torch.Tensor, kernel_size: int, padding: str) -> torch.Tensor:
     """(B, G, k*k, H, W), (B, C, H, W) -> (B, C, H, W), without a k*k-expanded copy of the values."""
     needs_grad = torch.is_grad_enabled() and (weights.requires_grad or values.requires_grad)
@@ -77,6 +88,7 @@ def aggregate(weights: torch.Tensor, values: torch.Tensor, kernel_size: int, pad
     return _accumulate(weights, padded, kernel_size).flatten(1, 2)
 
 
+@counted_op("san_aggregation", macs=aggregation_macs)
 def aggregate_unfold(weights: torch.Tensor, values: torch.Tensor, kernel_size: int, padding: str) -> torch.Tensor:
     """The straightforward formulation: unfold the values to (B, C, k*k, H*W), multiply, sum."""
     b, groups, kk, h, w = weights.shape

@@ -38,3 +38,31 @@ def run_main(*args: str, cwd: Path | None = None, timeout: float = 300, env: dic
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def metafile_entry(family: str, name: str, **kwargs) -> dict:
+    """The entry of configs/<family>/metafile.yaml for model `name` with exactly these kwargs."""
+    entries = yaml.safe_load((REPO / "configs" / family / "metafile.yaml").read_text())["models"]
+    for entry in entries:
+        if entry["name"] == name and (entry.get("kwargs") or {}) == kwargs:
+            return entry
+    raise KeyError(f"no {name} {kwargs} in configs/{family}/metafile.yaml")
+
+
+def paper_gflops(entry: dict) -> tuple[float, float, dict[str, int]]:
+    """(our GFLOPs of the entry's model counted as its paper counts, the paper's GFLOPs, our FLOPs per op).
+
+    One forward pass at batch 1 at the dataset's resolution (224x224 for ImageNet), counted on meta tensors;
+    the ops named in reference.gflops_excludes (what the paper leaves out) are not in the first figure. SAN's
+    reference.gmacs are turned into GFLOPs (x 2)."""
+    from common.inspect.timing import count_flops_by_op
+    from common.train.engine import build_model
+
+    size = (3, 224, 224) if entry["dataset"] == "imagenet" else (3, 32, 32)
+    classes = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}[entry["dataset"]]
+    counts = count_flops_by_op(build_model(entry["name"], entry.get("kwargs", {}), classes), size)
+    reference = entry["reference"]
+    excluded = set(reference.get("gflops_excludes", []))
+    ours = sum(flops for op, flops in counts.items() if op.split(".")[-1] not in excluded) / 1e9
+    paper = reference["gflops"] if "gflops" in reference else 2 * reference["gmacs"]
+    return ours, paper, counts

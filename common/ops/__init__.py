@@ -4,6 +4,6 @@
   `reference`, `tiled` and `triton` backends behind one function;
 - `neighborhood_triton`: the fused Triton kernels, imported lazily on the first CUDA call.
 
-May import: torch, the foundation (errors, config, registry) and `common.inspect.capture`. Never
-`data`, `train`, `tasks` or the rest of `inspect`.
+May import: torch, the foundation (errors, config, registry), `common.inspect.capture` and
+`common.inspect.flops`. Never `data`, `train`, `tasks` or the rest of `inspect`.
 """

@@ -14,6 +14,11 @@ on the query; at the image border it is clipped, not shifted.
   border="zeros": they are zero keys and values (the public SASA code), so they
   still get the weight exp(q . rel_pos[o]).
 
+Cost, counted by torch.utils.flop_counter the same for every backend (`neighborhood_macs`, convention in
+common/inspect/flops.py): B * heads * H * W * k^2 * (d + d_v), plus B * heads * H * W * k^2 * d with rel_pos
+(q . rel_pos[o] is a dot product of its own), multiply-accumulates; the whole window counts for every query, at
+the border too. The softmax and window_mask are element-wise and not counted.
+
 Backends share this signature; `reference` is the plain unfold formulation and
 the test oracle for the others. `backend="auto"` picks "tiled" on the CPU and, on
 CUDA, "triton" (common/neighborhood_triton.py, imported lazily on the first CUDA
@@ -74,6 +79,7 @@ import torch
 import torch.nn.functional as F
 
 from common.inspect.capture import windows_to_dense
+from common.inspect.flops import counted_op
 from common.ops import neighborhood_cpu
 
 BORDERS = ("mask", "zeros")
@@ -320,10 +326,11 @@ def _workspace(g: _Tiling, dtype: torch.dtype, device: torch.device):
     numel, pattern = math.prod(shape), (g.th, g.tw, g.k)
     pool = _WORKSPACE.__dict__.setdefault("buffers", {})
     dense, sparse, zeroed = pool.pop(dtype, (None, None, (None, 0)))  # popped while in use: a nested
-    if dense is None or dense.numel() < numel:                          # call gets its own
-        dense = torch.empty(numel, dtype=dtype)
-    if sparse is None or sparse.numel() < numel:
-        sparse, zeroed = torch.empty(numel, dtype=dtype), (None, 0)
+    with torch.inference_mode(False):  # a buffer made under inference_mode could not be written outside it
+        if dense is None or dense.numel() < numel:  # a nested call gets its own
+            dense = torch.empty(numel, dtype=dtype)
+        if sparse is None or sparse.numel() < numel:
+            sparse, zeroed = torch.empty(numel, dtype=dtype), (None, 0)
     if zeroed[0] != pattern or zeroed[1] < numel:
         sparse[:numel].zero_()
         zeroed = (pattern, numel)
@@ -653,6 +660,15 @@ def select_backend(q: torch.Tensor, needs_grad: bool, k=None, v=None, kernel_siz
     return "tiled" if "tiled" in BACKENDS else "reference"
 
 
+def neighborhood_macs(q, k, v, kernel_size: int, rel_pos=None, window_mask=None, border: str = "mask",
+                      backend: str = "auto", return_weights: bool = False) -> int:
+    """Multiply-accumulates of `neighborhood_attention` (see the module docstring): its FLOP count is twice this."""
+    b, heads, h, w, d = q.shape
+    logit_width = 2 * d if rel_pos is not None else d
+    return b * heads * h * w * kernel_size * kernel_size * (logit_width + v.shape[-1])
+
+
+@counted_op("neighborhood_attention", macs=neighborhood_macs)
 def neighborhood_attention(q, k, v, kernel_size: int, rel_pos=None, window_mask=None, border: str = "mask",
                            backend: str = "auto", return_weights: bool = False):
     """Local-window attention; see the module docstring. Returns out (B, heads, H, W, d) [, weights]."""

@@ -165,3 +165,16 @@ def test_stride_pools_after_attention_and_bf16_autocast_runs():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(torch.randn(2, 8, 6, 10))
     assert y.shape == (2, 8, 3, 5) and torch.isfinite(y.float()).all()
+
+
+def test_flops_count_the_window_the_layer_computes():
+    """The adaptive layer runs the smallest window that holds every head's mask; its FLOPs are that window's
+    (counted on real tensors: the window size is read from z, which meta tensors do not hold)."""
+    from common.inspect.timing import count_macs
+
+    m = adaptive(z=(0.2, 0.45)).float()
+    h, w, c_in, c_out = 9, 9, 4, 8
+    window = m.window(h, w)
+    assert window < 2 * m.span.max_span + 1
+    macs = 3 * h * w * c_in * c_out + h * w * window * window * 3 * c_out  # projections; q.k, q.r, sum of v
+    assert count_macs(m, (c_in, h, w)) == macs

@@ -13,7 +13,7 @@ COMMON = REPO / "common"
 PAPER_PACKAGES = {"sasa", "adaptive_span", "aacn", "sa_conv", "san", "vit"}
 # Lowest first: a module may import its own layer and the ones below it.
 LAYERS = {"foundation": 0, "ops": 1, "models": 2, "data": 3, "inspect": 4, "train": 5, "tasks": 6}
-IMPORTABLE_EVERYWHERE = {"common.inspect.capture"}  # the capture contract (torch only)
+IMPORTABLE_EVERYWHERE = {"common.inspect.capture", "common.inspect.flops"}  # the two contracts (torch only)
 
 
 def module_name(path: Path) -> str:
@@ -83,8 +83,9 @@ def test_each_subpackage_says_what_it_holds_and_may_import():
         assert doc and ("May import" in doc or "may import" in doc), f"common/{name}/__init__.py"
 
 
-def test_the_capture_contract_loads_without_matplotlib_or_the_training_stack():
-    code = ("import sys, common.inspect.capture, common.ops.neighborhood, common.models.resnet\n"
+def test_the_contracts_load_without_matplotlib_or_the_training_stack():
+    code = ("import sys, common.inspect.capture, common.inspect.flops, common.ops.neighborhood\n"
+            "import common.models.resnet\n"
             "heavy = [m for m in ('matplotlib', 'common.train', 'common.tasks', 'common.data') if m in sys.modules]\n"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -223,3 +223,18 @@ def test_official_init_is_lee_et_al():
         assert official.eval()(x).std() > 5 * ours.eval()(x).std()
     with pytest.raises(ValueError, match="init"):
         create_model("vit_cifar", init="xavier")
+
+
+@pytest.mark.parametrize("locality", [False, True])
+def test_attention_flops_are_counted_on_the_cpu_kernel(locality):
+    """torch 2.14 counts nothing for its CPU flash kernel; common.inspect.flops gives it torch's SDPA formula."""
+    from common.inspect.timing import count_macs
+    from vit.attention import TokenSelfAttention
+
+    torch.manual_seed(0)
+    dim, heads, head_dim, grid = 12, 2, 8, (3, 4)
+    tokens = 1 + grid[0] * grid[1]
+    layer = TokenSelfAttention(dim, heads, grid, head_dim=head_dim, locality=locality)
+    linear = tokens * dim * 3 * heads * head_dim + tokens * heads * head_dim * dim  # qkv and the output projection
+    attention = heads * tokens * tokens * 2 * head_dim  # q.k and the weighted sum of v, the masked diagonal too
+    assert count_macs(layer, (tokens, dim)) == linear + attention

@@ -103,7 +103,8 @@ def test_config_lists_expand_and_are_validated(write_config, tmp_path):
             expand_config_lists([bad])
     out = tmp_path / "time"
     result = run_main("--task", "time", "--config", str(good), "--set", "time.batch_size=2", "--set",
-                      "time.iters=1", "--set", "time.warmup=0", "--set", "time.latency_iters=1", "--output", str(out))
+                      "time.budget_s=0.5", "--set", "time.iters=1", "--set", "time.warmup=0", "--set",
+                      "time.latency_iters=1", "--output", str(out))
     assert result.returncode == 0, result.stderr
     records = json.loads((out / "time.json").read_text())
     assert [r["model"] for r in records] == ["a", "b"] and all(r["batch_size"] == 2 for r in records)

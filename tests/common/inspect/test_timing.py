@@ -3,21 +3,28 @@ sanity on a tiny CPU model, CPU peak memory on known allocations, and output
 files. No assertion depends on wall-clock values."""
 
 import dataclasses
+import io
 import json
 import math
+import os
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from common.errors import UserError
+from common.inspect.rounds import Progress, Workload, run_rounds
 from common.inspect.timing import (
+    ModelSpec,
     TimingResult,
     _cpu_peak_bytes,
     count_macs,
     count_params,
     format_table,
     measure,
+    measure_all,
+    timed_rounds,
     write_results,
 )
 
@@ -150,12 +157,11 @@ def test_cpu_peak_memory_grows_with_batch():
     assert 0 < small < large
 
 
-def fake(name: str) -> TimingResult:
-    return TimingResult(
-        model=name, params=1_500_000, macs=2_000_000_000, flops=4_000_000_000,
-        train_img_s=100.0, infer_img_s=300.0, latency_ms=5.0, latency_ms_std=0.5,
-        peak_mem_mb=123.4, device="cpu (2 threads)", batch_size=64,
-    )
+def fake(name: str, **fields) -> TimingResult:
+    return TimingResult(**{
+        "model": name, "params": 1_500_000, "macs": 2_000_000_000, "flops": 4_000_000_000,
+        "train_img_s": 100.0, "infer_img_s": 300.0, "latency_ms": 5.0, "latency_ms_std": 0.5,
+        "peak_mem_mb": 123.4, "device": "cpu (2 threads)", "batch_size": 64, **fields})
 
 
 def test_write_results(tmp_path):
@@ -175,6 +181,77 @@ def test_write_results(tmp_path):
 def test_format_table_units():
     table = format_table([fake("m")])
     lines = table.strip().splitlines()
-    assert len(lines) == 3  # header, separator, one row
+    assert len(lines) == 3  # header, separator, one row: no rounds, no line about them
     row = [cell.strip() for cell in lines[2].strip("|").split("|")]
-    assert row[:8] == ["m", "1.50", "2.000", "4.000", "100.0", "300.0", "5.00 ± 0.50", "123.4"]
+    assert row[:10] == ["m", "1.50", "2.000", "4.000", "100.0", "n/a", "300.0", "n/a", "5.00 ± 0.50", "123.4"]
+
+
+def test_format_table_ratios_rounds_and_load():
+    results = [fake("base", train_vs_first=1.0, infer_vs_first=1.0, rounds=4, load_avg=2.25),
+               fake("slow", train_vs_first=3.5, infer_vs_first=2.125, rounds=4, load_avg=2.25)]
+    lines = format_table(results).strip().splitlines()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:4]]
+    assert [row[5] for row in rows] == ["1.00", "3.50"] and [row[7] for row in rows] == ["1.00", "2.12"]
+    assert lines[-1].startswith("4 interleaved rounds") and "load average 2.2" in lines[-1]
+
+
+# --------------------------------------------------------------------------
+# Several models: interleaved rounds, ratios to the first, the budget, progress
+
+
+def test_measure_all_interleaves_and_gives_ratios_to_the_first():
+    small, wide = tiny_net(), nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 5))
+    stream = io.StringIO()
+    results = measure_all([ModelSpec("small", small, INPUT, batch_size=4), ModelSpec("wide", wide, INPUT, batch_size=4)],
+                          warmup=1, iters=2, latency_iters=4, progress=Progress(stream))
+    assert [r.model for r in results] == ["small", "wide"]
+    assert results[0].train_vs_first == results[0].infer_vs_first == 1.0
+    assert all(r.rounds == results[0].rounds >= 2 for r in results)
+    assert all(r.train_vs_first > 0 and r.infer_vs_first > 0 for r in results)
+    assert results[1].macs > 50 * results[0].macs
+    if hasattr(os, "getloadavg"):
+        assert all(r.load_avg is not None and r.load_avg >= 0 for r in results)
+    log = stream.getvalue()
+    assert "time: 2 models" in log and "[1/2] small" in log and "[2/2] wide" in log and "round 1" in log
+
+
+def test_without_a_budget_no_more_rounds_than_iters():
+    # a cheap step is repeated within a sample, so fewer rounds than iters may already give iters timed steps
+    (result,) = measure_all([ModelSpec("tiny", tiny_net(), INPUT, batch_size=2)], warmup=1, iters=3,
+                            latency_iters=7)
+    assert 1 <= result.rounds <= 3
+
+
+def test_rounds_stop_at_the_budget_and_never_below_the_minimum():
+    nap = Workload("nap", lambda: time.sleep(0.01))
+    rounds = run_rounds([nap], min_rounds=2, deadline=time.perf_counter() + 0.15)
+    assert 2 <= rounds.count <= 16 and len(nap.samples) == rounds.count  # a round lasts at least 10 ms
+    late = Workload("late", lambda: None)
+    assert run_rounds([late], min_rounds=3, deadline=time.perf_counter() - 1).count == 3
+    assert run_rounds([late], min_rounds=4).count == 4 and len(late.samples) == 7  # no budget: the minimum
+
+
+def test_samples_of_cheap_workloads_repeat_them():
+    cheap, slow = Workload("cheap", lambda: None), Workload("slow", lambda: time.sleep(0.06))
+    cheap.warm_up(1)
+    slow.warm_up(1)
+    assert cheap.calls > 1 and slow.calls == 1
+    latency = Workload("latency", lambda: None, each=True, calls=5)
+    latency.sample()
+    assert len(latency.samples) == 1 and len(latency.samples[0]) == 5
+
+
+def test_timed_rounds_for_the_benches():
+    seconds = timed_rounds({"a": lambda: None, "b": lambda: time.sleep(0.002)}, repeats=3,
+                           device=torch.device("cpu"), warmup=1)
+    assert set(seconds) == {"a", "b"} and seconds["b"] >= 0.002 > seconds["a"]
+
+
+def test_measure_all_rejects_bad_arguments():
+    with pytest.raises(UserError, match="budget"):
+        measure_all([ModelSpec("x", tiny_net(), INPUT)], budget_s=0)
+    with pytest.raises(UserError, match="batch_size of x"):
+        measure_all([ModelSpec("x", tiny_net(), INPUT, batch_size=0)])
+    with pytest.raises(UserError, match="at least one model"):
+        measure_all([])

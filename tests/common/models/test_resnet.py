@@ -8,6 +8,7 @@ from torch import nn
 
 from common.models.resnet import ConvMixer
 from common.registry import create_model
+from tests.helpers import metafile_entry, paper_gflops
 
 
 def n_params(model):
@@ -111,3 +112,9 @@ def test_head_init_normal_is_mmpretrains_linear_cls_head(name):
     assert torch.count_nonzero(normal.bias) == 0
     with pytest.raises(ValueError, match="head_init"):
         create_model(name, head_init="zeros")
+
+
+@pytest.mark.parametrize("name", ["resnet26", "resnet50"])
+def test_imagenet_resnets_count_the_papers_flops(name):
+    ours, paper, _ = paper_gflops(metafile_entry("baselines", name))
+    assert abs(ours / paper - 1) < 0.10, (ours, paper)

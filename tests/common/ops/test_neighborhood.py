@@ -198,6 +198,16 @@ def test_tiled_workspace_reuse_across_shapes():
     assert_all_close(run("tiled", inputs, 3, "zeros"), run("reference", inputs, 3, "zeros"), atol=1e-5, rtol=1e-5)
 
 
+def test_tiled_trains_after_an_inference_mode_call():
+    """The scratch matrices a call under torch.inference_mode allocates are reused by training calls after it
+    (the time task interleaves them): they must be ordinary tensors, writable outside inference mode."""
+    nb.release_workspace()
+    inputs = make_inputs(8, 8, 3, "shared", False)
+    with torch.inference_mode():
+        neighborhood_attention(*(t.detach() for t in inputs[:3]), 3, backend="tiled")
+    assert_all_close(run("tiled", inputs, 3, "mask"), run("reference", inputs, 3, "mask"), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Border rule and weights.
 
@@ -426,3 +436,44 @@ def test_even_head_dim_errors():
         nb.even_head_dim(30, 8)
     with pytest.raises(ValueError, match="must be even"):
         nb.even_head_dim(24, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs: every backend counts the docstring's formula under torch.utils.flop_counter, forward and backward, and
+# computes exactly what it computes outside the counter.
+
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+@pytest.mark.parametrize("rel,mask,border,dv", [(None, False, "mask", D), ("shared", True, "zeros", 6),
+                                                ("per_head", True, "mask", D)])
+def test_flops_are_the_formula_for_every_backend(backend, rel, mask, border, dv):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kernel = 3
+    inputs = make_inputs(5, 6, kernel, rel=rel, mask=mask, dv=dv)
+    q, k, v, rel_pos, window_mask = inputs
+    with FlopCounterMode(display=False) as counter:
+        counted = run(backend, inputs, kernel, border, weights_grad=True)
+    logit_width = D * (2 if rel else 1)
+    macs = B * HEADS * 5 * 6 * kernel * kernel * (logit_width + dv)
+    assert nb.neighborhood_macs(q, k, v, kernel, rel_pos=rel_pos) == macs
+    assert {str(op): n for op, n in counter.get_flop_counts()["Global"].items()} == {
+        "attention_flops.neighborhood_attention": 2 * macs,
+        "attention_flops.neighborhood_attention_backward": 4 * macs}
+    assert_all_close(counted, run(backend, inputs, kernel, border, weights_grad=True), atol=0.0)
+
+
+def test_flops_of_a_recording_layer_and_without_grad():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from common.inspect.capture import AttentionLayer, record_attention
+
+    class Layer(AttentionLayer, torch.nn.Module):
+        def forward(self, q):
+            return nb.attend_and_record(self, q, q, q, 5)
+
+    layer, (q, _, _, _, _) = Layer(), make_inputs(4, 5, 5)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, record_attention(layer) as maps:
+        out = layer(q)
+    assert counter.get_total_flops() == 2 * B * HEADS * 4 * 5 * 25 * 2 * D
+    assert len(maps) == 1
+    torch.testing.assert_close(out, reference_attention(q, q, q, 5), atol=1e-5, rtol=1e-5)
