@@ -55,42 +55,6 @@ def _build_and_load() -> None:
     path = jit_build.build(NAME, SOURCE, FLAGS + compile_flags + link_flags)
     torch.ops.load_library(str(path))
     _register_fakes()
-    _register_flop_formulas()
-
-
-def _register_flop_formulas() -> None:
-    """What torch.utils.flop_counter counts for the two ops (2 FLOPs per multiply-add): the products of the
-    attention core, as for a matmul formulation of the same maths -- q.k and p.v forward; dP = grad_out.v, dq,
-    dk, dv backward, each one window's worth per query. The embedding's additions, the softmax and the logits
-    that backward recomputes are not counted (as for the other backends' element-wise work)."""
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.neighborhood_cpu.forward, get_raw=True)
-    def _forward(q, k, v, rel_pos, window_mask, kernel_size, border_mask, return_weights, out_val=None):
-        b, heads, h, w, d = q.shape
-        return 2 * b * heads * h * w * kernel_size * kernel_size * (d + v.shape[-1])
-
-    @register_flop_formula(torch.ops.neighborhood_cpu.backward, get_raw=True)
-    def _backward(grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border_mask, need_bits,
-                  out_val=None):
-        b, heads, h, w, d = q.shape
-        dv = v.shape[-1] if grad_out is not None else 0
-        width = dv + (d if need_bits & 1 else 0) + (d if need_bits & 2 else 0) + (dv if need_bits & 4 else 0)
-        return 2 * b * heads * h * w * kernel_size * kernel_size * width
-
-    # A FlopCounterMode copies the registry when it is created; the first use (which loads the library) may come
-    # inside one (the `time` task's MAC count), which would then not count this call.
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-        from torch.utils.flop_counter import FlopCounterMode
-
-        for mode in _get_current_dispatch_mode_stack():
-            counter = getattr(mode, "counter", mode)  # FlopCounterMode enters a _FlopCounterMode holding it
-            if isinstance(counter, FlopCounterMode):
-                counter.flop_registry.setdefault(torch.ops.neighborhood_cpu.forward, _forward)
-                counter.flop_registry.setdefault(torch.ops.neighborhood_cpu.backward, _backward)
-    except (ImportError, AttributeError):  # private torch API; without it only that first call goes uncounted
-        pass
 
 
 def _register_fakes() -> None:
