@@ -9,6 +9,7 @@ from torch import nn
 from common.config import Config
 from common.data.loaders import input_spec
 from common.errors import UserError
+from common.files import check_output_dir
 from common.inspect.timing import format_table, measure, write_results
 from common.tasks.run_folder import load_weights, timestamp
 from common.train import checkpoint as ckpt
@@ -21,7 +22,7 @@ def _model_for(cfg: Config, load: str | None) -> nn.Module:
     model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
     if load:
         path = ckpt.resolve_checkpoint(load)
-        load_weights(model, ckpt.load_checkpoint(path), path)
+        load_weights(model, ckpt.load_checkpoint(path, needs=("model",)), path)
     return model
 
 
@@ -29,6 +30,8 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
     """Params, MACs/FLOPs, throughput, latency and peak memory of each config's model, as one table."""
     if load and len(cfgs) > 1:
         raise UserError("--load gives weights for one model: use it with a single --config")
+    out_dir = Path(output) if output else Path(cfgs[0].output_root) / "time" / timestamp()
+    check_output_dir(out_dir, "--output" if output else "output_root")
     models = [(cfg, _model_for(cfg, load)) for cfg in cfgs]
     results = []
     for cfg, model in models:
@@ -38,7 +41,6 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
                                device=str(device), warmup=cfg.time.warmup, iters=cfg.time.iters,
                                latency_iters=cfg.time.latency_iters, amp_dtype=AMP_DTYPES[cfg.train.amp],
                                channels_last=cfg.train.channels_last))
-    out_dir = Path(output) if output else Path(cfgs[0].output_root) / "time" / timestamp()
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = write_results(results, out_dir)
     from common.inspect.report import plot_cost
