@@ -119,12 +119,16 @@ def check_output_dir(path: Path | str, option: str | None = "--output") -> None:
 
 
 class RunLock:
-    """An exclusive lock on a run folder for the life of the process (released by the OS even on SIGKILL)."""
+    """An exclusive lock on a run folder for the life of the process (released by the OS even on SIGKILL).
+
+    The lock is on the folder itself, so taking it writes nothing; `claim` records the holder's pid in
+    `.lock` once the training begins to write, for the error a second training gets.
+    """
 
     NAME = ".lock"
 
     def __init__(self, folder: Path | str):
-        self.path = Path(folder) / self.NAME
+        self.folder = Path(folder)
         self.fd = None
 
     def acquire(self) -> RunLock:
@@ -132,21 +136,25 @@ class RunLock:
             import fcntl
         except ImportError:  # no flock (Windows): one writer per folder is then the user's to ensure
             return self
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise write_error(self.path, exc, "check that the run folder is writable") from None
+        fd = os.open(self.folder, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip()
+        except BlockingIOError:
             os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another training (pid {holder or '?'}); wait for it "
-                            f"to end or train into another --output") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            try:
+                holder = (self.folder / self.NAME).read_text().strip()
+            except OSError:
+                holder = "?"
+            raise UserError(f"{self.folder} is in use by another training (pid {holder}); wait for it to end or "
+                            f"train into another --output") from None
+        except OSError:  # a file system without flock (some network mounts): no lock there
+            os.close(fd)
+            return self
         self.fd = fd
         return self
+
+    def claim(self) -> None:
+        write_atomic(self.folder / self.NAME, f"{os.getpid()}\n")
 
     def release(self) -> None:
         if self.fd is not None:

@@ -48,6 +48,7 @@ def train(cfg: Config, output: str | None = None, resume: bool = False, quiet: b
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = lock or RunLock(run_dir).acquire()
+            lock.claim()
             remove_orphans(run_dir)
             write_atomic(run_dir / "config.yaml", dump_config(cfg))
         barrier()

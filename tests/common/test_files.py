@@ -59,8 +59,12 @@ def test_output_dir_that_cannot_be_written(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_run_lock_admits_one_training(tmp_path):
+def test_run_lock_admits_one_training_and_writes_nothing_until_claimed(tmp_path):
     first = files.RunLock(tmp_path).acquire()
+    with pytest.raises(UserError, match=r"in use by another training \(pid \?\)"):
+        files.RunLock(tmp_path).acquire()
+    assert list(tmp_path.iterdir()) == []
+    first.claim()
     with pytest.raises(UserError, match=rf"in use by another training \(pid {os.getpid()}\)"):
         files.RunLock(tmp_path).acquire()
     first.release()
