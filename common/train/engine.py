@@ -71,7 +71,16 @@ def build_model(name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
             raise UserError(f"model.num_classes is {configured} but the dataset has {num_classes} classes; "
                             f"set model.num_classes: {num_classes} or remove it")
         kwargs["num_classes"] = num_classes
-    return create_model(name, **kwargs)
+    try:
+        return create_model(name, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError, RuntimeError, AssertionError, IndexError, KeyError, ZeroDivisionError,
+            OverflowError) as exc:  # option values it cannot be built with: a negative width, mismatched lists
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "num_classes")[:200]
+        raise UserError(f"model '{name}' cannot be built with these options ({options}): {reason}; check the "
+                        f"model options in the config") from None
 
 
 @dataclass

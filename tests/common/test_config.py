@@ -180,9 +180,9 @@ def test_files_that_are_not_clean_yaml_mappings_are_refused(tmp_path, text, expe
 
 
 def test_a_model_that_cannot_be_built_with_its_options_is_a_user_error():
-    from common.registry import create_model
+    from common.train.engine import build_model
 
     with pytest.raises(UserError, match=r"model 'resnet' cannot be built with these options \(.*stem_width=-3\)"):
-        create_model("resnet", widths=[8, 16], layers=[1, 1], stem_width=-3)
+        build_model("resnet", {"widths": [8, 16], "layers": [1, 1], "stem_width": -3}, 10)
     with pytest.raises(UserError, match="widths \\(2\\) and layers \\(3\\) must have the same length"):
-        create_model("resnet", widths=[8, 16], layers=[1, 1, 1])
+        build_model("resnet", {"widths": [8, 16], "layers": [1, 1, 1]}, 10)
