@@ -13,11 +13,13 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import difflib  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 
 import click  # noqa: E402
 
 from common.errors import TrainingInterrupted, UserError  # noqa: E402
+from common.files import WRITE_ERRNOS, check_output_dir  # noqa: E402
 
 # The core's tasks; model packages add figure tasks of their own (common.registry.register_figure_task).
 TASKS = {
@@ -33,6 +35,8 @@ TASKS = {
 
 EXAMPLES = ("\b\nExamples:\n  python main.py --config configs/quickstart.yaml --task train\n"
             "  python main.py --config configs/quickstart.yaml --resume --set train.epochs=20\n"
+            "  python main.py --config configs/quickstart.yaml --output runs/quickstart/<timestamp> \\\n"
+            "      --set train.optimizer.lr=0.01 --allow-change train.optimizer.lr\n"
             "  python main.py --task eval --load runs/quickstart/<timestamp>\n"
             "  python main.py --task viz_1 --load runs/<config>/<timestamp> --index 3 --pixel 10 20\n"
             "  python main.py --task time --config configs/compare/cifar.yaml\n"
@@ -50,8 +54,34 @@ def _one_line(exc: BaseException) -> str:
     return line.split(prefix, 1)[-1]
 
 
+def _usage_line(exc: click.UsageError) -> str:
+    """click's usage error as our one line (click prints a usage line, a hint and the error on three)."""
+    if isinstance(exc, click.NoSuchOption):
+        close = f" (did you mean {' or '.join(sorted(exc.possibilities))}?)" if exc.possibilities else ""
+        return f"no such option: {exc.option_name}{close}; see --help"
+    text = " ".join(exc.format_message().split())
+    return f"{text[:1].lower()}{text[1:].rstrip('.')}; see --help"
+
+
+def _ignore_stop_signals() -> None:
+    """The run is ending: a late Ctrl-C must not turn its exit code into 'terminated by signal 2'."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class _Command(click.Command):
-    """Lists the figure tasks of the model packages in --help (importing them only when help is asked for)."""
+    """Lists the figure tasks of the model packages in --help (importing them only when help is asked for);
+    reports command-line mistakes as one line."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            click.echo(f"error: {_usage_line(exc)}", err=True)
+            sys.exit(UserError.exit_code)
+        except click.Abort:  # Ctrl-C while click parsed the command line
+            sys.exit(130)
 
     def format_epilog(self, ctx, formatter):
         from common.registry import figure_tasks
@@ -91,7 +121,11 @@ def check_task(task: str) -> None:
               help="Override a config key, value parsed as YAML (repeatable), e.g. --set train.epochs=5.")
 @click.option("--output", metavar="DIR", help="Run / output folder [default: runs/<config name>/<timestamp>]. "
                                               "Training into a folder that holds a run resumes it.")
-@click.option("--resume", is_flag=True, help="Continue the latest run of this config (or the --output run).")
+@click.option("--resume", is_flag=True, help="Continue the newest run of this config whose settings match (or the "
+                                             "--output run).")
+@click.option("--allow-change", "allow_changes", multiple=True, metavar="KEY",
+              help="train: let a resumed run take a new value of KEY (train.optimizer.lr, train.grad_clip or "
+                   "train.schedule.*), e.g. a lower lr after a divergence; the run records the change.")
 @click.option("--load", metavar="DIR|FILE", help="Checkpoint (or run folder) for eval, viz, time and figure tasks.")
 @click.option("--quiet", is_flag=True, help="No progress bar: one line per epoch (for batch jobs).")
 @click.option("--image", metavar="PATH", help="viz/viz_1: an image file (any format Pillow reads) to look at.")
@@ -102,26 +136,47 @@ def check_task(task: str) -> None:
 @click.option("--runs", multiple=True, metavar="DIR", help="report: run folders or folders of run folders "
                                                            "(--runs A B C, or repeat --runs).")
 @click.argument("more_runs", nargs=-1, metavar="")
-def main(configs, task, overrides, output, resume, load, quiet, image, index, pixel, layers, runs, more_runs):
+def main(configs, task, overrides, output, resume, allow_changes, load, quiet, image, index, pixel, layers, runs,
+         more_runs):
     """Self-attention as a replacement for convolution: train, evaluate, time and inspect the papers' models."""
     try:
         if more_runs and not runs:
             raise UserError(f"unexpected argument(s): {' '.join(more_runs)} (options start with --; see --help)")
         run(configs, task, overrides, output, resume, load, quiet, image=image, index=index,
-            pixel=tuple(pixel) if pixel else None, layers=layers, runs=list(runs) + list(more_runs))
+            pixel=tuple(pixel) if pixel else None, layers=layers, runs=list(runs) + list(more_runs),
+            allow_changes=allow_changes)
     except UserError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(UserError.exit_code)
     except TrainingInterrupted as exc:
-        click.echo(str(exc), err=True)
+        _ignore_stop_signals()
+        _echo_if_possible(str(exc))
         sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
-        click.echo("aborted; a training run continues from its last checkpoint with --resume", err=True)
+        _ignore_stop_signals()
+        _echo_if_possible("aborted; a training run continues from its last checkpoint with --resume")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        # A write outside the paths that name their file (e.g. a library's): still one line, exit 2.
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"error: cannot write{where}: {exc.strerror}; free some space (or fix the permissions); "
+                   f"a training run continues from its last checkpoint with --resume", err=True)
+        sys.exit(UserError.exit_code)
+
+
+def _echo_if_possible(message: str) -> None:
+    try:
+        click.echo(message, err=True)
+    except OSError:  # the terminal went away (SIGHUP)
+        pass
 
 
 def run(configs, task, overrides, output, resume, load, quiet, image=None, index=None, pixel=None, layers=None,
-        runs=()):
+        runs=(), allow_changes=()):
+    # Everything here up to `from common import tasks` runs without torch, so that a mistake in the command
+    # line or the config is reported in a fraction of a second (the model options are checked last).
     from common.config import expand_config_lists, load_config
 
     # A figure task may come from a package that the config imports (custom_imports): it is known once the
@@ -129,6 +184,8 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
     pending = not is_known_task(task)
     if pending and not (configs or load):
         check_task(task)
+    if output:
+        check_output_dir(output)
     if task == "report":
         if not runs:
             raise UserError("--task report needs --runs DIR [DIR ...] (run folders, or folders that hold them)")
@@ -144,6 +201,9 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
     given = [name for name, value in viz_options.items() if value is not None]
     if given and task not in ("viz", "viz_1"):
         raise UserError(f"{', '.join(given)} only apply to --task viz and viz_1, not {task}")
+    if allow_changes and not (task == "train" and (resume or output)):
+        raise UserError("--allow-change applies when resuming a training: use it with --task train and --resume "
+                        "or --output RUN_DIR")
     if not configs and not (task not in ("train", "time") and load):
         raise UserError("--config is required (e.g. --config configs/quickstart.yaml)")
     paths, lists = expand_config_lists(configs)
@@ -157,7 +217,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
     from common import tasks
 
     if task == "train":
-        tasks.train(cfgs[0], output=output, resume=resume, quiet=quiet)
+        tasks.train(cfgs[0], output=output, resume=resume, quiet=quiet, allow_changes=allow_changes)
     elif task == "eval":
         if not load:
             raise UserError("--task eval needs --load CHECKPOINT_OR_RUN_DIR")

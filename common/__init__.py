@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module imports only from its own layer and the ones below:
 
-    errors, config, registry   the foundation: user errors, typed configs, name -> constructor registries
+    errors, config, registry,  the foundation: user errors, typed configs, name -> constructor registries,
+    files                      safe writes (atomic files, output-folder checks, the run lock)
     ops/                       attention kernels (neighbourhood attention: reference, tiled, Triton)
     models/                    model building blocks: the ResNet backbone and conv baselines, the hooks a
                                model offers the core, the no-weight-decay mark

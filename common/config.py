@@ -4,19 +4,26 @@ A config file may name `base:` files (a path or a list, relative to the file) th
 it extends; later bases override earlier ones and the file overrides all of its
 bases. `--set a.b=value` overrides any key afterwards (the value is parsed as
 YAML). Every key is then checked against the dataclasses below before anything
-runs: an unknown key, a wrong type or an out-of-range value is a `UserError`
-naming the key, the file it came from and what is allowed.
+runs: an unknown key, a wrong type or an out-of-range value (NaN and infinity
+included; every integer has an upper bound) is a `UserError` naming the key,
+the file it came from and what is allowed. A file that is not UTF-8, repeats a
+key, or is empty is refused too. None of this imports torch: only the model
+options, checked last, need the model registry.
 
 The `model:` block is the registered model name plus that model's keyword
-arguments, checked against the model's signature. When a file sets a different
+arguments, checked against the model's signature (names, and the types it
+annotates). When a file sets a different
 `model.name` than its base, the base's model block is dropped, since keyword
 arguments of one model rarely fit another.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +33,10 @@ from typing import Any, Literal, Optional
 import yaml
 
 from common.errors import UserError
+
+
+INT_MAX = 2 ** 31 - 1  # the bound of an integer key that names none of its own
+SEED_MAX = 2 ** 32 - 1  # numpy's seeds are 32-bit
 
 
 def _bounded(default, *, lo=None, hi=None, lo_open=False, hi_open=False, **kw):
@@ -41,23 +52,23 @@ def _bounded(default, *, lo=None, hi=None, lo_open=False, hi_open=False, **kw):
 
 @dataclass
 class SyntheticConfig:
-    train_size: int = _bounded(10000, lo=10)
-    test_size: int = _bounded(2000, lo=10)
+    train_size: int = _bounded(10000, lo=10, hi=1_000_000)
+    test_size: int = _bounded(2000, lo=10, hi=1_000_000)
     image_size: int = _bounded(32, lo=16, hi=256)
     noise: float = _bounded(0.08, lo=0.0, hi=1.0)
-    seed: int = 0
+    seed: int = _bounded(0, lo=0, hi=SEED_MAX)
 
 
 @dataclass
 class AugmentConfig:
     """Training-time augmentation, in this order: crop and flip, policy, normalisation, erasing, mixing."""
 
-    crop_padding: int = _bounded(4, lo=0)  # random crop after zero padding; 0 turns it off
+    crop_padding: int = _bounded(4, lo=0, hi=256)  # random crop after zero padding; 0 turns it off
     hflip: bool = True
     random_resized_crop: bool = True  # imagefolder only; in-memory datasets use crop_padding
     policy: Literal["none", "autoaugment", "randaugment"] = "none"
     autoaugment_policy: Literal["cifar10", "imagenet", "svhn"] = "cifar10"
-    randaugment_ops: int = _bounded(2, lo=1)
+    randaugment_ops: int = _bounded(2, lo=1, hi=16)
     randaugment_magnitude: int = _bounded(9, lo=0, hi=30)
     erase_prob: float = _bounded(0.0, lo=0.0, hi=1.0)  # random erasing of one box per image
     erase_area: list[float] = field(default_factory=lambda: [0.02, 0.4])  # box area, fraction of the image
@@ -66,8 +77,8 @@ class AugmentConfig:
     # into the normalised image (Zhong et al.'s reference code, which the small-data ViT script uses).
     erase_value: Literal["random", "zero", "unnormalized_mean"] = "random"
     erase_aspect: Literal["log_uniform", "uniform"] = "log_uniform"  # how the box's aspect ratio is drawn
-    erase_attempts: int = _bounded(10, lo=1)  # tries to fit a box inside the image before giving up
-    repeats: int = _bounded(1, lo=1)  # repeated augmentation, see repeat_mode
+    erase_attempts: int = _bounded(10, lo=1, hi=1000)  # tries to fit a box inside the image before giving up
+    repeats: int = _bounded(1, lo=1, hi=64)  # repeated augmentation, see repeat_mode
     # in_batch (Hoffer et al. 2020): each epoch shows N/repeats images, each `repeats` times in a row.
     # official: the small-data ViT script's sampler call (one instance per image, epoch length x repeats): an
     # epoch is `repeats` fresh permutations back to back, so it is `repeats` times longer.
@@ -87,9 +98,9 @@ class DataConfig:
     root: str = "data"
     download: bool = False
     val_fraction: float = _bounded(0.1, lo=0.0, hi=1.0, hi_open=True)
-    split_seed: int = 0
-    image_size: int = _bounded(224, lo=8)  # imagefolder crop size; in-memory datasets keep their own size
-    num_workers: int = _bounded(4, lo=0)
+    split_seed: int = _bounded(0, lo=0, hi=SEED_MAX)
+    image_size: int = _bounded(224, lo=8, hi=4096)  # imagefolder crop size; in-memory datasets keep their own size
+    num_workers: int = _bounded(4, lo=0, hi=256)
     mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's standard values
     std: Optional[list[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -129,9 +140,9 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _bounded(10, lo=1)
-    batch_size: int = _bounded(128, lo=1)  # global: split across data-parallel ranks
-    eval_batch_size: int = _bounded(500, lo=1)
+    epochs: int = _bounded(10, lo=1, hi=100_000)
+    batch_size: int = _bounded(128, lo=1, hi=1_048_576)  # global: split across data-parallel ranks
+    eval_batch_size: int = _bounded(500, lo=1, hi=1_048_576)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     label_smoothing: float = _bounded(0.0, lo=0.0, hi=1.0, hi_open=True)
@@ -141,9 +152,9 @@ class TrainConfig:
     compile: bool = False
     ema_decay: Optional[float] = _bounded(None, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     bn_momentum: Optional[float] = _bounded(None, lo=0.0, hi=1.0)  # torch convention: 1 - TF's decay
-    checkpoint_every_steps: int = _bounded(0, lo=0)  # 0: only at epoch ends
-    keep_every_epochs: int = _bounded(0, lo=0)  # also keep epochs/epoch_NNNN.ckpt every N epochs (0: off)
-    eval_every_epochs: int = _bounded(1, lo=1)
+    checkpoint_every_steps: int = _bounded(0, lo=0, hi=10 ** 9)  # 0: only at epoch ends
+    keep_every_epochs: int = _bounded(0, lo=0, hi=100_000)  # also keep epochs/epoch_NNNN.ckpt every N epochs (0: off)
+    eval_every_epochs: int = _bounded(1, lo=1, hi=100_000)
     # Which split picks the reported checkpoint. val: the held-out split (data.val_fraction), test evaluated once
     # at the end. test: the test split every epoch, reporting its best accuracy, as the official scripts do
     # (optimistic; for reproducing a published number, with data.val_fraction: 0).
@@ -153,20 +164,20 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     quiet: bool = False  # no progress bar: one line per epoch
-    every_steps: int = _bounded(10, lo=1)  # progress-bar refresh and non-finite-loss check
+    every_steps: int = _bounded(10, lo=1, hi=1_000_000)  # progress-bar refresh and non-finite-loss check
     tensorboard: bool = True
-    viz_every_epochs: int = _bounded(0, lo=0)  # the `viz` grid of a fixed val image to TensorBoard every N epochs
+    viz_every_epochs: int = _bounded(0, lo=0, hi=100_000)  # the `viz` grid of a fixed val image to TensorBoard every N epochs
 
 
 @dataclass
 class TimeConfig:
-    batch_size: Optional[int] = _bounded(None, lo=1)  # default: 64 on CUDA, 16 on the CPU (see tasks/costs.py)
+    batch_size: Optional[int] = _bounded(None, lo=1, hi=65536)  # default: 64 on CUDA, 16 on the CPU (tasks/costs.py)
     # Seconds of measurement per model; the models of one call share their budgets (their rounds interleave).
     # 35 s x 17 models: configs/compare/cifar.yaml takes about 10 minutes on 2 CPU cores.
-    budget_s: float = _bounded(35.0, lo=0.0, lo_open=True)
-    warmup: int = _bounded(1, lo=0)  # untimed calls of each workload before the rounds
-    iters: int = _bounded(3, lo=1)  # at least this many timed training steps and inference passes per model
-    latency_iters: int = _bounded(10, lo=1)  # at least this many timed batch-1 calls per model
+    budget_s: float = _bounded(35.0, lo=0.0, lo_open=True, hi=86_400.0)
+    warmup: int = _bounded(1, lo=0, hi=10_000)  # untimed calls of each workload before the rounds
+    iters: int = _bounded(3, lo=1, hi=100_000)  # at least this many timed training steps and inference passes per model
+    latency_iters: int = _bounded(10, lo=1, hi=100_000)  # at least this many timed batch-1 calls per model
 
 
 @dataclass
@@ -178,7 +189,7 @@ class ModelConfig:
 @dataclass
 class Config:
     name: str = ""  # run name: default the config file's stem
-    seed: int = 0
+    seed: int = _bounded(0, lo=0, hi=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = False  # deterministic kernels: exact resume and reruns, slower on GPU
     output_root: str = "runs"
@@ -198,6 +209,8 @@ class Config:
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Load `path` with its bases, apply `--set` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config {path} is a folder; give a YAML file")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     raw, sources = _load_with_bases(path, chain=())
@@ -265,18 +278,52 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last) and non-name keys."""
+
+
+def _construct_mapping(loader: _StrictLoader, node, deep: bool = False):
+    first_line = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is not a name", key_node.start_mark)
+        if key in first_line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice (also on line {first_line[key]}); keep one",
+                key_node.start_mark)
+        first_line[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _load_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as "
+                        f"UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        where = f" line {mark.line + 1}:" if mark else ""
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "invalid YAML"
         raise UserError(f"{path}:{where} cannot parse YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: cannot parse YAML: nested too deeply") from None
+    except IsADirectoryError:
+        raise UserError(f"config {path} is a folder; give a YAML file") from None
     except OSError as exc:
         raise UserError(f"cannot read config {path}: {exc.strerror}") from None
     if data is None:
-        return {}
+        raise UserError(f"{path} is empty: a config needs at least a model or a base (e.g. base: "
+                        f"../quickstart.yaml); write {{}} for a run with every default")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -337,6 +384,9 @@ def _record_sources(data: dict, source: str, sources: dict, prefix: str = "") ->
 
 def _set_source(sources: dict, key: str, value: Any, source: str) -> None:
     sources[key] = source
+    parts = key.split(".")
+    for i in range(1, len(parts)):  # sections that only --set creates are blamed on it too
+        sources.setdefault(".".join(parts[:i]), source)
     if isinstance(value, dict):
         _record_sources(value, source, sources, key + ".")
 
@@ -373,9 +423,10 @@ def build_config(raw: dict, sources: dict, default_source: str) -> Config:
     raw = dict(raw)
     model_raw = raw.pop("model", None)
     cfg = _build_dataclass(Config, raw, "", sources, default_source)
+    _check_consistency(cfg, sources, default_source)
+    # Last, as they import the model packages (and torch): everything above fails fast.
     _import_custom(cfg.custom_imports, sources.get("custom_imports", default_source))
     cfg.model = _build_model(model_raw, sources, default_source)
-    _check_consistency(cfg, sources, default_source)
     return cfg
 
 
@@ -406,7 +457,53 @@ def _build_model(raw: Any, sources: dict, default_source: str) -> ModelConfig:
         bad = getattr(exc, "key", None)
         source = sources.get(f"model.{bad}" if bad else "model.name", where)
         raise UserError(f"{source}: {exc}") from None
+    _check_model_values(registry.MODELS.get(name), name, raw, sources, where)
     return ModelConfig(name=name, kwargs=raw)
+
+
+def _check_model_values(factory, name: str, kwargs: dict, sources: dict, where: str) -> None:
+    """Each model option against the type its factory annotates (int, float, str, bool, lists, unions)."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # noqa: BLE001 - annotations that do not resolve: names were checked, types cannot be
+        hints = {}
+    params = inspect.signature(factory).parameters
+    for key, value in kwargs.items():
+        tp = hints.get(key)
+        if tp is None and key in params and isinstance(params[key].default, float):
+            tp = float  # unannotated, but a float default
+        if tp is not None and not _matches_type(value, tp):
+            source = sources.get(f"model.{key}", where)
+            raise UserError(f"{source}: model.{key} of '{name}' must be {_describe(tp)}, got {value!r}")
+
+
+def _matches_type(value: Any, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_matches_type(v, a) for v, a in zip(value, args))
+        return not args or all(_matches_type(v, args[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping) or tp in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # a type a YAML value cannot be (a module, a callable): the model decides
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
@@ -473,8 +570,10 @@ def _describe(tp) -> str:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return " or ".join(_describe(a) for a in inner) + " or null"
-    if origin is list:
-        return f"a list of {_describe(args[0])}s"
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        inner = _describe(args[0])
+        article, _, noun = inner.partition(" ")
+        return f"a list of {noun}s" if article in ("a", "an") and " " not in noun else f"a list of items each {inner}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
             dict: "a mapping"}.get(tp, str(tp))
 
@@ -514,6 +613,8 @@ def _check_value(value: Any, tp, meta, dotted: str, source: str):
             fail(_describe(tp))
         return value
     if tp is int:
+        if meta.get("hi") is None:
+            meta = {**meta, "hi": INT_MAX, "hi_open": False}
         if isinstance(value, bool) or not isinstance(value, int):
             fail(_describe(tp) + (f" {_range_text(meta)}" if _range_text(meta) else ""))
     elif tp is float:
@@ -525,7 +626,12 @@ def _check_value(value: Any, tp, meta, dotted: str, source: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(_describe(tp) + (f" {_range_text(meta)}" if _range_text(meta) else ""))
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        if not math.isfinite(value):
+            fail("a finite number" + (f" {_range_text(meta)}" if _range_text(meta) else ""))
     elif tp is str:
         if not isinstance(value, str):
             fail(_describe(tp))

@@ -407,11 +407,24 @@ assert tuple(_SOURCES) == IN_MEMORY
 _IMAGEFOLDER_LAYOUT = "<root>/train/<class>/<images> and <root>/val/<class>/<images>"
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit (and 32-bit integer or float) greyscale is scaled, where Pillow's convert saturates it."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            values = values / 65535.0
+        elif image.mode == "I":
+            values = values / 255.0
+        grey = np.clip(np.nan_to_num(values) * 255.0 + 0.5, 0, 255).astype(np.uint8)  # "F": values in [0, 1]
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
 def _load_rgb(path: str) -> Image.Image:
     """Open an image as RGB; a file PIL cannot decode is the user's to fix."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # decodes now, while the file is open
+            return to_rgb(image)  # decodes now, while the file is open
     except UnidentifiedImageError as exc:  # its own text repeats the path
         raise UserError(
             f"cannot decode image {path}: not an image format PIL knows; remove or replace the file"

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from common.errors import UserError
+from common.files import check_output_dir, write_atomic
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 SUMMARY, CONFIG = "summary.json", "config.yaml"
@@ -83,6 +84,11 @@ def find_runs(paths) -> tuple[list[Run], list[str]]:
                 continue
             if not isinstance(summary, dict) or "test_acc" not in summary:
                 notes.append(f"skipped {folder}: {SUMMARY} has no test_acc")
+                continue
+            not_numbers = [k for k in ("test_acc", "best_val_acc") if summary.get(k) is not None and
+                           (isinstance(summary[k], bool) or not isinstance(summary[k], (int, float)))]
+            if not_numbers:
+                notes.append(f"skipped {folder}: {', '.join(not_numbers)} in {SUMMARY} is not a number")
                 continue
             runs.append(Run(folder, summary, config if isinstance(config, dict) else {}))
     if not runs:
@@ -268,6 +274,8 @@ def _default_output(paths) -> Path:
 
 def report(paths, output: str | None = None) -> list[dict]:
     """The `report` task: write report.md and report.csv (to --output, else the folder above the runs)."""
+    if output:
+        check_output_dir(output)
     runs, notes = find_runs(paths)
     rows = group_runs(runs, load_metafiles())
     records = [row.record() for row in rows]
@@ -275,8 +283,8 @@ def report(paths, output: str | None = None) -> list[dict]:
     out_dir = Path(output) if output else _default_output(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = out_dir / "report.md", out_dir / "report.csv"
-    md_path.write_text(f"# Results\n\n{table}\n{NOTES}\n")
-    csv_path.write_text(csv_text(records))
+    write_atomic(md_path, f"# Results\n\n{table}\n{NOTES}\n")
+    write_atomic(csv_path, csv_text(records))
     for note in notes:
         print(note)
     print(table, end="")

@@ -64,6 +64,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import UserError
+from common.files import write_atomic
 from common.inspect import flops  # noqa: F401  (SDPA's formulas on every device, before a counter exists)
 from common.inspect.rounds import Progress, Rounds, Workload, clock, load_average, median_ratio, run_rounds, sync
 from common.inspect.rounds import timed_rounds  # noqa: F401  (the benches' interleaved timer, re-exported)
@@ -645,6 +646,6 @@ def write_results(results: list[TimingResult], out_dir: Path) -> tuple[Path, Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "time.json"
     md_path = out_dir / "time.md"
-    json_path.write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n", encoding="utf-8")
-    md_path.write_text("# Model cost\n\n" + format_table(results) + "\n" + _MD_NOTES, encoding="utf-8")
+    write_atomic(json_path, json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+    write_atomic(md_path, "# Model cost\n\n" + format_table(results) + "\n" + _MD_NOTES)
     return json_path, md_path

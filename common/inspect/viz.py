@@ -103,10 +103,12 @@ def image_from_file(path: str | Path, data_cfg, input_size: tuple[int, int, int]
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--image {path}: no such file; give the path of an image (PNG, JPEG, ...)")
+    from common.data.datasets import to_rgb
+
     try:
         with Image.open(path) as im:
             im.load()
-            image = im.convert("RGB")
+            image = to_rgb(im)
     except UnidentifiedImageError:
         raise UserError(f"--image {path}: cannot read it as an image (not a format Pillow knows); "
                         f"give a PNG, JPEG, BMP, ... file") from None

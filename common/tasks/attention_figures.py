@@ -7,6 +7,7 @@ from pathlib import Path
 from common.config import Config
 from common.data.loaders import input_spec
 from common.errors import UserError
+from common.files import check_output_dir
 from common.inspect.capture import has_attention
 from common.tasks.run_folder import checkpoint_run_dir, load_weights, model_to_inspect, timestamp
 from common.train.distributed import select_device
@@ -50,6 +51,7 @@ def visualize(task: str, cfg: Config | None, load: str | None = None, output: st
         out_dir = checkpoint_run_dir(path) / "viz"
     else:
         out_dir = Path(cfg.output_root) / cfg.name / "viz" / timestamp()
+    check_output_dir(out_dir, "--output" if output else None)
     request = viz.VizRequest(task=task, model=model, image=picture, output_dir=out_dir, pixel=pixel,
                              layers=layers, title=f"{cfg.name}: {cfg.model.name}, {weights}",
                              model_name=cfg.model.name, device=select_device(cfg.device))

@@ -14,6 +14,7 @@ from torch import nn
 from common.config import Config
 from common.data.loaders import input_spec
 from common.errors import UserError
+from common.files import check_output_dir
 from common.inspect.rounds import Progress
 from common.inspect.timing import ModelSpec, format_table, measure_all, write_results
 from common.tasks.run_folder import load_weights, timestamp
@@ -32,7 +33,7 @@ def _model_for(cfg: Config, load: str | None) -> nn.Module:
     model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
     if load:
         path = ckpt.resolve_checkpoint(load)
-        load_weights(model, ckpt.load_checkpoint(path), path)
+        load_weights(model, ckpt.load_checkpoint(path, needs=("model",)), path)
     return model
 
 
@@ -54,6 +55,8 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
     if load and len(cfgs) > 1:
         raise UserError("--load gives weights for one model: use it with a single --config")
     settings = _shared(cfgs)
+    out_dir = Path(output) if output else Path(cfgs[0].output_root) / "time" / timestamp()
+    check_output_dir(out_dir, "--output" if output else "output_root")
     specs = []
     for cfg in cfgs:
         input_size, _ = input_spec(cfg.data)
@@ -65,7 +68,6 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
     results = measure_all(specs, warmup=settings["warmup"], iters=settings["iters"],
                           latency_iters=settings["latency_iters"], budget_s=settings["budget_s"] * len(specs),
                           progress=Progress(quiet=quiet))
-    out_dir = Path(output) if output else Path(cfgs[0].output_root) / "time" / timestamp()
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = write_results(results, out_dir)
     from common.inspect.report import plot_cost

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.config import Config, config_from_dict
 from common.data.loaders import build_data
+from common.files import check_output_dir, write_atomic
 from common.tasks.run_folder import load_weights
 from common.train import checkpoint as ckpt
 from common.train.distributed import init_distributed, shutdown
@@ -16,7 +17,9 @@ from common.train.engine import AMP_DTYPES, build_model, evaluate
 def evaluate_checkpoint(cfg: Config | None, load: str, output: str | None = None) -> dict:
     """Accuracy of a checkpoint on the val and test splits; the config defaults to the checkpoint's own."""
     path = ckpt.resolve_checkpoint(load)
-    saved = ckpt.load_checkpoint(path)
+    out_dir = Path(output) if output else path.parent
+    check_output_dir(out_dir, "--output" if output else None)
+    saved = ckpt.load_checkpoint(path, needs=("config", "model", "state"))
     cfg = cfg or config_from_dict(saved["config"], source=str(path))
     dist = init_distributed(cfg.device)
     try:
@@ -33,9 +36,7 @@ def evaluate_checkpoint(cfg: Config | None, load: str, output: str | None = None
                 loss, acc = evaluate(model, loader, dist.device, amp, cfg.train.channels_last)
                 result[f"{split}_loss"], result[f"{split}_acc"] = loss, acc
         if dist.is_main:
-            out_dir = Path(output) if output else path.parent
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_atomic(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
             lines = [f"{split} acc {100 * result[f'{split}_acc']:.2f}%  loss {result[f'{split}_loss']:.4f}"
                      for split in ("val", "test") if f"{split}_acc" in result]
             print(f"{path} ({weights} weights, epoch {result['epoch']}):\n  " + "\n  ".join(lines))

@@ -26,6 +26,7 @@ from common.inspect.capture import has_attention
 from common.models.hooks import ModelHooks
 from common.registry import FigureTask, figure_tasks
 from common.tasks.run_folder import checkpoint_run_dir, model_to_inspect, timestamp
+from common.files import check_output_dir
 from common.train.checkpoint import load_checkpoint
 
 
@@ -91,7 +92,7 @@ def draw_checkpoints(model: nn.Module, task: FigureTask, checkpoints: Sequence[s
     written: list[tuple[tuple, Path]] = []
     used_names: set[str] = set()
     for path, from_folder in files:
-        saved = load_checkpoint(path)
+        saved = load_checkpoint(path, needs=("model",))
         state = saved.get("state") or {}
         position = (int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0)), int(state.get("global_step", 0)))
         if from_folder and position in drawn:
@@ -126,9 +127,10 @@ def draw_model_figure(name: str, cfg: Config | None, load: str | None = None,
     if load:
         source = Path(load)
         run_dir = source if source.is_dir() else checkpoint_run_dir(source)
-        written = draw_checkpoints(model, task, [source], Path(output) if output else run_dir / name)
+        out_dir = Path(output) if output else run_dir / name
     else:
         out_dir = Path(output) if output else Path(cfg.output_root) / cfg.name / name / timestamp()
-        written = [draw_current(model, task, out_dir)]
+    check_output_dir(out_dir, "--output" if output else None)
+    written = draw_checkpoints(model, task, [source], out_dir) if load else [draw_current(model, task, out_dir)]
     print("wrote " + "\n      ".join(str(p) for p in written))
     return written

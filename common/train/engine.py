@@ -4,18 +4,26 @@ What it guarantees:
 - every optimiser step is resumable: `last.ckpt` at each epoch end (and every
   `train.checkpoint_every_steps`), holding everything needed to continue bit
   for bit (with `deterministic: true`, single process);
+- the run's state is one file: `last.ckpt` also carries the best epoch's
+  weights, and `best.ckpt` is a copy of them written after it (and rewritten
+  on resume if a kill came in between), so whatever the moment of a SIGKILL,
+  resuming ends with exactly the uninterrupted run's result;
 - model selection on the validation split only; the test split is evaluated
-  once, at the end, with the best checkpoint;
-- a non-finite loss stops the run before anything is saved from it.
+  once, at the end, with the best weights;
+- a non-finite loss, or non-finite weights or optimiser state, stop the run
+  before anything is saved from them: every checkpoint on disk is finite;
+- SIGINT, SIGTERM and SIGHUP stop at the next step with a checkpoint (exit
+  128 + signal); during the final test evaluation they stop it at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import json
+import os
 import signal
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common.config import Config, config_to_dict
 from common.data.loaders import DataBundle, Loader
 from common.errors import TrainingInterrupted, UserError
+from common.files import fault_point, write_atomic
 from common.inspect.timing import count_params
 from common.models.hooks import ModelHooks
 from common.registry import MODELS, check_model_args, create_model
@@ -39,10 +48,16 @@ from common.train.logger import RunLogger
 from common.train.optim import build_optimizer, build_scheduler
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the optimiser state became NaN or infinite."""
+
+
+def check_amp_device(amp: str, device: torch.device) -> None:
+    if AMP_DTYPES[amp] is torch.float16 and device.type == "cpu":
+        raise UserError("train.amp: fp16 needs a CUDA device; use bf16 on the CPU")
 
 
 def build_model(name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
@@ -56,7 +71,16 @@ def build_model(name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
             raise UserError(f"model.num_classes is {configured} but the dataset has {num_classes} classes; "
                             f"set model.num_classes: {num_classes} or remove it")
         kwargs["num_classes"] = num_classes
-    return create_model(name, **kwargs)
+    try:
+        return create_model(name, **kwargs)
+    except UserError:
+        raise
+    except (ValueError, TypeError, RuntimeError, AssertionError, IndexError, KeyError, ZeroDivisionError,
+            OverflowError) as exc:  # option values it cannot be built with: a negative width, mismatched lists
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "num_classes")[:200]
+        raise UserError(f"model '{name}' cannot be built with these options ({options}): {reason}; check the "
+                        f"model options in the config") from None
 
 
 @dataclass
@@ -71,6 +95,8 @@ class RunState:
     elapsed_s: float = 0.0
     # Sums over the epoch in progress, so an epoch resumed mid-way logs the same train metrics.
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss*n, correct, n, seconds
+    # Config keys changed on resume with --allow-change: {"epoch", "step", "key", "from", "to"} each.
+    changes: list = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -101,6 +127,18 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _detach_from_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails: send stdout and stderr to /dev/null instead."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                if stat.S_ISCHR(os.fstat(fd).st_mode):  # a terminal; files and pipes keep their output
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _format_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
@@ -110,13 +148,13 @@ def _format_duration(seconds: float) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo, run_dir: Path, data: DataBundle, model: nn.Module,
-                 resume_from: dict | None = None, quiet: bool = False):
+                 resume_from: dict | None = None, quiet: bool = False, changes: list | None = None):
+        """changes: the config keys that differ from `resume_from`'s, allowed with --allow-change."""
         self.cfg, self.dist, self.run_dir, self.data = cfg, dist, run_dir, data
         self.device = dist.device
         tc = cfg.train
+        check_amp_device(tc.amp, self.device)
         self.amp_dtype = AMP_DTYPES[tc.amp]
-        if self.amp_dtype is torch.float16 and self.device.type == "cpu":
-            raise UserError("train.amp: fp16 needs a CUDA device; use bf16 on the CPU")
 
         if tc.bn_momentum is not None:
             for m in model.modules():
@@ -138,19 +176,24 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
 
         self.state = RunState()
+        # The best epoch's weights (CPU copies of model and EMA, and the run state then), carried in last.ckpt.
+        self.best: dict | None = None
+        self.last_good: tuple[int, int] | None = None  # (epoch, step_in_epoch) of the last.ckpt on disk
+        self.resumed = resume_from is not None
         if resume_from is not None:
             self._restore(resume_from)
+            if changes:
+                self._apply_changes(changes)
 
         step_model = self.model
         if dist.distributed:
             step_model = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                  if self.device.type == "cuda" else None)
         self.step_model = torch.compile(step_model) if tc.compile else step_model
-        self.best_state = None  # in-memory copy of the best weights of this process
+        # Also a new run drops what a start killed before its first checkpoint logged into the folder.
         self.log = RunLogger(run_dir, enabled=dist.is_main, tensorboard=cfg.log.tensorboard,
-                             quiet=quiet or cfg.log.quiet,
-                             first_epoch=self.state.epoch + 1 if resume_from is not None else None,
-                             resume_step=self.state.global_step if resume_from is not None else None)
+                             quiet=quiet or cfg.log.quiet, first_epoch=self.state.epoch + 1,
+                             resume_step=self.state.global_step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -172,11 +215,39 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "classes": list(self.data.classes),
             "params": self.params,
+            "best": self.best,
         }
 
+    def _best_checkpoint(self) -> dict:
+        """best.ckpt: the best epoch's weights and position, for eval, viz and the figure tasks."""
+        return {"config": config_to_dict(self.cfg), "model": self.best["model"], "ema": self.best["ema"],
+                "state": self.best["state"], "classes": list(self.data.classes), "params": self.params}
+
     def _save(self, name: str, elapsed_s: float) -> None:
+        # Every rank checks (DDP keeps them equal), so they stop together rather than hang in a collective.
+        self._check_state_finite()
         if self.dist.is_main:
             ckpt.save_checkpoint(self.run_dir / name, self._checkpoint_state(elapsed_s))
+        if name == ckpt.LAST:
+            self.last_good = (self.state.epoch, self.state.step_in_epoch)
+
+    def _save_best(self) -> None:
+        if self.dist.is_main and self.best is not None:
+            ckpt.save_checkpoint(self.run_dir / ckpt.BEST, self._best_checkpoint())
+
+    def _keep_epoch_due(self) -> bool:
+        keep, st = self.cfg.train.keep_every_epochs, self.state
+        return bool(keep) and st.step_in_epoch == 0 and st.epoch > 0 and \
+            (st.epoch % keep == 0 or st.epoch == self.cfg.train.epochs)
+
+    def _remember_best(self, elapsed_s: float) -> None:
+        def copy(module):
+            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+        state = asdict(self.state)
+        state["elapsed_s"] = elapsed_s
+        self.best = {"model": copy(self.model), "ema": copy(self.ema.module) if self.ema is not None else None,
+                     "state": state}
 
     def _restore(self, saved: dict) -> None:
         try:
@@ -187,35 +258,76 @@ class Trainer:
             self.scheduler.load_state_dict(saved["scheduler"])
             self.scaler.load_state_dict(saved["scaler"])
             self.state = RunState(**saved["state"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            ckpt.set_rng_state(saved["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"cannot resume from {self.run_dir / ckpt.LAST}: it does not match this model or "
                             f"config ({str(exc).splitlines()[0][:200]}); use a new --output") from None
-        ckpt.set_rng_state(saved["rng"])
+        self.best = saved.get("best")
+        self.last_good = (self.state.epoch, self.state.step_in_epoch)
         if self.dist.rank > 0:
             # Rank 0's streams were saved; other ranks draw their own dropout masks.
             torch.manual_seed(self.cfg.seed + 7919 * self.dist.rank + self.state.global_step)
+
+    def _repair_derived_files(self) -> None:
+        """Write what a kill between two saves left out: best.ckpt and the kept epoch checkpoint."""
+        st = self.state
+        if self.best is not None:
+            try:
+                on_disk = ckpt.load_checkpoint(self.run_dir / ckpt.BEST, needs=("state",))["state"]
+                current = (on_disk["epoch"], on_disk.get("global_step")) == \
+                    (self.best["state"]["epoch"], self.best["state"]["global_step"])
+            except UserError:
+                current = False
+            if not current:
+                self._save_best()
+                self.log.info(f"rewrote {self.run_dir / ckpt.BEST} (epoch {self.best['state']['epoch']}) from "
+                              f"{ckpt.LAST}: the previous run stopped before writing it")
+        name = ckpt.epoch_checkpoint_name(st.epoch)
+        if self._keep_epoch_due() and not (self.run_dir / name).is_file():
+            ckpt.save_checkpoint(self.run_dir / name, self._checkpoint_state(st.elapsed_s))
+
+    def _apply_changes(self, changes: list[dict]) -> None:
+        """Config keys changed on resume (--allow-change): the optimiser takes the new lr from this step on."""
+        st = self.state
+        lr = self.cfg.train.optimizer.lr
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        st.changes += [{"epoch": st.epoch, "step": st.step_in_epoch, **change} for change in changes]
 
     # ------------------------------------------------------------------ training
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """Ctrl-C or a scheduler's SIGTERM (preemption) ends the current step, saves last.ckpt and stops.
+        """Ctrl-C, a scheduler's SIGTERM (preemption) or SIGHUP (the terminal closed) end the current step,
+        save last.ckpt and stop; during the final test evaluation they stop it at once.
 
-        A second Ctrl-C aborts at once (the previous checkpoint stays intact).
+        A second Ctrl-C aborts at once (the previous checkpoint stays intact); other repeated signals are
+        ignored. main.py ignores the signals from there on, so the process ends with exit code 128 + signal.
         """
         self._stop_signal = None
+        self._in_final_test = False
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request(signum, _frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+            if signum == signal.SIGHUP:
+                _detach_from_terminal()
+            if self._in_final_test:
+                self._in_final_test = False
+                raise self._final_test_interrupted(signum)
+            if self._stop_signal is not None:
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                return
             self._stop_signal = signum
-            self.log.info(f"{signal.Signals(signum).name}: stopping after this step and saving "
-                          f"(Ctrl-C again to abort without saving)")
+            self.log.info(f"{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to "
+                          f"abort without saving)")
 
-        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, request) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
@@ -246,23 +358,33 @@ class Trainer:
                           f"{self.run_dir}")
         elif st.epoch < cfg.train.epochs:
             self.log.info(f"resuming {self.run_dir} at epoch {st.epoch + 1} step {st.step_in_epoch}")
+        if self.resumed and self.dist.is_main:
+            self._repair_derived_files()
         while st.epoch < cfg.train.epochs:
             self._train_epoch(elapsed)
             record = self._end_epoch()
             st.epoch += 1
             st.step_in_epoch = 0
             st.epoch_sums = [0.0, 0.0, 0.0, 0.0]
+            self._check_state_finite()  # before anything of this epoch is written
+            if record.get("new_best"):
+                self._remember_best(elapsed())
             self.log.epoch(record, st.global_step)
             if self.dist.is_main and self.hooks.images:
                 self.log.images(self.hooks.epoch_images(), st.global_step)
             if cfg.log.viz_every_epochs and st.epoch % cfg.log.viz_every_epochs == 0 and self.dist.is_main:
                 self._log_attention_figure(st.global_step)
+            fault_point("epoch-logged")
+            # The order matters for a kill between two of these: last.ckpt is the run's state (it carries
+            # the best weights); best.ckpt and the kept epoch are copies that a resume rewrites if missing.
             self._save(ckpt.LAST, elapsed())
             if record.get("new_best"):
-                self._save(ckpt.BEST, elapsed())
-            keep = cfg.train.keep_every_epochs
-            if keep and (st.epoch % keep == 0 or st.epoch == cfg.train.epochs):
+                self._save_best()
+            if self._keep_epoch_due():
                 self._save(ckpt.epoch_checkpoint_name(st.epoch), elapsed())
+            if self._stop_requested(at_window_end=True):
+                self.log.close()
+                raise self._interrupted()
         summary = self._finish(elapsed())
         self.log.close()
         return summary
@@ -309,6 +431,7 @@ class Trainer:
             st.global_step += 1
             images_since_tick += len(y) * self.dist.world
             bar.update(1)
+            fault_point("train-step")
             at_checkpoint = tc.checkpoint_every_steps and st.global_step % tc.checkpoint_every_steps == 0 \
                 and st.step_in_epoch < self.steps_per_epoch
             if len(window) >= cfg.log.every_steps or at_checkpoint or st.step_in_epoch == self.steps_per_epoch:
@@ -334,11 +457,7 @@ class Trainer:
                 st.epoch_sums = sums.tolist() + [epoch_seconds + time.perf_counter() - tick]
                 self._save(ckpt.LAST, elapsed())
                 self.log.close()
-                signum = self._stop_signal or signal.SIGTERM
-                raise TrainingInterrupted(
-                    f"{signal.Signals(signum).name}: stopped at epoch {st.epoch + 1} step {st.step_in_epoch}, "
-                    f"saved {self.run_dir / ckpt.LAST}; continue with the same command and --resume "
-                    f"(or --output {self.run_dir})", signum)
+                raise self._interrupted()
         bar.close()
         st.epoch_sums = sums.tolist() + [epoch_seconds]
 
@@ -365,6 +484,14 @@ class Trainer:
         self.hooks.after_optimizer_step()
         return loss, logits
 
+    def _interrupted(self) -> TrainingInterrupted:
+        st, signum = self.state, self._stop_signal or signal.SIGTERM
+        where = f"at the end of epoch {st.epoch}" if st.step_in_epoch == 0 else \
+            f"at epoch {st.epoch + 1} step {st.step_in_epoch}"
+        return TrainingInterrupted(f"{signal.Signals(signum).name}: stopped {where}, saved {self.run_dir / ckpt.LAST}; "
+                                   f"continue with the same command and --resume (or --output {self.run_dir})",
+                                   signum)
+
     def _check_finite(self, losses: torch.Tensor, first_step: int) -> None:
         # Summed over ranks: every rank must agree to stop, or the others would hang in the next collective.
         bad = all_reduce_sum((~torch.isfinite(losses)).to(torch.int64))
@@ -372,11 +499,37 @@ class Trainer:
             return
         first = int(bad.nonzero()[0, 0])
         step, value = first_step + first + 1, losses[first].item()
-        last = self.run_dir / ckpt.LAST
-        kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
-        raise TrainingDiverged(f"non-finite loss ({value}) at epoch {self.state.epoch + 1} step {step}; "
-                               f"training stopped, {kept}. Lower train.optimizer.lr, add train.grad_clip or "
-                               f"warmup (train.schedule.warmup_epochs)")
+        raise self._diverged(f"non-finite loss ({value}) at epoch {self.state.epoch + 1} step {step}")
+
+    def _check_state_finite(self) -> None:
+        """Weights, EMA and optimiser state must be finite before they are saved (the loss is checked apart:
+        the update that diverges can leave NaN weights behind a finite loss)."""
+        parts = {"weights": self.model.state_dict(), "optimizer state": {
+            f"{i}.{k}": v for i, state in enumerate(self.optimizer.state.values()) for k, v in state.items()}}
+        if self.ema is not None:
+            parts["EMA weights"] = self.ema.state_dict()
+        named = [(part, name, t) for part, tensors in parts.items() for name, t in tensors.items()
+                 if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+        if not named or torch.stack([torch.isfinite(t).all() for _, _, t in named]).all().item():
+            return
+        part, name = next((part, name) for part, name, t in named if not torch.isfinite(t).all())
+        st = self.state
+        where = f"the end of epoch {st.epoch}" if st.step_in_epoch == 0 else \
+            f"epoch {st.epoch + 1} step {st.step_in_epoch}"
+        raise self._diverged(f"non-finite {part} ({name}) at {where}")
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        lr = self.cfg.train.optimizer.lr
+        if self.last_good is None:
+            kept = (f"no checkpoint was written yet: lower train.optimizer.lr (e.g. {lr / 10:g}), add "
+                    f"train.grad_clip or warmup (train.schedule.warmup_epochs) and start again")
+        else:
+            epoch, step = self.last_good
+            where = f"end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1} step {step}"
+            kept = (f"last good checkpoint: {self.run_dir / ckpt.LAST} ({where}); to continue from it with a lower "
+                    f"lr, rerun with --output {self.run_dir} --set train.optimizer.lr={lr / 10:g} --allow-change "
+                    f"train.optimizer.lr (train.grad_clip and train.schedule.* can be changed the same way)")
+        return TrainingDiverged(f"{what}; training stopped, {kept}")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -398,7 +551,6 @@ class Trainer:
                                                       tc.channels_last)[1]
             if st.best_val_acc is None or sel_acc > st.best_val_acc:
                 st.best_val_acc, st.best_epoch = sel_acc, st.epoch + 1
-                self.best_state = copy.deepcopy(self.eval_model.state_dict())
                 record["new_best"] = True
         model_metrics = self.hooks.epoch_metrics()
         record.update(model_metrics)
@@ -423,21 +575,28 @@ class Trainer:
         return " | ".join(parts)
 
     def _finish(self, elapsed_s: float) -> dict:
-        """Evaluate the test split once, with the best checkpoint's weights, and summarise the run."""
+        """Evaluate the test split once, with the best weights, and summarise the run."""
         st, tc = self.state, self.cfg.train
         model = self.eval_model
         source = "last"
         split = self._selection_split()[0]
         if st.best_epoch is not None:
             source = "best" if split == "val" else "best_on_test"
-            if self.best_state is not None:
-                model.load_state_dict(self.best_state)
-            else:
+            if self.best is not None:
+                model.load_state_dict(self.best["ema"] if self.ema is not None else self.best["model"])
+            else:  # resumed from a checkpoint of an older version, which did not carry the best weights
                 if self.dist.is_main:
-                    saved = ckpt.load_checkpoint(self.run_dir / ckpt.BEST)
+                    saved = ckpt.load_checkpoint(self.run_dir / ckpt.BEST, needs=("model",))
                     model.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
                 broadcast_module(model)
-        test_loss, test_acc = evaluate(model, self.data.test, self.device, self.amp_dtype, tc.channels_last)
+        fault_point("final-test")
+        self._in_final_test = True
+        try:
+            if self._stop_signal is not None:  # arrived after the last epoch's stop check
+                raise self._final_test_interrupted(self._stop_signal)
+            test_loss, test_acc = evaluate(model, self.data.test, self.device, self.amp_dtype, tc.channels_last)
+        finally:
+            self._in_final_test = False
         model_metrics = self.hooks.epoch_metrics()
         summary = {
             "run_dir": str(self.run_dir), "config": self.cfg.name, "model": self.cfg.model.name,
@@ -447,11 +606,19 @@ class Trainer:
             "wall_time_s": elapsed_s, "world_size": self.dist.world, "device": str(self.device),
             "model_metrics": model_metrics,
         }
+        if st.changes:
+            summary["resumed_with_changes"] = st.changes
         if self.dist.is_main:
             self.hooks.training_figures(self.run_dir, self.log.history())
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self.log.info(format_summary(summary))
         return summary
+
+    def _final_test_interrupted(self, signum: int) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"{signal.Signals(signum).name}: stopped during the final test evaluation; the training itself is "
+            f"complete and saved ({self.run_dir / ckpt.LAST}); the same command with --resume (or --output "
+            f"{self.run_dir}) evaluates the test split and writes summary.json", signum)
 
 
 def format_summary(s: dict) -> str:

@@ -3,7 +3,7 @@
 Only the main rank writes. `metrics.jsonl` has one JSON object per epoch; on
 resume, lines of epochs that are about to be redone are dropped (and
 TensorBoard purges its events past the resumed step), so a killed-and-resumed
-run logs each epoch exactly once.
+run logs each epoch exactly once. A line cut short by a kill is dropped too.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from common.files import WRITE_ERRNOS, write_atomic, write_error
 
 
 class RunLogger:
@@ -32,15 +34,22 @@ class RunLogger:
     def _drop_epochs_from(self, epoch: int) -> None:
         if not self.metrics_path.exists():
             return
-        keep = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", -1) < epoch]
-        self.metrics_path.write_text("".join(line + "\n" for line in keep))
+        keep = [json.dumps(record) for record in self.history() if record.get("epoch", -1) < epoch]
+        write_atomic(self.metrics_path, "".join(line + "\n" for line in keep))
 
     def history(self) -> list[dict]:
-        """Every epoch record logged so far (across resumes)."""
+        """Every epoch record logged so far (across resumes); lines cut short by a kill are left out."""
         if self.metrics_path is None or not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def progress(self, total: int, initial: int, description: str):
         """A tqdm bar over one epoch's steps (a no-op object in quiet mode)."""
@@ -60,8 +69,13 @@ class RunLogger:
         """One metrics.jsonl line and the matching TensorBoard scalars."""
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS:
+                raise write_error(self.metrics_path, exc, "free some space and continue with --resume") from None
+            raise
         if self.writer is not None:
             for key, value in record.items():
                 if key != "epoch" and isinstance(value, (int, float)):

@@ -62,8 +62,8 @@ def test_round_trip_through_the_saved_form(tmp_path):
     ({"train": {"lr": 0.1}}, [], "unknown key 'train.lr' (did you mean 'train.optimizer.lr'?)"),
     ({"trian": {"epochs": 1}}, [], "unknown key 'trian' (did you mean 'train'?)"),
     ({"train": {"epoch": 1}}, [], "did you mean 'train.epochs'?"),
-    ({"train": {"epochs": "ten"}}, [], "train.epochs must be an integer >= 1, got 'ten'"),
-    ({"train": {"epochs": 0}}, [], "train.epochs must be an integer >= 1, got 0"),
+    ({"train": {"epochs": "ten"}}, [], "train.epochs must be an integer >= 1 and <= 100000, got 'ten'"),
+    ({"train": {"epochs": 0}}, [], "train.epochs must be an integer >= 1 and <= 100000, got 0"),
     ({"train": {"optimizer": {"lr": -1}}}, [], "train.optimizer.lr must be a number > 0.0, got -1"),
     ({"data": {"val_fraction": 1.0}}, [], "data.val_fraction must be a number >= 0.0 and < 1.0"),
     ({"data": {"dataset": "cifar11"}}, [], "data.dataset must be one of"),
@@ -131,3 +131,58 @@ def test_cli_config_errors_exit_2_with_one_line_and_write_nothing(write_config, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.optimizer.lr=.nan", "train.optimizer.lr must be a finite number > 0.0, got nan"),
+    ("train.optimizer.lr=.inf", "train.optimizer.lr must be a finite number > 0.0, got inf"),
+    ("train.optimizer.weight_decay=.inf", "train.optimizer.weight_decay must be a finite number >= 0.0"),
+    ("train.schedule.warmup_epochs=.nan", "train.schedule.warmup_epochs must be a finite number"),
+    ("train.grad_clip=.inf", "train.grad_clip must be a finite number > 0.0"),
+    ("data.augment.mixup_alpha=nan", "data.augment.mixup_alpha must be a finite number"),
+    ("data.mean=[.nan, 0.5, 0.5]", "data.mean[0] must be a finite number, got nan"),
+    ("train.optimizer.lr=1e999", "train.optimizer.lr must be a finite number"),
+    ("seed=1180591620717411303424", "seed must be an integer >= 0 and <= 4294967295"),
+    ("data.split_seed=-1", "data.split_seed must be an integer >= 0 and <= 4294967295"),
+    ("train.epochs=100000000000000000000000000000", "train.epochs must be an integer >= 1 and <= 100000"),
+    ("train.batch_size=1000000000000", "train.batch_size must be an integer >= 1 and <= 1048576"),
+    ("model.widths=[a, b]", "model.widths of 'resnet' must be a list of integers, got ['a', 'b']"),
+    ("model.layers=5", "model.layers of 'resnet' must be a list of integers, got 5"),
+    ("model.stem_width=1.5", "model.stem_width of 'resnet' must be an integer, got 1.5"),
+    ("model.dropout=.nan", "model.dropout of 'resnet' must be a number, got nan"),
+    ("model.zero_init_residual=maybe", "model.zero_init_residual of 'resnet' must be true or false"),
+    ("nosuch.deep.key=3", "--set nosuch.deep.key=3: unknown key 'nosuch'"),
+    ("train.nosuch.deep=3", "--set train.nosuch.deep=3: unknown key 'train.nosuch'"),
+])
+def test_non_finite_huge_and_mistyped_values_are_refused(tmp_path, override, expected):
+    path = write(tmp_path / "c.yaml", {"model": {"name": "resnet", "widths": [8, 16], "layers": [1, 1]}})
+    with pytest.raises(UserError) as info:
+        load_config(path, [override])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (b"seed: 1\nname: \xff\xfe\n", "line 2: not UTF-8 text (byte 0xff)"),
+    (b"seed: 1\nseed: 2\n", "line 2: cannot parse YAML: key 'seed' is given twice (also on line 1)"),
+    (b"train:\n  epochs: 1\n  epochs: 2\n", "key 'epochs' is given twice"),
+    (b"", "is empty: a config needs at least a model or a base"),
+    (b"# only a comment\n", "is empty"),
+    (b"1: 2\n", "key 1 is not a name"),
+    (b"seed: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested too deeply"),
+    (b"train:\n\tepochs: 1\n", "cannot parse YAML"),
+])
+def test_files_that_are_not_clean_yaml_mappings_are_refused(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_model_that_cannot_be_built_with_its_options_is_a_user_error():
+    from common.train.engine import build_model
+
+    with pytest.raises(UserError, match=r"model 'resnet' cannot be built with these options \(.*stem_width=-3\)"):
+        build_model("resnet", {"widths": [8, 16], "layers": [1, 1], "stem_width": -3}, 10)
+    with pytest.raises(UserError, match="widths \\(2\\) and layers \\(3\\) must have the same length"):
+        build_model("resnet", {"widths": [8, 16], "layers": [1, 1, 1]}, 10)

@@ -369,3 +369,20 @@ def test_stats_cover_every_dataset():
         assert len(mean) == len(std) == 3
         assert all(0 < m < 1 for m in mean) and all(0 < s < 1 for s in std)
     assert datasets.IN_MEMORY == ("cifar10", "cifar100", "svhn", "mnist")
+
+
+# ---- 16-bit images -----------------------------------------------------------------------
+
+
+def test_16_bit_greyscale_is_scaled_not_saturated(tmp_path):
+    from common.config import DataConfig
+    from common.inspect.viz import image_from_file
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.array([[0, 1000], [32768, 65535]], np.uint16)).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I;16"  # Pillow's convert("RGB") would make every non-zero pixel white
+        rgb = np.asarray(datasets.to_rgb(image))
+    assert rgb.shape == (2, 2, 3) and rgb[..., 0].tolist() == [[0, 4], [128, 255]]
+    shown = image_from_file(path, DataConfig(), (3, 2, 2)).display
+    assert abs(float(shown.mean()) - (0 + 4 + 128 + 255) / 4 / 255) < 0.05

@@ -318,6 +318,7 @@ def test_an_image_that_does_not_decode_is_a_one_line_error(write_config, tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot decode image") and str(written.corrupt) in lines[0]
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # corrupt images are fatal, and a failed start leaves no run folder
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
