@@ -1,7 +1,7 @@
 """Neighbourhood attention backends against a 3x3 convolution and a large GEMM, in one run.
 
     python bench/neighborhood.py [--device cpu|cuda] [--shapes all|headline] [--repeats 7] [--threads 2]
-                                 [--omp-wait-policy passive|active|default] [--no-policy-ratio]
+                                 [--omp-wait-policy passive|active|default] [--no-policy-ratio] [--inductor]
 
 Shapes (fp32, a shared relative embedding, border="mask", forward+backward): the headline layer, 64 channels
 as 8 heads of d=8 on a 32x32 map at B=8 with kernel 7, and its variations kernel 3, kernel 11, 8 heads of
@@ -23,6 +23,9 @@ OpenMP wait policy: this process runs under OMP_WAIT_POLICY=PASSIVE unless the e
 OpenMP runtime loads, so the ratio "default policy / PASSIVE" of the `auto` headline step (and of `tiled`, for
 comparison, and of the conv) is measured in child processes, each running one step alone, that alternate the two
 policies (2 each); --no-policy-ratio skips it.
+
+--inductor adds, on the headline shape, the step `inductor`: torch.compile (inductor) of the reference unfold
+formulation, the alternative to the C++ kernel that issue 17 asked to weigh; its compile time is printed apart.
 On a machine whose cores are busy with other processes, spin-waiting threads tax an op by its number of parallel
 regions rather than by its work, which is what the ratio exposes.
 """
@@ -48,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--omp-wait-policy", choices=("passive", "active", "default"), default=None,
                         help="OMP_WAIT_POLICY for this process (default: the environment's, else passive)")
     parser.add_argument("--no-policy-ratio", action="store_true", help="skip the default-vs-PASSIVE child runs")
+    parser.add_argument("--inductor", action="store_true",
+                        help="also time torch.compile of the reference formulation on the headline shape")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # a child of the policy ratio
     return parser.parse_args(argv)
 
@@ -111,7 +116,21 @@ def backends_for(device, shape_name):
     return names
 
 
-def run_shape(shape_name, device, repeats) -> bool:
+def compiled_reference(q, k, v, kernel, rel, grad):
+    """A fwd+bwd step of torch.compile(reference_attention), compiled (and the seconds that took) before timing."""
+    import time
+
+    compiled = torch.compile(nb.reference_attention)
+
+    def step():
+        torch.autograd.grad(compiled(q, k, v, kernel, rel), (q, k, v, rel), grad)
+
+    start = time.perf_counter()
+    step()
+    return step, time.perf_counter() - start
+
+
+def run_shape(shape_name, device, repeats, inductor=False) -> bool:
     batch, heads, head_dim, size, kernel = SHAPES[shape_name]
     q, k, v, rel, conv, image = make_problem(batch, heads, head_dim, size, kernel, device)
     backends = backends_for(device, shape_name)
@@ -129,6 +148,9 @@ def run_shape(shape_name, device, repeats) -> bool:
         torch.autograd.grad(conv(image).sum(), (image, conv.weight))
 
     steps = {name: attention_step(name) for name in backends}
+    compile_seconds = None
+    if inductor and shape_name == "headline":
+        steps["inductor"], compile_seconds = compiled_reference(q, k, v, kernel, rel, grad)
     steps["conv3x3"] = conv_step
     steps["gemm"] = lambda: torch.mm(a, b)
     times = timed_rounds(steps, repeats, device)
@@ -138,7 +160,8 @@ def run_shape(shape_name, device, repeats) -> bool:
     memory["conv3x3"] = saved_bytes(lambda: conv(image))
 
     channels = heads * head_dim
-    flops = {name: attention_flops(batch, heads, head_dim, size, kernel) for name in backends}
+    timed = [name for name in steps if name not in ("conv3x3", "gemm")]
+    flops = {name: attention_flops(batch, heads, head_dim, size, kernel) for name in timed}
     flops["conv3x3"] = 3 * 2 * batch * channels * channels * 9 * size * size
     gemm_rate = 2 * GEMM_N ** 3 / times["gemm"]
     conv_t = times["conv3x3"]
@@ -147,9 +170,11 @@ def run_shape(shape_name, device, repeats) -> bool:
              if device.type == "cpu" else torch.cuda.get_device_name(device))
     print(f"\n{shape_name}: B={batch}, heads={heads}, d={head_dim}, {size}x{size}, kernel {kernel}, fp32, "
           f"device={device} ({where}), median of {repeats}; auto -> {auto}")
+    if compile_seconds is not None:
+        print(f"inductor: torch.compile of the reference took {compile_seconds:.1f} s to compile (first call)")
     print(f"{'step':<10} {'fwd+bwd ms':>11} {'time / conv':>12} {'GFLOP/s':>8} {'% of GEMM':>10} {'saved MiB':>10}"
           f"{' saved / ref':>12}")
-    for name in [*backends, "conv3x3", "gemm"]:
+    for name in [*timed, "conv3x3", "gemm"]:
         rate = (2 * GEMM_N ** 3 if name == "gemm" else flops[name]) / times[name]
         saved = f"{memory[name] / 2 ** 20:>10.2f}" if name in memory else f"{'':>10}"
         ratio = f"{memory[name] / memory['reference']:>12.3f}" if "reference" in memory and name in memory else ""
@@ -243,10 +268,10 @@ def main(args=None) -> int:
         nb._ensure_triton()
         for batch in [args.batch] if args.batch else [8, 64]:
             SHAPES["headline"] = (batch, *SHAPES["headline"][1:])
-            run_shape("headline", device, args.repeats)
+            run_shape("headline", device, args.repeats, args.inductor)
         return 0
     for name in SHAPES if args.shapes == "all" else ["headline"]:
-        run_shape(name, device, args.repeats)
+        run_shape(name, device, args.repeats, args.inductor)
     if not args.no_policy_ratio:
         policy_ratio(args.threads, min(args.repeats, 5))
     return 0

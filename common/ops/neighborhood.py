@@ -129,7 +129,10 @@ def reference_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, bo
     weights = logits.softmax(-1)
     if window_mask is not None:
         weights = weights * window_mask.reshape(1, heads, 1, 1, kk).to(weights.dtype)
-        weights = weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        total = weights.sum(-1, keepdim=True)
+        # a window the mask empties gives zero weights; dividing by 1 there (not by a tiny clamp) keeps its
+        # gradients finite instead of inf * 0 = nan
+        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
     out = (weights.unsqueeze(-1) * _windows(v, kernel_size)).sum(-2)
     return (out, weights) if return_weights else out
 

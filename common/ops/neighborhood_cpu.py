@@ -15,15 +15,18 @@ How it computes (the math is the module docstring of common/ops/neighborhood.py)
   padding removes every bounds check.
 - forward, per block of query pixels: the logits of its window offsets (those in the image for
   border="mask", those whose window_mask is non-zero), the softmax times the mask, renormalised, and the
-  weighted sum of values, all in registers and a few KiB of stack; saved for backward are the padded
-  planes and the log-sum-exp of each query (4 bytes per pixel and head), nothing per window offset.
-- backward, per (batch, head) plane: the logits and weights recomputed from the log-sum-exp,
+  weighted sum of values, all in registers and a few KiB of stack; saved for backward are the inputs and
+  each query's softmax maximum and inverse normaliser (8 bytes per pixel and head), nothing per window
+  offset.
+- backward, per (batch, head) plane: the logits and weights recomputed from those statistics,
   dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), dq = sum dS (k + rel); P and dS
   go to two per-thread planes, from which dk = sum dS q and dv = sum P grad_out are gathered per key (the
   queries that see a key are a fixed set of shifted positions), so gradients accumulate in registers, never
   by scattered adds; d rel and d window_mask are sums over the plane, added over planes in plane order.
-- threads: torch's (at::parallel_for): image rows in forward, planes in backward. Each plane is computed in
-  the same order whatever the thread count, so the backward pass is deterministic.
+- threads: torch's count (torch.set_num_threads), on a pool of the kernel's own whose threads sleep while
+  idle, so OpenMP's wait policy does not touch it; items (bands of rows forward, planes backward) are handed
+  out one by one. Each plane is computed in the same order whatever the thread count, so the backward pass is
+  deterministic (bitwise).
 - dtypes: fp32 and fp64 are computed in their own precision; fp16 and bf16 are converted to fp32 by the
   layout copy and the results cast back.
 """

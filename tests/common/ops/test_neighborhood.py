@@ -241,6 +241,18 @@ def test_fully_masked_window_gives_zero_output_without_nan(backend):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", ["reference", *CPU_BACKENDS])
+def test_window_emptied_by_mask_and_border_has_finite_gradients(backend):
+    """Head 0 keeps only the right column of its window, which the border removes at the image's right edge:
+    those windows have no weight at all (the reference once divided by a tiny clamp there: inf * 0 = nan)."""
+    inputs = make_inputs(5, 6, 3, "shared", True)
+    with torch.no_grad():
+        inputs[4][0, :, :2] = 0.0
+    out, weights, *grads = run(backend, inputs, 3, "mask", weights_grad=True)
+    assert torch.all(out[:, 0, :, -1] == 0) and torch.all(weights[:, 0, :, -1] == 0)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dtypes and layouts.
 

@@ -1,7 +1,9 @@
 """The fused CPU kernel ("fused_cpu"): what the shared backend tests in test_neighborhood.py do not cover --
-that it is built wherever a compiler exists, kernel sizes 1 and 13, row widths around the vector widths,
-a deterministic backward whatever the thread count, fork safety of its threads, tracing by torch.compile,
-and the fallback to "tiled" (one warning) where it cannot be built."""
+that it is built wherever a compiler exists, kernel sizes 1 and 13, head widths around its channel groups,
+row widths around the vector widths, a window_mask without gradient (whose zero columns the kernel skips),
+fp16/bf16 computed in fp32, a deterministic backward whatever the thread count, torch's thread count, fork
+safety of its threads, tracing by torch.compile, and the fallback to "tiled" (one warning) where it cannot be
+built."""
 
 from __future__ import annotations
 
@@ -59,6 +61,73 @@ def test_kernel_sizes_1_and_13(fused, kernel, border):
         assert_all_close(run(fused, inputs, kernel, border, weights_grad=True), want, atol=1e-5, rtol=1e-5)
 
 
+def head_inputs(d, dv, kernel=5):
+    """q, k (logits of order 1 whatever d), v, a per-head rel_pos and a window_mask, all requiring grad."""
+    gen = torch.Generator().manual_seed(d)
+    q, k = (torch.randn(2, 2, 7, 11, d, generator=gen) * 1.5 * d ** -0.5 for _ in range(2))
+    v = torch.randn(2, 2, 7, 11, dv, generator=gen)
+    rel_pos = torch.randn(2, kernel, kernel, d, generator=gen) * 0.5 * d ** -0.5
+    mask = torch.rand(2, kernel, kernel, generator=gen) * 0.9 + 0.1
+    mask[0, 0, :] = 0.0
+    return [t.requires_grad_() for t in (q, k, v, rel_pos, mask)]
+
+
+@pytest.mark.parametrize("d, dv", [(1, 1), (2, 5), (3, 3), (9, 9), (17, 4), (32, 32), (64, 64)])
+def test_any_head_width(fused, d, dv):
+    """The kernel works on groups of 8 channels; widths below, at and past a group, and of q.k != of v."""
+    inputs = head_inputs(d, dv)
+    for border in ("mask", "zeros"):
+        want = [t.float() for t in run("reference", exact(inputs), 5, border, weights_grad=True)]
+        assert_all_close(run(fused, inputs, 5, border, weights_grad=True), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7, 9, 13])
+def test_window_mask_without_gradient(fused, kernel):
+    """A fixed mask (inference, a frozen span): the kernel then skips the mask's zero columns and rows."""
+    for rel in (None, "shared", "per_head"):
+        q, k, v, rel_pos, mask = make_inputs(9, 13, kernel, rel, True)
+        mask = mask.detach().clone()
+        mask[0, :, :2] = 0.0
+        mask[1, -1, :] = 0.0
+        mask[1, :, kernel // 2 + 1:] = 0.0
+        wrt = [t for t in (q, k, v, rel_pos) if t is not None]
+        for border in ("mask", "zeros"):
+            results = []
+            for backend in (fused, "reference"):
+                out, weights = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel_pos, window_mask=mask,
+                                                         border=border, backend=backend, return_weights=True)
+                gen = torch.Generator().manual_seed(1)
+                loss = (out * torch.randn(out.shape, generator=gen)).sum() + (
+                    weights * torch.randn(weights.shape, generator=gen)).sum()
+                results.append([out, weights, *torch.autograd.grad(loss, wrt)])
+            assert_all_close(*results, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
+def test_half_precision_is_computed_in_float32(fused, dtype, ulp):
+    """fp16/bf16 inputs: the output, the weights and every gradient are the exact result (float64 on the same
+    low-precision inputs and output gradients) within one unit in the last place of the dtype -- what an fp32
+    computation rounded once gives; sums accumulated in the low dtype would be off by several units."""
+
+    def forward_backward(backend, inputs, border):
+        q, k, v, rel_pos, mask = inputs
+        out, weights = nb.neighborhood_attention(q, k, v, 5, rel_pos=rel_pos, window_mask=mask, border=border,
+                                                 backend=backend, return_weights=True)
+        gen = torch.Generator().manual_seed(1)  # coefficients representable in the low dtype
+        grad_out = torch.randn(out.shape, generator=gen).to(dtype).to(out.dtype)
+        grad_weights = torch.randn(weights.shape, generator=gen).to(dtype).to(out.dtype)
+        loss = (out * grad_out).sum() + (weights * grad_weights).sum()
+        return [out, weights, *torch.autograd.grad(loss, [t for t in inputs if t is not None])]
+
+    for rel, mask in [(None, False), ("shared", True), ("per_head", True)]:
+        low = [None if t is None else t.detach().to(dtype).requires_grad_() for t in make_inputs(9, 13, 5, rel, mask)]
+        for border in ("mask", "zeros"):
+            got = forward_backward(fused, low, border)
+            assert all(t.dtype == dtype for t in got)
+            want = forward_backward("reference", exact(low), border)
+            assert_all_close([t.double() for t in got], want, atol=1e-5, rtol=ulp)
+
+
 @pytest.mark.parametrize("width", [4, 8, 9, 16, 17, 33])
 def test_row_widths_around_the_vector_widths(fused, width):
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
@@ -86,6 +155,37 @@ def test_backward_is_deterministic_whatever_the_thread_count(fused):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_thread_count_is_torchs(tmp_path):
+    """The kernel's pool grows to torch.get_num_threads() - 1 workers (the caller is the other), counted as the
+    process's threads before and after a call, in a fresh process whose OpenMP team is already started."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counts threads through /proc")
+    if not _has_compiler():
+        pytest.skip("no C++ compiler")
+    script = textwrap.dedent("""
+        import os
+        import torch
+        from common.ops import neighborhood as nb
+        torch.set_num_threads(1)
+        x = torch.ones(3, requires_grad=True)
+        (x * 2).sum().backward()  # autograd's own threads, if any
+        q, k, v = (torch.randn(2, 3, 9, 21, 4, requires_grad=True) for _ in range(3))
+        nb.neighborhood_attention(q, k, v, 3, backend="fused_cpu")  # build, load and self-check
+        new = []
+        for count in (1, 3, 4):
+            torch.set_num_threads(count)
+            torch.ones(1 << 22).add_(1).sum()  # OpenMP starts (or grows) its team at this size
+            before = len(os.listdir("/proc/self/task"))
+            nb.neighborhood_attention(q, k, v, 3, backend="fused_cpu").sum().backward()
+            new.append(len(os.listdir("/proc/self/task")) - before)
+        print(nb.neighborhood_cpu.problem(), new)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None [0, 2, 1]"
 
 
 def _child_runs_the_kernel(queue):
