@@ -88,7 +88,7 @@ class SelfAttentionImageClassifier(nn.Module):
 
 def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int, intermediate: int, dropout: float,
           attention_dropout: float, layer_norm_eps: float, image_size: int,
-          embedding_size: int | None) -> SelfAttentionImageClassifier:
+          embedding_size: int | None, in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Check the options a config can set (each error names its key), then build."""
     if attention not in ATTENTIONS:
         raise ArgumentError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}", key="attention")
@@ -111,52 +111,56 @@ def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int
     if embedding_size is not None and (not isinstance(embedding_size, int) or embedding_size < 1):
         raise ArgumentError(f"embedding_size must be an integer >= 1, got {embedding_size!r}", key="embedding_size")
     return SelfAttentionImageClassifier(num_classes, attention, layers, heads, hidden, intermediate, dropout,
-                                        attention_dropout, layer_norm_eps, image_size, embedding_size=embedding_size)
+                                        attention_dropout, layer_norm_eps, image_size, in_channels=in_chans,
+                                        embedding_size=embedding_size)
 
 
 @register_model
 def sa_conv(num_classes: int = 10, attention: str = "quadratic", layers: int = 6, heads: int = 9, hidden: int = 400,
             intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
             layer_norm_eps: float = 1e-12, image_size: int = 32,
-            embedding_size: int | None = None) -> SelfAttentionImageClassifier:
+            embedding_size: int | None = None, in_chans: int = 3) -> SelfAttentionImageClassifier:
     """The paper's model with any attention variant: quadratic, quadratic_aniso, learned, learned_query,
     learned_content. embedding_size: per-axis width of the learned row/column tables (default hidden for
     `learned`, hidden/2 for the q.r variants)."""
     return build(num_classes, attention, layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, embedding_size)
+                 layer_norm_eps, image_size, embedding_size, in_chans)
 
 
 @register_model
 def sa_quadratic(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400, intermediate: int = 512,
                  dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
-                 image_size: int = 32) -> SelfAttentionImageClassifier:
+                 image_size: int = 32, in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Isotropic Gaussian heads (12,086,844 params on CIFAR-10, the official count)."""
     return build(num_classes, "quadratic", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None)
+                 layer_norm_eps, image_size, None, in_chans)
 
 
 @register_model
 def sa_quadratic_aniso(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400,
                        intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
-                       layer_norm_eps: float = 1e-12, image_size: int = 32) -> SelfAttentionImageClassifier:
+                       layer_norm_eps: float = 1e-12, image_size: int = 32,
+                       in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Anisotropic Gaussian heads, Sigma^-1 = S S^T (12,087,006 params on CIFAR-10)."""
     return build(num_classes, "quadratic_aniso", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None)
+                 layer_norm_eps, image_size, None, in_chans)
 
 
 @register_model
 def sa_learned(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400, intermediate: int = 512,
                dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
-               image_size: int = 32, embedding_size: int | None = None) -> SelfAttentionImageClassifier:
+               image_size: int = 32, embedding_size: int | None = None,
+               in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Learned relative 2-D embeddings, positional only, w.r (12,278,682 params on CIFAR-10, the official count)."""
     return build(num_classes, "learned", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, embedding_size)
+                 layer_norm_eps, image_size, embedding_size, in_chans)
 
 
 @register_model
 def sa_learned_content(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400,
                        intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
-                       layer_norm_eps: float = 1e-12, image_size: int = 32) -> SelfAttentionImageClassifier:
+                       layer_norm_eps: float = 1e-12, image_size: int = 32,
+                       in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Learned relative 2-D embeddings with content, q.k + q.r (29,484,282 params on CIFAR-10, the official count)."""
     return build(num_classes, "learned_content", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None)
+                 layer_norm_eps, image_size, None, in_chans)

@@ -25,8 +25,8 @@ def test_config_lists_name_runnable_configs(path):
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_validates_and_builds(path):
     cfg = load_config(path)
-    _, num_classes = input_spec(cfg.data)
-    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
+    input_size, num_classes = input_spec(cfg.data)
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes, input_size)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import Config, config_from_dict, config_to_dict
+from common.config import Config, config_from_dict, config_to_dict, flatten_config
 from common.data.loaders import input_spec
 from common.errors import UserError
 from common.train import checkpoint as ckpt
@@ -66,18 +66,8 @@ def resolve_run_dir(cfg: Config, output: str | None, resume: bool) -> tuple[Path
     return parent / timestamp(), None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and not (prefix == "" and key == "model"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(saved: dict, cfg: Config, run_dir: Path) -> None:
-    before, now = _flatten(saved), _flatten(config_to_dict(cfg))
+    before, now = flatten_config(saved), flatten_config(config_to_dict(cfg))
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
                      and not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES))
     if changed:
@@ -115,6 +105,6 @@ def model_to_inspect(cfg: Config | None, load: str | None) -> tuple[Config, nn.M
         path = ckpt.resolve_checkpoint(load)
         saved = ckpt.load_checkpoint(path)
         cfg = cfg or config_from_dict(saved["config"], source=str(path))
-    _, num_classes = input_spec(cfg.data)
+    input_size, num_classes = input_spec(cfg.data)
     seed_everything(cfg.seed)
-    return cfg, build_model(cfg.model.name, cfg.model.kwargs, num_classes), path, saved
+    return cfg, build_model(cfg.model.name, cfg.model.kwargs, num_classes, input_size), path, saved
