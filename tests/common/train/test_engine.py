@@ -312,7 +312,8 @@ def test_an_image_that_does_not_decode_is_a_one_line_error(write_config, tmp_pat
 
     written = write_imagefolder(tmp_path / "folder", ["a", "b"], per_class=4, size=12, corrupt=True)
     path = write_config({"data": {"dataset": "imagefolder", "root": str(tmp_path / "folder"), "image_size": 8,
-                                  "num_workers": 1, "val_fraction": 0.0}, "train": {"batch_size": 2}})
+                                  "num_workers": 1, "val_fraction": 0.0, "mean": [0.5] * 3, "std": [0.25] * 3},
+                         "train": {"batch_size": 2}})
     result = run_main("--config", str(path), "--output", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -348,3 +349,29 @@ def test_keep_every_epochs_keeps_numbered_checkpoints(write_config, tmp_path):
     kept = ckpt.epoch_checkpoints(tmp_path / "run")
     assert [p.name for p in kept] == ["epoch_0002.ckpt", "epoch_0003.ckpt"]  # every 2nd, and the last
     assert [ckpt.load_checkpoint(p)["state"]["epoch"] for p in kept] == [2, 3]
+
+
+def test_models_take_channels_and_size_from_the_data():
+    from common.train.engine import build_model
+
+    vit = build_model("vit", {"dim": 16, "depth": 1, "heads": 2}, 10, (1, 28, 28))  # no image_size by hand
+    assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    sasa = build_model("sasa_resnet26", {"stem": "cifar"}, 10, (1, 28, 28))
+    assert sasa.stem[0].in_channels == 1
+    sa = build_model("sa_quadratic", {"layers": 1, "hidden": 18, "intermediate": 8}, 10, (1, 28, 28))
+    assert sa(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(UserError, match=r"model vit cannot be built for 1x28x28 inputs: image_size 28x28 is not a "
+                                        r"multiple of patch_size 8"):
+        build_model("vit", {"patch_size": 8}, 10, (1, 28, 28))
+    with pytest.raises(UserError, match="model.in_chans is 3 but the dataset has 1 channels"):
+        build_model("resnet18", {"in_chans": 3}, 10, (1, 28, 28))
+
+
+def test_the_summary_splits_the_whole_wall_time(write_config, tmp_path):
+    path = write_config({"train": {"epochs": 1}, "log": {"tensorboard": False}})
+    assert run_main("--config", str(path), "--output", str(tmp_path / "run")).returncode == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    split = summary["time_s"]
+    assert set(split) == {"data", "train", "val", "test", "other"} and all(v >= 0 for v in split.values())
+    assert split["train"] > 0 and split["val"] > 0 and split["test"] > 0 and split["data"] > 0
+    assert sum(split.values()) == pytest.approx(summary["wall_time_s"], abs=0.01)
