@@ -1,0 +1,173 @@
+"""How a study's runs get run: `local` (one after another, in this process) or `slurm` (a job each, via submitit).
+
+Both run the same `StudyJob`: measure the config's cost once (cost.json next to its seeds), train into the run
+folder (resuming its last.ckpt if there is one), then refresh the study's table and figures. A SLURM job
+with several GPUs runs one task per GPU, and each task joins the DDP process group that SLURM's environment
+describes (submitit's TorchDistributedEnvironment exports MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and
+LOCAL_RANK, as torchrun would). A job preempted or at its time limit is requeued by submitit and resumes from
+the run's last.ckpt (saved every epoch, or every train.checkpoint_every_steps).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from common.errors import TrainingInterrupted, UserError
+
+# The submitit cluster behind `--launcher slurm`; tests set "local" or "debug" (submitit's own stand-ins).
+SUBMITIT_CLUSTER = "slurm"
+JOB_MARKER = "slurm_job_id"  # in a run folder: the job that runs it, so a rerun does not submit it twice
+
+
+def check_launcher(study) -> None:
+    """A launcher that cannot run here is a one-line error before any run starts."""
+    if study.launcher != "slurm":
+        return
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise UserError("--launcher slurm needs submitit, which is not installed: pip install submitit") from None
+    if SUBMITIT_CLUSTER == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--launcher slurm: SLURM is not installed here (no sbatch on PATH); run the study on the "
+                        "cluster's login node, or use --launcher local")
+
+
+class StudyJob:
+    """One run of a study, the same on this machine and in a SLURM job (picklable: plain data only)."""
+
+    def __init__(self, config: dict, folder: str, study_folder: str, quiet: bool = True):
+        self.config, self.folder, self.study_folder, self.quiet = config, folder, study_folder, quiet
+
+    def __call__(self) -> dict:
+        from common.config import config_from_dict
+        from common.tasks.study import COST_FILE, measure_cost, refresh_report
+        from common.tasks.training import train
+
+        cfg = config_from_dict(self.config, source=f"{self.folder}/config.yaml")
+        _export_slurm_process_group()
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        cost = Path(self.folder).parent / COST_FILE
+        if main_rank and not cost.is_file():
+            measure_cost(cfg, cost)
+        summary = train(cfg, output=self.folder, quiet=self.quiet)
+        if main_rank:
+            refresh_report(Path(self.study_folder), quiet=True)
+        return {"test_acc": summary["test_acc"], "run_dir": summary["run_dir"]}
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit calls this at a time limit or preemption: requeue the same job, which resumes last.ckpt."""
+        from submitit.core.utils import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+def _export_slurm_process_group() -> None:
+    """In a submitit job with several tasks, the torchrun-style variables init_distributed reads."""
+    try:
+        import submitit
+    except ImportError:
+        return
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job: this machine, or torchrun's own variables
+        return
+    if env.num_tasks < 2:
+        return
+    # Each task sees all of its node's GPUs and takes cuda:LOCAL_RANK, as under torchrun.
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def launch(study, pending: list, quiet: bool = False) -> None:
+    if study.launcher == "local":
+        _run_here(study, pending, quiet)
+    else:
+        _submit(study, pending)
+
+
+def _job(run, study, quiet: bool) -> StudyJob:
+    from common.config import config_to_dict
+
+    return StudyJob(config_to_dict(run.cfg), str(run.folder), str(study.folder), quiet)
+
+
+def _run_here(study, pending: list, quiet: bool) -> None:
+    from common.tasks.study import refresh_report
+
+    failures = []
+    for i, run in enumerate(pending, start=1):
+        print(f"[{i}/{len(pending)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
+        try:
+            _job(run, study, quiet)()
+        except TrainingInterrupted:
+            refresh_report(study.folder, quiet=True)
+            raise
+        except UserError as exc:  # a diverged run: the others still run
+            failures.append(f"{run.folder}: {exc}")
+            print(f"run failed: {run.folder}: {exc}", flush=True)
+    refresh_report(study.folder)
+    _raise_failures(failures, len(pending), study)
+
+
+def _raise_failures(failures: list[str], total: int, study) -> None:
+    if failures:
+        raise UserError(f"{len(failures)} of {total} runs failed ({failures[0]}{' ...' if len(failures) > 1 else ''});"
+                        f" the others are in {study.folder}/study.md; fix the cause and rerun the study (finished "
+                        f"runs are kept)")
+
+
+def _active_job(folder: Path) -> str | None:
+    """The id of a queued or running SLURM job already running this folder's run, else None."""
+    marker = folder / JOB_MARKER
+    if SUBMITIT_CLUSTER != "slurm" or not marker.is_file():
+        return None
+    job_id = marker.read_text().strip()
+    try:
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return job_id if state else None
+
+
+def _submit(study, pending: list) -> None:
+    import submitit
+
+    from common.inspect.report import write_atomically
+    from common.tasks.study import refresh_report
+
+    options = study.slurm
+    executor = submitit.AutoExecutor(folder=study.folder / "slurm" / "%j", cluster=SUBMITIT_CLUSTER)
+    params = {"name": study.name, "timeout_min": options.time_limit_min, "nodes": options.nodes,
+              "tasks_per_node": max(options.gpus_per_node, 1), "gpus_per_node": options.gpus_per_node}
+    params.update({key: value for key, value in (("cpus_per_task", options.cpus_per_task),
+                                                 ("mem_gb", options.mem_gb),
+                                                 ("slurm_partition", options.partition),
+                                                 ("slurm_account", options.account)) if value is not None})
+    executor.update_parameters(**params)
+    jobs = []
+    for run in pending:
+        active = _active_job(run.folder)
+        if active:
+            print(f"{run.folder}: already queued or running as job {active}; not submitted again")
+            continue
+        executor.update_parameters(name=f"{study.name}/{run.name}/seed{run.seed}")
+        job = executor.submit(_job(run, study, quiet=True))
+        write_atomically(run.folder / JOB_MARKER, f"{job.job_id}\n")
+        jobs.append((run, job))
+    print(f"submitted {len(jobs)} job{'s' * (len(jobs) != 1)} ({', '.join(str(j.job_id) for _, j in jobs)}); logs in "
+          f"{study.folder / 'slurm'}. Waiting for them (Ctrl-C stops waiting, not the jobs; "
+          f"`python main.py --task report --runs {study.folder}` shows the table meanwhile)", flush=True)
+    failures = []
+    for run, job in jobs:
+        try:
+            job.results()  # one per task (a multi-GPU job has several)
+        except Exception as exc:  # submitit re-raises the job's failure with its traceback
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            failures.append(f"{run.folder}: job {job.job_id} failed ({lines[-1] if lines else type(exc).__name__})")
+            print(failures[-1], flush=True)
+        refresh_report(study.folder, quiet=True)
+    refresh_report(study.folder)
+    _raise_failures(failures, len(jobs), study)
