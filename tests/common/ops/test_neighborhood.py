@@ -198,6 +198,17 @@ def test_tiled_workspace_reuse_across_shapes():
     assert_all_close(run("tiled", inputs, 3, "zeros"), run("reference", inputs, 3, "zeros"), atol=1e-5, rtol=1e-5)
 
 
+def test_tiled_workspace_first_grown_under_inference_mode_still_trains():
+    """A larger scratch matrix first needed in inference mode (an eval pass) must be writable in training."""
+    nb.release_workspace()
+    q, k, v = (torch.randn(4, 2, 12, 12, 8) for _ in range(3))
+    with torch.inference_mode():
+        neighborhood_attention(q, k, v, 5, backend="tiled")
+    q.requires_grad_(True)
+    neighborhood_attention(q, k, v, 5, backend="tiled").sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Border rule and weights.
 
