@@ -85,7 +85,8 @@ def markdown_table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | --- | " + " | ".join(["---:"] * (len(COLUMNS) - 2)) + " |"]
     for r in records:
         seeds = report.seeds_cell(r) if r["seeds"] or r["unfinished"] else "not started"
-        cells = [report.config_cell(r).replace("|", r"\|"), (r["model"] or "–").replace("|", r"\|"), seeds,
+        model = r["model"].split(" (")[0] or "–"  # the options are in the config; the row names it
+        cells = [report.config_cell(r).replace("|", r"\|"), model, seeds,
                  report.mean_pm(r["test_acc_mean"], r["test_acc_ci95"]), report.fmt(r["params_m"], ".3f"),
                  report.fmt(r["gmacs"], ".4f"), report.fmt(r["train_img_s"], ".0f"),
                  report.duration(r["wall_time_s_mean"]), report.duration(r["train_time_s_mean"]),

@@ -260,7 +260,14 @@ class Trainer:
 
     def fit(self) -> dict:
         with self._stop_on_signals():
-            return self._fit()
+            summary = self._fit()
+        if self._stop_signal is not None:
+            # The signal came after the last step (validation, the final test): the run is complete, but the
+            # caller (a shell, a study running run after run) asked to stop, and must learn that it did.
+            name = signal.Signals(self._stop_signal).name
+            raise TrainingInterrupted(f"{name}: the run had finished training when it came; its summary is in "
+                                      f"{self.run_dir / 'summary.json'}", self._stop_signal)
+        return summary
 
     def _fit(self) -> dict:
         cfg, st = self.cfg, self.state

@@ -375,3 +375,21 @@ def test_the_summary_splits_the_whole_wall_time(write_config, tmp_path):
     assert set(split) == {"data", "train", "val", "test", "other"} and all(v >= 0 for v in split.values())
     assert split["train"] > 0 and split["val"] > 0 and split["test"] > 0 and split["data"] > 0
     assert sum(split.values()) == pytest.approx(summary["wall_time_s"], abs=0.01)
+
+
+def test_a_signal_during_the_final_test_still_ends_the_process_with_it(write_config, tmp_path, monkeypatch):
+    """The run completes (summary written), and the caller learns that a stop was asked (a study stops)."""
+    from common.errors import TrainingInterrupted
+    from common.train.engine import Trainer
+
+    finish = Trainer._finish
+
+    def signalled_finish(self, elapsed):
+        self._stop_signal = signal.SIGTERM  # as the handler records a SIGTERM that comes during the test
+        return finish(self, elapsed)
+
+    monkeypatch.setattr(Trainer, "_finish", signalled_finish)
+    cfg = load_config(write_config({"train": {"epochs": 1}, "log": {"tensorboard": False}}))
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: the run had finished training") as excinfo:
+        tasks.train(cfg, output=str(tmp_path / "run"))
+    assert excinfo.value.signum == signal.SIGTERM and (tmp_path / "run" / "summary.json").is_file()
