@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -101,9 +102,12 @@ def _run_here(study, pending: list, quiet: bool) -> None:
         print(f"[{i}/{len(pending)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
         try:
             _job(run, study, quiet)()
-        except TrainingInterrupted:
+        except TrainingInterrupted as exc:
             refresh_report(study.folder, quiet=True)
-            raise
+            name = signal.Signals(exc.signum).name
+            raise TrainingInterrupted(f"{name}: the study stopped in {run.folder} (its last.ckpt is saved); rerun "
+                                      f"the same study command to continue: finished runs are skipped, this one "
+                                      f"resumes", exc.signum) from None
         except UserError as exc:  # a diverged run: the others still run
             failures.append(f"{run.folder}: {exc}")
             print(f"run failed: {run.folder}: {exc}", flush=True)

@@ -93,6 +93,7 @@ def test_a_killed_study_resumes_without_repeating_finished_runs(write_config, tm
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "rerun the same study command to continue" in stderr.strip().splitlines()[-1]
     assert (folder / "fast" / "seed0" / "summary.json").is_file()
     assert not (folder / "slow" / "seed0" / "summary.json").is_file()
     assert "unfinished" in (folder / "study.md").read_text()  # the table was refreshed on the way out
