@@ -101,12 +101,13 @@ def _header(meta: dict, records: list[dict], rows: list[report.Row]) -> str:
     devices = sorted({str(run.summary.get("device", "?")) for run in finished})
     cost_devices = sorted({r["cost_device"] for r in records if r.get("cost_device")})
     overrides = ", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none"
+    batch = next((r["cost_batch"] for r in records if r.get("cost_batch")), "–")
     lines = [f"# Study {meta.get('study', '')}", "",
              f"- study file: {meta.get('study_file', '?')}; seeds {meta.get('seeds')}; shared overrides: {overrides}",
              f"- finished runs: {len(finished)} of {len(meta.get('seeds', [])) * len(meta.get('configs', []))}, "
              f"total wall time {report.duration(total)} on {', '.join(devices) or '–'}",
              f"- cost columns measured once per config on {', '.join(cost_devices) or '–'} "
-             f"(the `time` task's measurement: batch {next((r['cost_batch'] for r in records if r.get('cost_batch')), '–')})"]
+             f"(the `time` task's measurement: batch {batch})"]
     return "\n".join(lines) + "\n"
 
 

@@ -91,7 +91,8 @@ def launch(study, pending: list, quiet: bool = False) -> None:
 def _job(run, study, quiet: bool) -> StudyJob:
     from common.config import config_to_dict
 
-    return StudyJob(config_to_dict(run.cfg), str(run.folder), str(study.folder), quiet)
+    # Absolute: a SLURM job may start in another working directory.
+    return StudyJob(config_to_dict(run.cfg), str(run.folder.resolve()), str(study.folder.resolve()), quiet)
 
 
 def _run_here(study, pending: list, quiet: bool) -> None:

@@ -320,5 +320,8 @@ def run_study(study: Study, quiet: bool = False) -> None:
     done = len(study.runs) - len(pending)
     print(f"study {study.name}: {len(study.runs)} runs ({len(study.names)} configs x {len(study.seeds)} seeds) "
           f"in {study.folder}; {done} finished, {len(pending)} to run with the {study.launcher} launcher")
-    launch(study, pending, quiet=quiet)
+    if pending:
+        launch(study, pending, quiet=quiet)
+    else:
+        refresh_report(study.folder)
 
