@@ -100,7 +100,8 @@ def _header(meta: dict, records: list[dict], rows: list[report.Row]) -> str:
     total = sum(float(run.summary["wall_time_s"]) for run in finished)
     devices = sorted({str(run.summary.get("device", "?")) for run in finished})
     cost_devices = sorted({r["cost_device"] for r in records if r.get("cost_device")})
-    overrides = ", ".join(f"`{o}`" for o in meta.get("overrides", [])) or "none"
+    effective = {o.split("=", 1)[0]: o for o in meta.get("overrides", [])}  # a later --set wins
+    overrides = ", ".join(f"`{o}`" for o in effective.values()) or "none"
     batch = next((r["cost_batch"] for r in records if r.get("cost_batch")), "–")
     lines = [f"# Study {meta.get('study', '')}", "",
              f"- study file: {meta.get('study_file', '?')}; seeds {meta.get('seeds')}; shared overrides: {overrides}",
