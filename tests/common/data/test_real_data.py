@@ -38,7 +38,7 @@ def test_a_study_config_trains_on_a_subset_of_the_real_data(tmp_path):
     out = tmp_path / "run"
     result = run_main("--config", str(REPO / "configs/study/fashion_mnist/conv.yaml"), "--output", str(out),
                       "--set", "data.train_subset=2000", "--set", "train.epochs=1", "--set", "train.batch_size=32",
-                      "--set", "model.widths=[8,16,32]", "--set", "model.stem_width=8")
+                      "--set", "model.widths=[8,16,16,32]", "--set", "model.stem_width=8")
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "fashion_mnist" and summary["test_acc"] > 0.5  # 10 classes: chance is 0.1
