@@ -170,6 +170,7 @@ def draw_figures(folder: Path, records: list[dict], rows: list[report.Row], stud
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     colours = plt.get_cmap("tab20" if len(done) > 10 else "tab10")
     markers = "osD^vP*Xh<>p"
@@ -207,16 +208,19 @@ def draw_figures(folder: Path, records: list[dict], rows: list[report.Row], stud
             if not epochs:
                 continue
             values = [curves[key][e] for e in epochs]
-            ax.plot(epochs, [scale * _mean(v) for v in values], color=colour, linewidth=1.4,
-                    label=report.config_cell(r))
+            ax.plot(epochs, [scale * _mean(v) for v in values], color=colour, linewidth=1.4, marker="o",
+                    markersize=3, label=report.config_cell(r))
             if any(len(v) > 1 for v in values):
                 ax.fill_between(epochs, [scale * min(v) for v in values], [scale * max(v) for v in values],
                                 color=colour, alpha=0.15, linewidth=0)
     axes[0].set_ylabel("validation accuracy (%)")
     axes[1].set_ylabel("training loss")
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[1].yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.suptitle(f"{study}: learning curves (mean over seeds; band: lowest to highest seed)", fontsize=10)
