@@ -394,6 +394,14 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_figure_atomically(fig, path: Path) -> None:
+    """As write_atomically, for a matplotlib figure (several study processes or jobs refresh the same PNGs)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
 def _default_output(paths) -> Path:
     folders = [Path(p).resolve() for p in paths]
     common = Path(os.path.commonpath(folders)) if len(folders) > 1 else folders[0]

@@ -195,7 +195,7 @@ def draw_figures(folder: Path, records: list[dict], rows: list[report.Row], stud
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
         ax.set_title(f"{study}: test accuracy vs {label.split(' (')[0]}", fontsize=10)
-        fig.savefig(folder / name)
+        report.save_figure_atomically(fig, folder / name)
         plt.close(fig)
         paths.append(folder / name)
 
@@ -224,7 +224,7 @@ def draw_figures(folder: Path, records: list[dict], rows: list[report.Row], stud
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     fig.suptitle(f"{study}: learning curves (mean over seeds; band: lowest to highest seed)", fontsize=10)
-    fig.savefig(folder / "learning_curves.png")
+    report.save_figure_atomically(fig, folder / "learning_curves.png")
     plt.close(fig)
     paths.append(folder / "learning_curves.png")
     return paths

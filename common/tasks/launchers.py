@@ -1,5 +1,10 @@
 """How a study's runs get run: `local` (one after another, in this process) or `slurm` (a job each, via submitit).
 
+Several `local` study processes may work on one study folder at once (two one-thread processes use two CPU
+cores better than one two-thread process; or one process per GPU): each claims a run with an exclusive lock
+(`<study>/.running/<config>-seed<k>.lock`, released by the system when the process ends, even killed) and
+skips the runs another process holds.
+
 Both run the same `StudyJob`: measure the config's cost once (cost.json next to its seeds), train into the run
 folder (resuming its last.ckpt if there is one), then refresh the study's table and figures. A SLURM job
 with several GPUs runs one task per GPU, and each task joins the DDP process group that SLURM's environment
@@ -10,11 +15,17 @@ the run's last.ckpt (saved every epoch, or every train.checkpoint_every_steps).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no claims; run one study process per folder there
+    fcntl = None
 
 from common.errors import TrainingInterrupted, UserError
 
@@ -95,25 +106,70 @@ def _job(run, study, quiet: bool) -> StudyJob:
     return StudyJob(config_to_dict(run.cfg), str(run.folder.resolve()), str(study.folder.resolve()), quiet)
 
 
+CLAIMS = ".running"  # in a study folder: a lock file per run that a local study process is running
+
+
+@contextlib.contextmanager
+def claim(study, run):
+    """Yields True while this process holds run's lock, False if another study process holds it."""
+    if fcntl is None:
+        yield True
+        return
+    path = study.folder / CLAIMS / f"{run.name}-seed{run.seed}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _run_here(study, pending: list, quiet: bool) -> None:
     from common.tasks.study import refresh_report
 
-    failures = []
+    failures, elsewhere = [], []
     for i, run in enumerate(pending, start=1):
-        print(f"[{i}/{len(pending)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
-        try:
-            _job(run, study, quiet)()
-        except TrainingInterrupted as exc:
-            refresh_report(study.folder, quiet=True)
-            name = signal.Signals(exc.signum).name
-            raise TrainingInterrupted(f"{name}: the study stopped in {run.folder} (its last.ckpt is saved); rerun "
-                                      f"the same study command to continue: finished runs are skipped, this one "
-                                      f"resumes", exc.signum) from None
-        except UserError as exc:  # a diverged run: the others still run
-            failures.append(f"{run.folder}: {exc}")
-            print(f"run failed: {run.folder}: {exc}", flush=True)
+        with claim(study, run) as mine:
+            if not mine:
+                elsewhere.append(run)
+                print(f"[{i}/{len(pending)}] {run.name} seed {run.seed}: being run by another study process; "
+                      f"skipped", flush=True)
+                continue
+            if run.finished:  # by another study process, since this one started
+                print(f"[{i}/{len(pending)}] {run.name} seed {run.seed}: finished by another study process",
+                      flush=True)
+                continue
+            print(f"[{i}/{len(pending)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
+            failures += _run_one(study, run, quiet)
     refresh_report(study.folder)
+    if elsewhere:
+        print(f"{len(elsewhere)} run{'s' * (len(elsewhere) != 1)} still being run by another study process "
+              f"({', '.join(f'{r.name} seed {r.seed}' for r in elsewhere)}); the table is complete when it ends",
+              flush=True)
     _raise_failures(failures, len(pending), study)
+
+
+def _run_one(study, run, quiet: bool) -> list[str]:
+    """Train one run here; returns its failure (a diverged run: the others still run), if any."""
+    from common.tasks.study import refresh_report
+
+    try:
+        _job(run, study, quiet)()
+    except TrainingInterrupted as exc:
+        refresh_report(study.folder, quiet=True)
+        name = signal.Signals(exc.signum).name
+        raise TrainingInterrupted(f"{name}: the study stopped in {run.folder} (its last.ckpt is saved); rerun "
+                                  f"the same study command to continue: finished runs are skipped, this one "
+                                  f"resumes", exc.signum) from None
+    except UserError as exc:
+        print(f"run failed: {run.folder}: {exc}", flush=True)
+        return [f"{run.folder}: {exc}"]
+    return []
 
 
 def _raise_failures(failures: list[str], total: int, study) -> None:

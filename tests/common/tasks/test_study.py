@@ -107,6 +107,29 @@ def test_a_killed_study_resumes_without_repeating_finished_runs(write_config, tm
     assert epochs == [1, 2]
 
 
+@pytest.mark.skipif(launchers.fcntl is None, reason="run claims need fcntl (POSIX)")
+def test_two_study_processes_share_the_runs(write_config, tmp_path):
+    """A run claimed by another study process (its lock held) is skipped here, then run once it is free."""
+    write_config(QUICK, name="tiny")
+    path, folder = write_study(tmp_path, write_config, {"seeds": 2}, configs=["tiny.yaml"])
+    study = load_study(path)
+    busy = next(run for run in study.runs if run.seed == 0)
+    with launchers.claim(study, busy) as mine:
+        assert mine
+        with launchers.claim(study, busy) as again:
+            assert not again  # one holder at a time, even within one process
+        result = invoke("--task", "study", "--config", str(path))
+    assert result.exit_code == 0, result.output
+    assert "tiny seed 0: being run by another study process; skipped" in result.output
+    assert "1 run still being run by another study process (tiny seed 0)" in result.output
+    assert (folder / "tiny" / "seed1" / "summary.json").is_file()
+    assert not (folder / "tiny" / "seed0").exists()
+    assert "finished runs: 1 of 2" in (folder / "study.md").read_text()
+    result = invoke("--task", "study", "--config", str(path))  # the other process ended without finishing it
+    assert result.exit_code == 0 and "1 finished, 1 to run" in result.output, result.output
+    assert (folder / "tiny" / "seed0" / "summary.json").is_file()
+
+
 def test_slurm_launcher_through_submitits_debug_executor(write_config, tmp_path, monkeypatch):
     monkeypatch.setattr(launchers, "SUBMITIT_CLUSTER", "debug")
     path, folder = write_study(tmp_path, write_config, {"seeds": [3]})
