@@ -106,7 +106,8 @@ def _header(meta: dict, records: list[dict], rows: list[report.Row]) -> str:
     lines = [f"# Study {meta.get('study', '')}", "",
              f"- study file: {meta.get('study_file', '?')}; seeds {meta.get('seeds')}; shared overrides: {overrides}",
              f"- finished runs: {len(finished)} of {len(meta.get('seeds', [])) * len(meta.get('configs', []))}, "
-             f"total wall time {report.duration(total)} on {', '.join(devices) or '–'}",
+             f"their wall times add up to {report.duration(total)} on {', '.join(devices) or '–'} (less time "
+             f"passes when several study processes or jobs run at once)",
              f"- cost columns measured once per config on {', '.join(cost_devices) or '–'} "
              f"(the `time` task's measurement: batch {batch})"]
     return "\n".join(lines) + "\n"
