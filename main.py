@@ -29,7 +29,10 @@ TASKS = {
     "viz_1": "attention maps of one query pixel, per layer and head",
     "time": "params, MACs/FLOPs, throughput, latency and peak memory; several --config (or a config list such "
             "as configs/compare/cifar.yaml) give one table and a throughput-vs-params plot",
-    "report": "table of run folders (--runs): accuracy mean and 95% CI over seeds, next to the paper's number",
+    "report": "table of run folders (--runs): accuracy mean and 95% CI over seeds, next to the paper's number; "
+              "on a study folder, the study's table and figures",
+    "study": "every (config, seed) of a study file (--config configs/study/*.yaml) into runs/<study>/, resumable, "
+             "with one table and figures; --launcher local or slurm",
 }
 
 
@@ -41,6 +44,8 @@ EXAMPLES = ("\b\nExamples:\n  python main.py --config configs/quickstart.yaml --
             "  python main.py --task viz_1 --load runs/<config>/<timestamp> --index 3 --pixel 10 20\n"
             "  python main.py --task time --config configs/compare/cifar.yaml\n"
             "  python main.py --task report --runs runs/\n"
+            "  python main.py --task study --config configs/study/fashion_mnist.yaml\n"
+            "  python main.py --task study --config configs/study/fashion_mnist.yaml --launcher slurm --partition gpu\n"
             "  torchrun --nproc_per_node 8 main.py --config configs/baselines/resnet18_cifar10.yaml")
 
 
@@ -135,16 +140,25 @@ def check_task(task: str) -> None:
                                                "(e.g. 0,3,-1 or 'stages.2.*'), or 'all' [default: at most 8].")
 @click.option("--runs", multiple=True, metavar="DIR", help="report: run folders or folders of run folders "
                                                            "(--runs A B C, or repeat --runs).")
+@click.option("--launcher", metavar="NAME", help="study: local (one run after another here) or slurm (a SLURM "
+                                                 "job per run, through submitit) [default: the study file's]")
+@click.option("--partition", metavar="NAME", help="study --launcher slurm: the SLURM partition.")
+@click.option("--nodes", type=int, metavar="N", help="study --launcher slurm: nodes per run.")
+@click.option("--gpus-per-node", type=int, metavar="N", help="study --launcher slurm: GPUs (DDP processes) per node.")
+@click.option("--time-limit", type=int, metavar="MIN", help="study --launcher slurm: each job's time limit, minutes.")
+@click.option("--account", metavar="NAME", help="study --launcher slurm: the SLURM account to charge.")
 @click.argument("more_runs", nargs=-1, metavar="")
 def main(configs, task, overrides, output, resume, allow_changes, load, quiet, image, index, pixel, layers, runs,
-         more_runs):
+         launcher, partition, nodes, gpus_per_node, time_limit, account, more_runs):
     """Self-attention as a replacement for convolution: train, evaluate, time and inspect the papers' models."""
     try:
         if more_runs and not runs:
             raise UserError(f"unexpected argument(s): {' '.join(more_runs)} (options start with --; see --help)")
+        slurm = {"partition": partition, "nodes": nodes, "gpus_per_node": gpus_per_node, "time_limit_min": time_limit,
+                 "account": account}
         run(configs, task, overrides, output, resume, load, quiet, image=image, index=index,
             pixel=tuple(pixel) if pixel else None, layers=layers, runs=list(runs) + list(more_runs),
-            allow_changes=allow_changes)
+            allow_changes=allow_changes, launcher=launcher, slurm=slurm)
     except UserError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(UserError.exit_code)
@@ -174,10 +188,10 @@ def _echo_if_possible(message: str) -> None:
 
 
 def run(configs, task, overrides, output, resume, load, quiet, image=None, index=None, pixel=None, layers=None,
-        runs=(), allow_changes=()):
+        runs=(), allow_changes=(), launcher=None, slurm=None):
     # Everything here up to `from common import tasks` runs without torch, so that a mistake in the command
     # line or the config is reported in a fraction of a second (the model options are checked last).
-    from common.config import expand_config_lists, load_config
+    from common.config import expand_config_lists, is_study_file, load_config
 
     # A figure task may come from a package that the config imports (custom_imports): it is known once the
     # config (or, with --load alone, the checkpoint's config) is loaded.
@@ -197,6 +211,17 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
         return
     if runs:
         raise UserError(f"--runs is for --task report, not {task}")
+    study_options = [name for name, value in (("--launcher", launcher), *(
+        (f"--{key.replace('_min', '').replace('_', '-')}", value) for key, value in (slurm or {}).items()))
+        if value is not None]
+    if task == "study":
+        _study(configs, overrides, output, resume, load, quiet, launcher, slurm)
+        return
+    if study_options:
+        raise UserError(f"{', '.join(study_options)} only apply to --task study, not {task}")
+    studies = [path for path in configs if is_study_file(path)]
+    if studies:
+        raise UserError(f"{studies[0]} is a study file; run it with --task study")
     viz_options = {"--image": image, "--index": index, "--pixel": pixel, "--layers": layers}
     given = [name for name, value in viz_options.items() if value is not None]
     if given and task not in ("viz", "viz_1"):
@@ -229,6 +254,17 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
                         pixel=pixel, layers=layers)
     else:
         tasks.draw_model_figure(task, cfgs[0] if cfgs else None, load=load, output=output)
+
+
+def _study(configs, overrides, output, resume, load, quiet, launcher, slurm):
+    if len(configs) != 1:
+        raise UserError("--task study needs one --config: a study file (e.g. configs/study/fashion_mnist.yaml)")
+    if resume or load:
+        raise UserError("--task study resumes its runs by itself and loads no checkpoint: drop --resume / --load")
+    from common.tasks.study import load_study, run_study
+
+    study = load_study(configs[0], overrides, output=output, launcher=launcher, slurm_overrides=slurm)
+    run_study(study, quiet=quiet)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ VARIANTS = {
 
 
 def adaptive_span_resnet(size: str, num_classes: int = 100, attention: str = "adaptive", init: str = "kaiming",
-                         **options) -> ResNet:
+                         in_chans: int = 3, **options) -> ResNet:
     """One of the paper's three networks with the chosen spatial mixer; options set to None take defaults.
 
     init: "kaiming" (every conv Kaiming-normal) or "torch_default", the public code's: PyTorch's layer init
@@ -56,16 +56,18 @@ def adaptive_span_resnet(size: str, num_classes: int = 100, attention: str = "ad
         mixer, mixer_kwargs = "adaptive_span", {"adaptive": attention == "adaptive", **chosen}
     widths, layers, strides = ARCHITECTURES[size]
     return ResNet(block="bottleneck", layers=layers, widths=widths, strides=strides, stem="cifar", stem_width=32,
-                  num_classes=num_classes, mixer=mixer, mixer_kwargs=mixer_kwargs, downsample="avgpool", init=init)
+                  num_classes=num_classes, in_chans=in_chans, mixer=mixer, mixer_kwargs=mixer_kwargs,
+                  downsample="avgpool", init=init)
 
 
 def _factory(size: str):
     def build(num_classes: int = 100, attention: str = "adaptive", kernel_size: int | None = None,
               heads: int | None = None, R: float | None = None, max_span: int | None = None,
               span_penalty: float | None = None, span_init: float | None = None, ring_offset: int | None = None,
-              border: str | None = None, backend: str | None = None, init: str = "kaiming") -> ResNet:
-        return adaptive_span_resnet(size, num_classes, attention, init, kernel_size=kernel_size, heads=heads, R=R,
-                                    max_span=max_span, span_penalty=span_penalty, span_init=span_init,
+              border: str | None = None, backend: str | None = None, init: str = "kaiming",
+              in_chans: int = 3) -> ResNet:
+        return adaptive_span_resnet(size, num_classes, attention, init, in_chans, kernel_size=kernel_size,
+                                    heads=heads, R=R, max_span=max_span, span_penalty=span_penalty, span_init=span_init,
                                     ring_offset=ring_offset, border=border, backend=backend)
 
     planes, blocks, strides = ARCHITECTURES[size]

@@ -94,14 +94,18 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["synthetic", "cifar10", "cifar100", "svhn", "mnist", "imagefolder"] = "synthetic"
+    dataset: Literal["synthetic", "cifar10", "cifar100", "svhn", "mnist", "fashion_mnist", "imagefolder"] = \
+        "synthetic"
     root: str = "data"
     download: bool = False
+    # That many training images, balanced over classes, drawn with split_seed before the validation split
+    # (quick runs, data-efficiency studies); None: all of them.
+    train_subset: Optional[int] = _bounded(None, lo=1, hi=10 ** 9)
     val_fraction: float = _bounded(0.1, lo=0.0, hi=1.0, hi_open=True)
     split_seed: int = _bounded(0, lo=0, hi=SEED_MAX)
     image_size: int = _bounded(224, lo=8, hi=4096)  # imagefolder crop size; in-memory datasets keep their own size
     num_workers: int = _bounded(4, lo=0, hi=256)
-    mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's standard values
+    mean: Optional[list[float]] = None  # per-channel normalisation; None: the dataset's own statistics
     std: Optional[list[float]] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -228,7 +232,19 @@ def is_config_list(path: str | Path) -> bool:
     if not path.is_file():
         return False
     data = _load_yaml(path)
-    return "configs" in data
+    return "configs" in data and "seeds" not in data  # a study file also lists configs, with seeds
+
+
+def is_study_file(path: str | Path) -> bool:
+    """A study file (configs/study/*.yaml: `configs` and `seeds`), which only --task study runs."""
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
+        return False
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "seeds" in data and "configs" in data
 
 
 def expand_config_lists(paths) -> tuple[list[Path], list[Path]]:
@@ -271,6 +287,17 @@ def config_to_dict(cfg: Config) -> dict:
     """The resolved config as plain data, in the same shape the YAML files use."""
     out = dataclasses.asdict(cfg)
     out["model"] = {"name": cfg.model.name, **cfg.model.kwargs}
+    return out
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """A resolved config as {dotted key: value}; the model block stays one value (its options go together)."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and not (prefix == "" and key == "model"):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
     return out
 
 
@@ -673,7 +700,8 @@ def _check_consistency(cfg: Config, sources: dict, default_source: str) -> None:
                         f"of the image with 0 < min <= max <= 1, got {area}")
     for key in ("mean", "std"):
         value = getattr(cfg.data, key)
-        if value is not None and len(value) != 3:
-            raise UserError(f"{source('data.' + key)}: data.{key} must list 3 numbers (R, G, B), got {value}")
+        if value is not None and len(value) not in (1, 3):
+            raise UserError(f"{source('data.' + key)}: data.{key} must list one number per channel (3 for RGB, "
+                            f"1 for greyscale), got {value}")
     if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
         raise UserError(f"{source('data.std')}: data.std must be positive, got {cfg.data.std}")

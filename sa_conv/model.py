@@ -99,7 +99,8 @@ class SelfAttentionImageClassifier(nn.Module):
 
 def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int, intermediate: int, dropout: float,
           attention_dropout: float, layer_norm_eps: float, image_size: int, embedding_size: int | None,
-          init: str = "torch_default", attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
+          init: str = "torch_default", attention_dropout_mask: str = "per_image", in_chans: int = 3,
+          block: int = 2) -> SelfAttentionImageClassifier:
     """Check the options a config can set (each error names its key), then build."""
     if init not in INITS:
         raise ArgumentError(f"init must be one of {', '.join(INITS)}, got {init!r}", key="init")
@@ -111,9 +112,11 @@ def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int
     for key, value in (("layers", layers), ("heads", heads), ("hidden", hidden), ("intermediate", intermediate)):
         if not isinstance(value, int) or value < 1:
             raise ArgumentError(f"{key} must be an integer >= 1, got {value!r}", key=key)
-    if not isinstance(image_size, int) or image_size < 2 or image_size % 2:
-        raise ArgumentError(f"image_size must be an even integer >= 2 (2x2 space-to-depth), got {image_size!r}",
-                            key="image_size")
+    if not isinstance(block, int) or block < 1:
+        raise ArgumentError(f"block must be an integer >= 1 (the space-to-depth side), got {block!r}", key="block")
+    if not isinstance(image_size, int) or image_size < block or image_size % block:
+        raise ArgumentError(f"image_size must be a multiple of block ({block}x{block} space-to-depth), got "
+                            f"{image_size!r}", key="image_size")
     for key, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
         if not 0.0 <= value < 1.0:
             raise ArgumentError(f"{key} must be in [0, 1), got {value!r}", key=key)
@@ -127,8 +130,9 @@ def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int
     if embedding_size is not None and (not isinstance(embedding_size, int) or embedding_size < 1):
         raise ArgumentError(f"embedding_size must be an integer >= 1, got {embedding_size!r}", key="embedding_size")
     return SelfAttentionImageClassifier(num_classes, attention, layers, heads, hidden, intermediate, dropout,
-                                        attention_dropout, layer_norm_eps, image_size, embedding_size=embedding_size,
-                                        init=init, attention_dropout_mask=attention_dropout_mask)
+                                        attention_dropout, layer_norm_eps, image_size, in_channels=in_chans,
+                                        embedding_size=embedding_size, block=block, init=init,
+                                        attention_dropout_mask=attention_dropout_mask)
 
 
 @register_model
@@ -136,50 +140,51 @@ def sa_conv(num_classes: int = 10, attention: str = "quadratic", layers: int = 6
             intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
             layer_norm_eps: float = 1e-12, image_size: int = 32,
             embedding_size: int | None = None, init: str = "torch_default",
-            attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
+            attention_dropout_mask: str = "per_image", in_chans: int = 3, block: int = 2) -> SelfAttentionImageClassifier:
     """The paper's model with any attention variant: quadratic, quadratic_aniso, learned, learned_query,
     learned_content. embedding_size: per-axis width of the learned row/column tables (default hidden for
     `learned`, hidden/2 for the q.r variants). init: "torch_default" (the official code's) or "bert".
-    attention_dropout_mask: "per_image" or "shared" (one mask for the batch, the official code's)."""
+    attention_dropout_mask: "per_image" or "shared" (one mask for the batch, the official code's).
+    block: the space-to-depth side (the paper's 2; 4 gives a 16x shorter sequence, for small budgets)."""
     return build(num_classes, attention, layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, embedding_size, init, attention_dropout_mask)
+                 layer_norm_eps, image_size, embedding_size, init, attention_dropout_mask, in_chans, block)
 
 
 @register_model
 def sa_quadratic(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400, intermediate: int = 512,
                  dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
                  image_size: int = 32, init: str = "torch_default",
-                 attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
+                 attention_dropout_mask: str = "per_image", in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Isotropic Gaussian heads (12,086,844 params on CIFAR-10, the official count)."""
     return build(num_classes, "quadratic", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None, init, attention_dropout_mask)
+                 layer_norm_eps, image_size, None, init, attention_dropout_mask, in_chans)
 
 
 @register_model
 def sa_quadratic_aniso(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400,
                        intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
                        layer_norm_eps: float = 1e-12, image_size: int = 32, init: str = "torch_default",
-                       attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
+                       attention_dropout_mask: str = "per_image", in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Anisotropic Gaussian heads, Sigma^-1 = S S^T (12,087,006 params on CIFAR-10)."""
     return build(num_classes, "quadratic_aniso", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None, init, attention_dropout_mask)
+                 layer_norm_eps, image_size, None, init, attention_dropout_mask, in_chans)
 
 
 @register_model
 def sa_learned(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400, intermediate: int = 512,
                dropout: float = 0.1, attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12,
                image_size: int = 32, embedding_size: int | None = None, init: str = "torch_default",
-               attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
+               attention_dropout_mask: str = "per_image", in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Learned relative 2-D embeddings, positional only, w.r (12,278,682 params on CIFAR-10, the official count)."""
     return build(num_classes, "learned", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, embedding_size, init, attention_dropout_mask)
+                 layer_norm_eps, image_size, embedding_size, init, attention_dropout_mask, in_chans)
 
 
 @register_model
 def sa_learned_content(num_classes: int = 10, layers: int = 6, heads: int = 9, hidden: int = 400,
                        intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
                        layer_norm_eps: float = 1e-12, image_size: int = 32, init: str = "torch_default",
-                       attention_dropout_mask: str = "per_image") -> SelfAttentionImageClassifier:
+                       attention_dropout_mask: str = "per_image", in_chans: int = 3) -> SelfAttentionImageClassifier:
     """Learned relative 2-D embeddings with content, q.k + q.r (29,484,282 params on CIFAR-10, the official count)."""
     return build(num_classes, "learned_content", layers, heads, hidden, intermediate, dropout, attention_dropout,
-                 layer_norm_eps, image_size, None, init, attention_dropout_mask)
+                 layer_norm_eps, image_size, None, init, attention_dropout_mask, in_chans)

@@ -106,11 +106,7 @@ class SAN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
 
 
-def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True,
-        init: str = "kaiming") -> SAN:
-    """SAN-`depth` with `mode` attention; option errors name the option (config files point at it)."""
-    if init not in INITS:
-        raise ArgumentError(f"init must be one of {', '.join(INITS)}, got {init!r}", key="init")
+def _check_options(mode: str, stem: str, relation: str, padding: str) -> None:
     if stem not in LAYOUTS:
         raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
     if relation not in MODES[mode]:
@@ -118,50 +114,82 @@ def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, paddi
                             key="relation")
     if padding not in PADDINGS:
         raise ArgumentError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}", key="padding")
-    return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, init=init, mode=mode, relation=relation,
-               padding=padding, position=position)
+
+
+def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True,
+        init: str = "kaiming", in_chans: int = 3) -> SAN:
+    """SAN-`depth` with `mode` attention; option errors name the option (config files point at it)."""
+    if init not in INITS:
+        raise ArgumentError(f"init must be one of {', '.join(INITS)}, got {init!r}", key="init")
+    _check_options(mode, stem, relation, padding)
+    return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, in_chans=in_chans, init=init, mode=mode,
+               relation=relation, padding=padding, position=position)
 
 
 PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELATION["patchwise"]
 
 
 @register_model
+def san_net(layers: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (32, 64, 128),
+            kernels: Sequence[int] = (3, 7, 7), pools: Sequence[bool] = (False, True, True), mode: str = "pairwise",
+            relation: str | None = None, padding: str = "reflection", position: bool = True, num_classes: int = 10,
+            in_chans: int = 3) -> SAN:
+    """A SAN of any size from its configuration (small networks, data-efficiency studies): one entry per stage
+    in `layers` (bottlenecks), `widths`, `kernels` and `pools` (a 2x2 max pool entering the stage);
+    relation: default subtraction (pairwise) or concatenation (patchwise). position only applies to
+    pairwise."""
+    relation = DEFAULT_RELATION[mode] if mode in MODES and relation is None else relation
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
+    _check_options(mode, "cifar", relation, padding)
+    if not len(layers) == len(widths) == len(kernels) == len(pools):
+        raise ArgumentError(f"layers, widths, kernels and pools need one entry per stage, got {len(layers)}, "
+                            f"{len(widths)}, {len(kernels)} and {len(pools)}", key="layers")
+    attention = {"position": position} if mode == "pairwise" else {}
+    return SAN(layers, widths=widths, kernels=kernels, pools=pools, num_classes=num_classes, in_chans=in_chans,
+               mode=mode, relation=relation, padding=padding, **attention)
+
+
+@register_model
 def san10_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
-                   padding: str = "reflection", position: bool = True, init: str = "kaiming") -> SAN:
+                   padding: str = "reflection", position: bool = True, init: str = "kaiming",
+                   in_chans: int = 3) -> SAN:
     """SAN10 pairwise (blocks 2,1,2,4,1): 10,531,848 parameters on ImageNet with subtraction."""
-    return san(10, "pairwise", num_classes, stem, relation, padding, position, init)
+    return san(10, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
 
 
 @register_model
 def san15_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
-                   padding: str = "reflection", position: bool = True, init: str = "kaiming") -> SAN:
+                   padding: str = "reflection", position: bool = True, init: str = "kaiming",
+                   in_chans: int = 3) -> SAN:
     """SAN15 pairwise (blocks 3,2,3,5,2): 14,065,436 parameters on ImageNet with subtraction."""
-    return san(15, "pairwise", num_classes, stem, relation, padding, position, init)
+    return san(15, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
 
 
 @register_model
 def san19_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
-                   padding: str = "reflection", position: bool = True, init: str = "kaiming") -> SAN:
+                   padding: str = "reflection", position: bool = True, init: str = "kaiming",
+                   in_chans: int = 3) -> SAN:
     """SAN19 pairwise (blocks 3,3,4,6,3): 17,596,156 parameters on ImageNet with subtraction."""
-    return san(19, "pairwise", num_classes, stem, relation, padding, position, init)
+    return san(19, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
 
 
 @register_model
 def san10_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
-                    padding: str = "reflection", init: str = "kaiming") -> SAN:
+                    padding: str = "reflection", init: str = "kaiming", in_chans: int = 3) -> SAN:
     """SAN10 patchwise (blocks 2,1,2,4,1): 11,841,124 parameters on ImageNet with concatenation."""
-    return san(10, "patchwise", num_classes, stem, relation, padding, init=init)
+    return san(10, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
 
 
 @register_model
 def san15_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
-                    padding: str = "reflection", init: str = "kaiming") -> SAN:
+                    padding: str = "reflection", init: str = "kaiming", in_chans: int = 3) -> SAN:
     """SAN15 patchwise (blocks 3,2,3,5,2): 16,181,310 parameters on ImageNet with concatenation."""
-    return san(15, "patchwise", num_classes, stem, relation, padding, init=init)
+    return san(15, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
 
 
 @register_model
 def san19_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
-                    padding: str = "reflection", init: str = "kaiming") -> SAN:
+                    padding: str = "reflection", init: str = "kaiming", in_chans: int = 3) -> SAN:
     """SAN19 patchwise (blocks 3,3,4,6,3): 20,518,470 parameters on ImageNet with concatenation."""
-    return san(19, "patchwise", num_classes, stem, relation, padding, init=init)
+    return san(19, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)

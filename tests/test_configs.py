@@ -9,11 +9,14 @@ import yaml
 
 from common.config import expand_config_lists, is_config_list, load_config
 from common.data.loaders import input_spec
+from common.tasks.study import is_study_file, load_study
 from common.train.engine import build_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 LISTS = [p for p in CONFIGS if p.name != "metafile.yaml" and is_config_list(p)]  # e.g. configs/compare/cifar.yaml
-RUNNABLE = [p for p in CONFIGS if p.name != "metafile.yaml" and "datasets" not in p.parts and p not in LISTS]
+STUDIES = [p for p in CONFIGS if is_study_file(p)]  # e.g. configs/study/fashion_mnist.yaml
+RUNNABLE = [p for p in CONFIGS if p.name != "metafile.yaml" and "datasets" not in p.parts and p not in LISTS
+            and p not in STUDIES]
 
 
 @pytest.mark.parametrize("path", LISTS, ids=lambda p: str(p.relative_to(p.parents[1])))
@@ -22,11 +25,20 @@ def test_config_lists_name_runnable_configs(path):
     assert listed and all(p.resolve() in {r.resolve() for r in RUNNABLE} for p in listed)
 
 
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_study_files_name_configs_that_build(path, tmp_path):
+    study = load_study(path, output=str(tmp_path / "study"))
+    assert len(study.runs) == len(study.names) * len(study.seeds) and not (tmp_path / "study").exists()
+    for run in study.runs[:len(study.names)]:
+        input_size, num_classes = input_spec(run.cfg.data)
+        build_model(run.cfg.model.name, run.cfg.model.kwargs, num_classes, input_size)
+
+
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_config_validates_and_builds(path):
     cfg = load_config(path)
-    _, num_classes = input_spec(cfg.data)
-    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
+    input_size, num_classes = input_spec(cfg.data)
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes, input_size)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

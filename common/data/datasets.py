@@ -14,7 +14,10 @@ On-disk layouts (torchvision's own, so folders users already have just work):
             MATLAB files; X is uint8 (32, 32, 3, N), y is (N, 1) with 10 = digit 0.
 - mnist:    <root>/MNIST/raw/{train-images-idx3-ubyte, train-labels-idx1-ubyte,
             t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte}, each optionally .gz;
-            IDX files, returned as 3 channels (gray replicated).
+            IDX files, one (grey) channel. The four files directly in <root> work too.
+- fashion_mnist: the same with FashionMNIST/ for MNIST/; or the four files
+            directly in <root>, as Debian's dataset-fashion-mnist installs them
+            (/usr/share/datasets/fashion-mnist/).
 - imagefolder (ImageNet / Tiny-ImageNet): <root>/train/<class>/<images> and
             <root>/val/<class>/<images>; classes come from train/, sorted.
 
@@ -43,18 +46,19 @@ from torchvision import transforms as T
 
 from common.errors import UserError
 
-IN_MEMORY = ("cifar10", "cifar100", "svhn", "mnist")
+IN_MEMORY = ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist")
 
-# Per-channel (mean, std) of the training set in [0, 1] units.
-STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+# Per-channel (mean, std) of each dataset's training set in [0, 1] units, one value per channel.
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # The true per-pixel std; the widely copied (0.2023, 0.1994, 0.2010) is
     # the std of per-image means, not of pixels.
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    # Gray replicated to 3 channels, so the single-channel stats repeat.
-    "mnist": ((0.1307, 0.1307, 0.1307), (0.3081, 0.3081, 0.3081)),
-    # Used for every image folder (ImageNet, Tiny-ImageNet, ...).
+    "mnist": ((0.1307,), (0.3081,)),
+    # Computed over the 60,000 training images (tests/common/data/test_real_data.py checks them).
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    # ImageNet's; an image folder uses them only when its config names them (configs/datasets/imagenet.yaml).
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
@@ -309,25 +313,61 @@ _SVHN = _Source(
 )
 
 
-# ---- MNIST (IDX files, raw or gzipped) -----------------------------------
+# ---- MNIST and Fashion-MNIST (IDX files, raw or gzipped) ------------------
 
-_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
-# torchvision's MNIST.classes, so names match checkpoints made with it.
-_MNIST_CLASSES = [f"{d} - {w}" for d, w in enumerate(
-    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))]
 _IDX_UBYTE = 0x08
 
 
-def _mnist_names(train: bool) -> tuple[str, str]:
+@dataclass(frozen=True)
+class _IdxFormat:
+    """An MNIST-style dataset: four IDX files, in torchvision's <root>/<folder>/raw/ or directly in <root>."""
+
+    title: str
+    folder: str  # torchvision's folder name (its dataset class name)
+    url: str
+    classes: tuple[str, ...]
+    package: str | None = None  # a Debian package that installs the four files ...
+    package_folder: str | None = None  # ... into this folder (a valid data.root as it is)
+
+
+_MNIST_FORMAT = _IdxFormat(
+    title="MNIST", folder="MNIST", url="https://ossci-datasets.s3.amazonaws.com/mnist/",
+    # torchvision's MNIST.classes, so names match checkpoints made with it.
+    classes=tuple(f"{d} - {w}" for d, w in enumerate(
+        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))))
+_FASHION_MNIST_FORMAT = _IdxFormat(
+    title="Fashion-MNIST", folder="FashionMNIST", url="https://github.com/zalandoresearch/fashion-mnist",
+    # The dataset's own label names (its README's table), as torchvision's FashionMNIST.classes lists them.
+    classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"),
+    package="dataset-fashion-mnist", package_folder="/usr/share/datasets/fashion-mnist")
+
+
+def _idx_names(train: bool) -> tuple[str, str]:
     prefix = "train" if train else "t10k"
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
 
-def _mnist_path(root: Path, name: str) -> Path:
+def _idx_file(folder: Path, name: str) -> Path:
     """The raw file if present, else its .gz (torchvision's download keeps both)."""
-    raw = root / "MNIST" / "raw" / name
+    raw = folder / name
     gz = raw.with_name(name + ".gz")
     return gz if not raw.is_file() and gz.is_file() else raw
+
+
+def _idx_folder(fmt: _IdxFormat, root: Path, train: bool) -> Path:
+    """torchvision's <root>/<folder>/raw/ unless only <root> itself holds the files (e.g. Debian's folder)."""
+    layout = root / fmt.folder / "raw"
+    if not _absent([_idx_file(layout, n) for n in _idx_names(train)]):
+        return layout
+    if not _absent([_idx_file(root, n) for n in _idx_names(train)]):
+        return root
+    return layout
+
+
+def _idx_paths(fmt: _IdxFormat, root: Path, train: bool) -> list[Path]:
+    folder = _idx_folder(fmt, root, train)
+    return [_idx_file(folder, n) for n in _idx_names(train)]
 
 
 def _read_idx(path: Path, fix: str) -> np.ndarray:
@@ -342,7 +382,7 @@ def _read_idx(path: Path, fix: str) -> np.ndarray:
         raise UserError(f"cannot read {path}: {_one_line(exc)}; {fix}") from exc
 
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise UserError(f"cannot read {path}: bad IDX magic number (not an MNIST file); {fix}")
+        raise UserError(f"cannot read {path}: bad IDX magic number (not an MNIST-style file); {fix}")
     if data[2] != _IDX_UBYTE:
         raise UserError(f"cannot read {path}: IDX data type 0x{data[2]:02x}, expected unsigned bytes (0x08); {fix}")
     ndim = data[3]
@@ -356,46 +396,54 @@ def _read_idx(path: Path, fix: str) -> np.ndarray:
             f"cannot read {path}: IDX header says {dims} ({expected} bytes) but it holds "
             f"{len(data) - header} bytes (truncated?); {fix}"
         )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    # A writable copy: torch warns about (and must not write into) the read-only bytes buffer.
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def _read_mnist(root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    image_path, label_path = (_mnist_path(root, n) for n in _mnist_names(train))
-    fix = f"download {image_path.name} and {label_path.name} again from {_MNIST_URL} into {root}/MNIST/raw/"
+def _idx_where(fmt: _IdxFormat, root: Path) -> str:
+    where = f"download the .gz files from {fmt.url} into {root}/{fmt.folder}/raw/"
+    if fmt.package:
+        where += f", or on Debian/Ubuntu `apt-get install {fmt.package}` and set data.root={fmt.package_folder}"
+    return where
+
+
+def _read_idx_dataset(fmt: _IdxFormat, root: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    image_path, label_path = _idx_paths(fmt, root, train)
+    fix = f"get {image_path.name} and {label_path.name} again ({_idx_where(fmt, root)})"
     gray = _read_idx(image_path, fix)
     labels = _read_idx(label_path, fix).astype(np.int64)
     if gray.ndim != 3:
         raise UserError(f"cannot read {image_path}: IDX has shape {gray.shape}, expected (N, 28, 28) images; {fix}")
     if labels.ndim != 1:
         raise UserError(f"cannot read {label_path}: IDX has shape {labels.shape}, expected (N,) labels; {fix}")
-    _check_labels(labels, len(gray), 10, label_path, fix)
-    # The models take RGB; replicating gray keeps one code path for all datasets.
-    images = np.repeat(gray[..., None], 3, axis=-1)
-    return images, labels, list(_MNIST_CLASSES)
+    _check_labels(labels, len(gray), len(fmt.classes), label_path, fix)
+    return gray[..., None], labels, list(fmt.classes)  # one (grey) channel
 
 
-def _download_mnist(root: Path, train: bool) -> None:
-    torchvision.datasets.MNIST(root=str(root), train=train, download=True)
+def _idx_source(fmt: _IdxFormat, tv_class: str) -> _Source:
+    def download(root: Path, train: bool) -> None:
+        getattr(torchvision.datasets, tv_class)(root=str(root), train=train, download=True)
 
-
-_MNIST = _Source(
-    title="MNIST",
-    layout=lambda root: (
-        f"{root}/MNIST/raw/{{train-images-idx3-ubyte,train-labels-idx1-ubyte,"
-        f"t10k-images-idx3-ubyte,t10k-labels-idx1-ubyte}} (or the same names with .gz)"
-    ),
-    where=lambda root: f"download the .gz files from {_MNIST_URL} into {root}/MNIST/raw/",
-    missing=lambda root, train: _absent([_mnist_path(root, n) for n in _mnist_names(train)]),
-    download=_download_mnist,
-    read=_read_mnist,
-)
+    return _Source(
+        title=fmt.title,
+        layout=lambda root: (
+            f"{root}/{fmt.folder}/raw/{{train-images-idx3-ubyte,train-labels-idx1-ubyte,"
+            f"t10k-images-idx3-ubyte,t10k-labels-idx1-ubyte}} (or the same names with .gz, "
+            f"or the four files directly in {root}/)"
+        ),
+        where=lambda root: _idx_where(fmt, root),
+        missing=lambda root, train: _absent(_idx_paths(fmt, root, train)),
+        download=download,
+        read=lambda root, train: _read_idx_dataset(fmt, root, train),
+    )
 
 
 _SOURCES: dict[str, _Source] = {
     "cifar10": _cifar_source("CIFAR-10", _CIFAR10, "CIFAR10"),
     "cifar100": _cifar_source("CIFAR-100", _CIFAR100, "CIFAR100"),
     "svhn": _SVHN,
-    "mnist": _MNIST,
+    "mnist": _idx_source(_MNIST_FORMAT, "MNIST"),
+    "fashion_mnist": _idx_source(_FASHION_MNIST_FORMAT, "FashionMNIST"),
 }
 assert tuple(_SOURCES) == IN_MEMORY
 

@@ -1,6 +1,6 @@
 """Train / val / test loaders from the `data:` config.
 
-In-memory datasets (synthetic, CIFAR, SVHN, MNIST) are held as uint8 on the
+In-memory datasets (synthetic, CIFAR, SVHN, MNIST, Fashion-MNIST) are held as uint8 on the
 training device; random crop, flip and normalisation run batched there, and
 the shuffle is an on-device index permutation. That removes the input
 pipeline from the critical path on GPUs (the trick behind fast CIFAR
@@ -234,7 +234,7 @@ class WorkerLoader:
 
 # Input shape and class count of each in-memory dataset, known without reading it (the `time` task needs them).
 _SHAPES = {"cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "svhn": ((3, 32, 32), 10),
-           "mnist": ((3, 28, 28), 10)}
+           "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10)}
 
 
 def input_spec(cfg: DataConfig) -> tuple[tuple[int, int, int], int | None]:
@@ -247,6 +247,30 @@ def input_spec(cfg: DataConfig) -> tuple[tuple[int, int, int], int | None]:
     return _SHAPES[cfg.dataset]
 
 
+def normalisation(cfg: DataConfig, stats: tuple | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) the loaders normalise with: the config's, else the dataset's own.
+
+    `stats` are the dataset's own when they had to be computed (the synthetic set). An image folder has no
+    standard statistics, so its config must name them (configs/datasets/imagenet.yaml gives ImageNet's):
+    no dataset silently takes another one's.
+    """
+    channels = input_spec(cfg)[0][0]
+    for key in ("mean", "std"):
+        value = getattr(cfg, key)
+        if value is not None and len(value) != channels:
+            raise UserError(f"data.{key} must list {channels} number{'s' * (channels > 1)} (one per channel of "
+                            f"{cfg.dataset}), got {value}")
+    if cfg.mean is not None and cfg.std is not None:
+        return tuple(cfg.mean), tuple(cfg.std)
+    if stats is None and cfg.dataset in datasets.STATS:
+        stats = datasets.STATS[cfg.dataset]
+    if stats is None:
+        raise UserError(f"data.dataset {cfg.dataset} has no standard statistics: set data.mean and data.std "
+                        f"(per channel, in [0, 1] units), or base the config on configs/datasets/imagenet.yaml "
+                        f"for ImageNet's")
+    return tuple(cfg.mean or stats[0]), tuple(cfg.std or stats[1])
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed train/val split of `n` training samples; the same seed always holds out the same samples."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -254,6 +278,37 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     if val_fraction > 0 and (n_val == 0 or n_val == n):
         raise UserError(f"data.val_fraction={val_fraction} leaves an empty train or val split of {n} samples")
     return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """`data.train_subset`: indices of `size` samples, as equal a number per class as the classes allow.
+
+    Drawn with the split seed (the same seed always keeps the same images); a class smaller than its share
+    gives all it has and the others make up the difference. None keeps every sample.
+    """
+    n = len(labels)
+    if size is None:
+        return torch.arange(n)
+    if size > n:
+        raise UserError(f"data.train_subset ({size}) is larger than the training split ({n} images); "
+                        f"lower it or remove it")
+    g = torch.Generator().manual_seed(seed)
+    classes = labels.unique()
+    members = [(labels == c).nonzero().flatten() for c in classes]
+    members = [m[torch.randperm(len(m), generator=g)] for m in members]
+    quota = [0] * len(members)
+    left = size
+    # Water-filling: share what is left equally among the classes that still have images; the remainder
+    # goes to classes picked at random.
+    while left > 0:
+        open_ = [i for i, m in enumerate(members) if len(m) > quota[i]]
+        share, extra = divmod(left, len(open_))
+        lucky = set(torch.tensor(open_)[torch.randperm(len(open_), generator=g)[:extra]].tolist())
+        for i in open_:
+            take = min(share + (i in lucky), len(members[i]) - quota[i])
+            quota[i] += take
+            left -= take
+    return torch.cat([m[:q] for m, q in zip(members, quota)]).sort().values
 
 
 def _per_rank_batch(batch_size: int, world: int) -> int:
@@ -271,9 +326,10 @@ def _in_memory_arrays(cfg: DataConfig):
         pixels = train[0].reshape(-1, 3).float() / 255
         stats = (tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist()))
         return train, test, list(synthetic.CLASSES), stats
+    normalisation(cfg)  # a bad data.mean / data.std fails before the files are read
     train_x, train_y, classes = datasets.load_in_memory(cfg.dataset, cfg.root, train=True, download=cfg.download)
     test_x, test_y, _ = datasets.load_in_memory(cfg.dataset, cfg.root, train=False, download=cfg.download)
-    return (train_x, train_y), (test_x, test_y), classes, datasets.STATS[cfg.dataset]
+    return (train_x, train_y), (test_x, test_y), classes, None
 
 
 def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: torch.device, seed: int,
@@ -284,8 +340,10 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, device: t
     if cfg.dataset == "imagefolder":
         return _build_imagefolder(cfg, train_bs, eval_bs, device, seed, rank, world)
     (train_x, train_y), (test_x, test_y), classes, stats = _in_memory_arrays(cfg)
-    mean = tuple(cfg.mean) if cfg.mean is not None else stats[0]
-    std = tuple(cfg.std) if cfg.std is not None else stats[1]
+    mean, std = normalisation(cfg, stats)
+    # The subset is drawn before the validation split, so it is the data a data-efficiency study varies.
+    keep = balanced_subset(train_y, cfg.train_subset, cfg.split_seed)
+    train_x, train_y = train_x[keep], train_y[keep]
     train_idx, val_idx = split_indices(len(train_y), cfg.val_fraction, cfg.split_seed)
     aug = cfg.augment
     _, h, w, c = train_x.shape
@@ -317,8 +375,7 @@ def _mixed(train: Loader, aug: AugmentConfig, num_classes: int, seed: int) -> Lo
 
 def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, seed: int, rank: int,
                        world: int) -> DataBundle:
-    mean = tuple(cfg.mean) if cfg.mean is not None else datasets.STATS["imagenet"][0]
-    std = tuple(cfg.std) if cfg.std is not None else datasets.STATS["imagenet"][1]
+    mean, std = normalisation(cfg)
     aug = cfg.augment
 
     def transform(train: bool):
@@ -327,7 +384,9 @@ def _build_imagefolder(cfg: DataConfig, train_bs: int, eval_bs: int, device, see
                                               augment=aug)
 
     train_all = datasets.imagefolder_dataset(cfg.root, train=True, transform=transform(True))
-    train_idx, val_idx = split_indices(len(train_all), cfg.val_fraction, cfg.split_seed)
+    keep = balanced_subset(torch.tensor(train_all.targets), cfg.train_subset, cfg.split_seed)
+    train_idx, val_idx = split_indices(len(keep), cfg.val_fraction, cfg.split_seed)
+    train_idx, val_idx = keep[train_idx], keep[val_idx]
 
     def loader(dataset, train: bool):
         return WorkerLoader(dataset, train_bs if train else eval_bs, device, train, cfg.num_workers, seed, rank,

@@ -7,7 +7,8 @@
 - `viz`: attention figures (`viz`, `viz_1`) and per-head statistics;
 - `timing`: params, MACs/FLOPs, throughput, latency, peak memory; interleaved timing for benches;
 - `memory`: what autograd saves for backward (benches and tests);
-- `report`: the results table over seeds and the cost plot.
+- `report`: the results table over seeds and the cost plot;
+- `study_report`: a study folder's table and figures.
 
 May import: the foundation, `ops`, `models` and `data`. Never `train` or `tasks`. matplotlib is
 imported inside the functions that draw, never at module level.

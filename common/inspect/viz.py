@@ -64,19 +64,13 @@ class InputImage:
 
 def normalisation(data_cfg, seed: int = 0) -> tuple[tuple, tuple]:
     """The (mean, std) the dataset's loaders use, without reading the dataset when it is not needed."""
-    from common.data import datasets
+    from common.data import loaders
 
-    if data_cfg.mean is not None and data_cfg.std is not None:
-        return tuple(data_cfg.mean), tuple(data_cfg.std)
-    key = "imagenet" if data_cfg.dataset == "imagefolder" else data_cfg.dataset
-    if key in datasets.STATS:
-        mean, std = datasets.STATS[key]
-    else:  # synthetic: the statistics of its generated training set, as common.data.loaders computes them
-        from common.data.loaders import build_data
-
-        bundle = build_data(data_cfg, 1, 1, torch.device("cpu"), seed)
-        mean, std = bundle.mean, bundle.std
-    return tuple(data_cfg.mean or mean), tuple(data_cfg.std or std)
+    if data_cfg.dataset != "synthetic" or (data_cfg.mean is not None and data_cfg.std is not None):
+        return loaders.normalisation(data_cfg)
+    # synthetic: the statistics of its generated training set, as common.data.loaders computes them
+    bundle = loaders.build_data(data_cfg, 1, 1, torch.device("cpu"), seed)
+    return bundle.mean, bundle.std
 
 
 def _normalise(display: np.ndarray, mean, std) -> torch.Tensor:
@@ -108,7 +102,9 @@ def image_from_file(path: str | Path, data_cfg, input_size: tuple[int, int, int]
     try:
         with Image.open(path) as im:
             im.load()
-            image = to_rgb(im)
+            image = to_rgb(im)  # 16-bit greyscale scaled to 8 bits, not saturated
+            if input_size[0] == 1:  # as the model's dataset stores images
+                image = image.convert("L")
     except UnidentifiedImageError:
         raise UserError(f"--image {path}: cannot read it as an image (not a format Pillow knows); "
                         f"give a PNG, JPEG, BMP, ... file") from None
@@ -129,9 +125,10 @@ def image_from_file(path: str | Path, data_cfg, input_size: tuple[int, int, int]
         cw, ch = w * scale, h * scale
         left, top = (iw - cw) / 2, (ih - ch) / 2
         image = image.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
-    display = np.asarray(image, dtype=np.float32) / 255.0
+    pixels = np.asarray(image, dtype=np.float32).reshape(h, w, -1) / 255.0
     mean, std = normalisation(data_cfg, seed)
-    return InputImage(_normalise(display, mean, std), display, str(path), path.stem)
+    return InputImage(_normalise(pixels, mean, std), np.repeat(pixels, 3 // pixels.shape[2], axis=2), str(path),
+                      path.stem)
 
 
 def image_from_dataset(data_cfg, index: int, seed: int = 0) -> InputImage:

@@ -40,9 +40,10 @@ def imagenet_stem(in_channels: int, out_channels: int, norm_act: bool = True) ->
 
 
 @register_stem(name="cifar")
-def cifar_stem(in_channels: int, out_channels: int, norm_act: bool = True) -> nn.Module:
-    """3x3 stride-1 conv (BN, ReLU unless the blocks are pre-activation): full resolution."""
-    layers = [nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1, bias=False)]
+def cifar_stem(in_channels: int, out_channels: int, norm_act: bool = True, stride: int = 1) -> nn.Module:
+    """3x3 conv (BN, ReLU unless the blocks are pre-activation): full resolution, or 1/stride of it
+    (`stem_kwargs: {stride: 2}`: small networks whose attention runs on a coarser grid)."""
+    layers = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)]
     if norm_act:
         layers += [nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
@@ -59,7 +60,8 @@ class MixerSpec:
     def build(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
         if self.downsample == "avgpool" and stride > 1:
             mixer = create_mixer(self.name, in_channels, out_channels, stride=1, **self.kwargs)
-            return nn.Sequential(mixer, nn.AvgPool2d(stride))
+            # ceil_mode: an odd grid (7 -> 4) keeps the size of the strided 1x1 shortcut beside it.
+            return nn.Sequential(mixer, nn.AvgPool2d(stride, ceil_mode=True))
         return create_mixer(self.name, in_channels, out_channels, stride=stride, **self.kwargs)
 
 

@@ -328,15 +328,17 @@ def _workspace(g: _Tiling, dtype: torch.dtype, device: torch.device):
     # the window pattern repeats every tile, so `sparse` stays valid for any n with the same (th, tw, k)
     numel, pattern = math.prod(shape), (g.th, g.tw, g.k)
     pool = _WORKSPACE.__dict__.setdefault("buffers", {})
-    dense, sparse, zeroed = pool.pop(dtype, (None, None, (None, 0)))  # popped while in use: a nested
-    with torch.inference_mode(False):  # a buffer made under inference_mode could not be written outside it
-        if dense is None or dense.numel() < numel:  # a nested call gets its own
+    dense, sparse, zeroed = pool.pop(dtype, (None, None, (None, 0)))  # popped while in use: a nested call
+    # gets its own. Normal tensors even when first needed under torch.inference_mode: an inference tensor
+    # could not be written in a later training step.
+    with torch.inference_mode(False):
+        if dense is None or dense.numel() < numel:
             dense = torch.empty(numel, dtype=dtype)
         if sparse is None or sparse.numel() < numel:
             sparse, zeroed = torch.empty(numel, dtype=dtype), (None, 0)
-    if zeroed[0] != pattern or zeroed[1] < numel:
-        sparse[:numel].zero_()
-        zeroed = (pattern, numel)
+        if zeroed[0] != pattern or zeroed[1] < numel:
+            sparse[:numel].zero_()
+            zeroed = (pattern, numel)
     try:
         yield dense[:numel].view(shape), sparse[:numel].view(shape)
     finally:

@@ -10,7 +10,9 @@ before a run folder is created, so a bad command writes nothing.
 - `attention_figures`: `viz` and `viz_1`, through the capture contract;
 - `model_figures`: tasks that model packages register (`common.registry.register_figure_task`),
   drawn through the figure hook a model declares (`common.models.hooks`);
-- `run_folder`: run folders, resume checks, seeding and loading weights, shared by the above.
+- `run_folder`: run folders, resume checks, seeding and loading weights, shared by the above;
+- `study`: `study`, every (config, seed) of a study file into one folder, through `launchers`
+  (`local`: one run after another here; `slurm`: a SLURM job per run through submitit).
 """
 
 from common.tasks.attention_figures import visualize

@@ -29,8 +29,8 @@ DEFAULT_BATCH = {"cuda": 64, "cpu": 16}
 
 
 def _model_for(cfg: Config, load: str | None) -> nn.Module:
-    _, num_classes = input_spec(cfg.data)
-    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes)
+    input_size, num_classes = input_spec(cfg.data)
+    model = build_model(cfg.model.name, cfg.model.kwargs, num_classes, input_size)
     if load:
         path = ckpt.resolve_checkpoint(load)
         load_weights(model, ckpt.load_checkpoint(path, needs=("model",)), path)

@@ -25,7 +25,7 @@ def evaluate_checkpoint(cfg: Config | None, load: str, output: str | None = None
     try:
         data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, dist.device, cfg.seed,
                           dist.rank, dist.world)
-        model = build_model(cfg.model.name, cfg.model.kwargs, data.num_classes)
+        model = build_model(cfg.model.name, cfg.model.kwargs, data.num_classes, data.input_size)
         weights = load_weights(model, saved, path)
         model.to(dist.device)
         amp = AMP_DTYPES[cfg.train.amp]

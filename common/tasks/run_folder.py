@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from common.config import Config, config_from_dict, config_to_dict
+from common.config import Config, config_from_dict, config_to_dict, flatten_config
 from common.data.loaders import input_spec
 from common.errors import UserError
 from common.train import checkpoint as ckpt
@@ -109,19 +109,9 @@ def _saved_config(run_dir: Path) -> dict:
         return {}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and not (prefix == "" and key == "model"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def changed_keys(saved: dict, cfg: Config, allow: tuple = ()) -> list[str]:
     """The keys in which `cfg` differs from a saved config, leaving out those a resume may change."""
-    before, now = _flatten(saved), _flatten(config_to_dict(cfg))
+    before, now = flatten_config(saved), flatten_config(config_to_dict(cfg))
     return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
                   and not _matches(k, RESUMABLE_CHANGES) and not _matches(k, allow))
 
@@ -139,7 +129,7 @@ def check_resumable(saved: dict, cfg: Config, run_dir: Path, allow: tuple = ()) 
     if cfg.train.epochs < done:
         raise UserError(f"{run_dir} has already trained {done} epoch(s), more than train.epochs={cfg.train.epochs}; "
                         f"resume with train.epochs >= {done} (a shorter run is a new run: use a new --output)")
-    before, now = _flatten(saved["config"]), _flatten(config_to_dict(cfg))
+    before, now = flatten_config(saved["config"]), flatten_config(config_to_dict(cfg))
     return [{"key": k, "from": before.get(k), "to": now.get(k)} for k in sorted(set(before) | set(now))
             if before.get(k) != now.get(k) and _matches(k, allow)]
 
@@ -174,6 +164,6 @@ def model_to_inspect(cfg: Config | None, load: str | None) -> tuple[Config, nn.M
         path = ckpt.resolve_checkpoint(load)
         saved = ckpt.load_checkpoint(path, needs=("config", "model", "state"))
         cfg = cfg or config_from_dict(saved["config"], source=str(path))
-    _, num_classes = input_spec(cfg.data)
+    input_size, num_classes = input_spec(cfg.data)
     seed_everything(cfg.seed)
-    return cfg, build_model(cfg.model.name, cfg.model.kwargs, num_classes), path, saved
+    return cfg, build_model(cfg.model.name, cfg.model.kwargs, num_classes, input_size), path, saved

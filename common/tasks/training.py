@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from common.config import Config, dump_config
@@ -26,6 +27,7 @@ def train(cfg: Config, output: str | None = None, resume: bool = False, quiet: b
     folder in use stops at once (RunLock); a new run that fails before its first checkpoint (a corrupt
     image, a divergence) removes what it wrote.
     """
+    started_at = time.perf_counter()  # the summary's wall time covers the whole run, data loading included
     check_allowed_changes(allow_changes)
     dist = init_distributed(cfg.device)
     lock = existed = None
@@ -42,9 +44,11 @@ def train(cfg: Config, output: str | None = None, resume: bool = False, quiet: b
         saved = ckpt.load_checkpoint(last, needs=RESUME_NEEDS) if last is not None else None
         changes = check_resumable(saved, cfg, run_dir, tuple(allow_changes)) if saved is not None else []
         seed_everything(cfg.seed)
+        data_start = time.perf_counter()
         data = build_data(cfg.data, cfg.train.batch_size, cfg.train.eval_batch_size, dist.device, cfg.seed,
                           dist.rank, dist.world)
-        model = build_model(cfg.model.name, cfg.model.kwargs, data.num_classes)
+        data_seconds = time.perf_counter() - data_start
+        model = build_model(cfg.model.name, cfg.model.kwargs, data.num_classes, data.input_size)
         if dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             lock = lock or RunLock(run_dir).acquire()
@@ -53,7 +57,8 @@ def train(cfg: Config, output: str | None = None, resume: bool = False, quiet: b
             write_atomic(run_dir / "config.yaml", dump_config(cfg))
         barrier()
         try:
-            trainer = Trainer(cfg, dist, run_dir, data, model, resume_from=saved, quiet=quiet, changes=changes)
+            trainer = Trainer(cfg, dist, run_dir, data, model, resume_from=saved, quiet=quiet, changes=changes,
+                              started_at=started_at, data_seconds=data_seconds)
             return trainer.fit()
         except UserError:
             if dist.is_main and saved is None:

@@ -60,17 +60,31 @@ def check_amp_device(amp: str, device: torch.device) -> None:
         raise UserError("train.amp: fp16 needs a CUDA device; use bf16 on the CPU")
 
 
-def build_model(name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
-    """Create the configured model, giving it the dataset's class count unless the config fixes one."""
+def build_model(name: str, kwargs: dict, num_classes: int | None,
+                input_size: tuple[int, int, int] | None = None) -> nn.Module:
+    """Create the configured model, giving it what the data fixes unless the config sets it.
+
+    The dataset's class count (`num_classes`), its channels (`in_chans`) and image side (`image_size`) go to
+    every model that takes them, so one model config trains on 28x28 greyscale and 32x32 colour alike. A
+    configured class count or channel count that contradicts the data is an error; a configured image_size
+    is the model's to keep (some models accept any input up to that size). An option the model rejects
+    (a patch that does not divide the image) is a one-line error, before any run folder is made.
+    """
     kwargs = dict(kwargs)
     check_model_args(name, kwargs)
-    takes_classes = "num_classes" in inspect.signature(MODELS.get(name)).parameters
-    if takes_classes and num_classes is not None:
-        configured = kwargs.get("num_classes")
-        if configured is not None and configured != num_classes:
-            raise UserError(f"model.num_classes is {configured} but the dataset has {num_classes} classes; "
-                            f"set model.num_classes: {num_classes} or remove it")
-        kwargs["num_classes"] = num_classes
+    params = inspect.signature(MODELS.get(name)).parameters
+    channels, height, width = input_size or (None, None, None)
+    for key, value in (("num_classes", num_classes), ("in_chans", channels)):
+        if key not in params or value is None:
+            continue
+        configured = kwargs.get(key)
+        if configured is not None and configured != value:
+            what = "classes" if key == "num_classes" else "channels"
+            raise UserError(f"model.{key} is {configured} but the dataset has {value} {what}; "
+                            f"set model.{key}: {value} or remove it")
+        kwargs[key] = value
+    if "image_size" in params and height is not None and kwargs.get("image_size") is None:
+        kwargs["image_size"] = height if height == width else [height, width]
     try:
         return create_model(name, **kwargs)
     except UserError:
@@ -78,9 +92,11 @@ def build_model(name: str, kwargs: dict, num_classes: int | None) -> nn.Module:
     except (ValueError, TypeError, RuntimeError, AssertionError, IndexError, KeyError, ZeroDivisionError,
             OverflowError) as exc:  # option values it cannot be built with: a negative width, mismatched lists
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "num_classes")[:200]
-        raise UserError(f"model '{name}' cannot be built with these options ({options}): {reason}; check the "
-                        f"model options in the config") from None
+        size = f" for {channels}x{height}x{width} inputs" if input_size else ""
+        data_given = ("num_classes", "in_chans", "image_size")
+        options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k not in data_given)[:200]
+        raise UserError(f"model '{name}' cannot be built{size} with these options ({options}): {reason}; check "
+                        f"the model options in the config (model.*)") from None
 
 
 @dataclass
@@ -92,7 +108,10 @@ class RunState:
     global_step: int = 0
     best_val_acc: float | None = None
     best_epoch: int | None = None
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time of the run so far, over all its sessions (resumes)
+    # Where the wall time went, in seconds over all sessions: reading the data, training steps, validation,
+    # the final test (the summary adds "other": start-up, model building, checkpoints, figures).
+    time_split: dict = field(default_factory=lambda: {"data": 0.0, "train": 0.0, "val": 0.0, "test": 0.0})
     # Sums over the epoch in progress, so an epoch resumed mid-way logs the same train metrics.
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss*n, correct, n, seconds
     # Config keys changed on resume with --allow-change: {"epoch", "step", "key", "from", "to"} each.
@@ -148,9 +167,14 @@ def _format_duration(seconds: float) -> str:
 
 class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo, run_dir: Path, data: DataBundle, model: nn.Module,
-                 resume_from: dict | None = None, quiet: bool = False, changes: list | None = None):
-        """changes: the config keys that differ from `resume_from`'s, allowed with --allow-change."""
+                 resume_from: dict | None = None, quiet: bool = False, changes: list | None = None,
+                 started_at: float | None = None, data_seconds: float = 0.0):
+        """changes: the config keys that differ from `resume_from`'s, allowed with --allow-change.
+        started_at: `time.perf_counter()` when this session began (before the data was read), so the wall
+        time covers the whole run; data_seconds: how long reading the data took in this session."""
         self.cfg, self.dist, self.run_dir, self.data = cfg, dist, run_dir, data
+        self.started_at = time.perf_counter() if started_at is None else started_at
+        self.data_seconds = data_seconds
         self.device = dist.device
         tc = cfg.train
         check_amp_device(tc.amp, self.device)
@@ -345,12 +369,21 @@ class Trainer:
 
     def fit(self) -> dict:
         with self._stop_on_signals():
-            return self._fit()
+            summary = self._fit()
+        if self._stop_signal is not None:
+            # The signal came after the last step (validation, the final test): the run is complete, but the
+            # caller (a shell, a study running run after run) asked to stop, and must learn that it did.
+            name = signal.Signals(self._stop_signal).name
+            raise TrainingInterrupted(f"{name}: the run had finished training when it came; its summary is in "
+                                      f"{self.run_dir / 'summary.json'}", self._stop_signal)
+        return summary
 
     def _fit(self) -> dict:
         cfg, st = self.cfg, self.state
-        start_time, start_elapsed = time.perf_counter(), st.elapsed_s
+        start_time, start_elapsed = self.started_at, st.elapsed_s
         elapsed = lambda: start_elapsed + time.perf_counter() - start_time  # noqa: E731
+        st.time_split = {**RunState().time_split, **st.time_split}
+        st.time_split["data"] += self.data_seconds
         if st.epoch == 0 and st.step_in_epoch == 0:
             self.log.info(f"training {cfg.model.name} ({self.params / 1e6:.2f}M params) on {cfg.data.dataset} "
                           f"for {cfg.train.epochs} epochs, {self.steps_per_epoch} steps each, on {self.device}"
@@ -385,7 +418,7 @@ class Trainer:
             if self._stop_requested(at_window_end=True):
                 self.log.close()
                 raise self._interrupted()
-        summary = self._finish(elapsed())
+        summary = self._finish(elapsed)
         self.log.close()
         return summary
 
@@ -536,6 +569,7 @@ class Trainer:
     def _end_epoch(self) -> dict:
         st, tc = self.state, self.cfg.train
         loss_sum, correct, n, seconds = st.epoch_sums
+        st.time_split["train"] += seconds
         all_sums = all_reduce_sum(torch.tensor([loss_sum, correct, n], dtype=torch.float64, device=self.device))
         loss_sum, correct, n = all_sums.tolist()
         record = {"epoch": st.epoch + 1, "step": st.global_step, "train/loss": loss_sum / max(n, 1),
@@ -544,11 +578,13 @@ class Trainer:
         last_epoch = st.epoch + 1 == tc.epochs
         split, loader = self._selection_split()
         if loader is not None and ((st.epoch + 1) % tc.eval_every_epochs == 0 or last_epoch):
+            val_start = time.perf_counter()
             sel_loss, sel_acc = evaluate(self.eval_model, loader, self.device, self.amp_dtype, tc.channels_last)
             record.update({f"{split}/loss": sel_loss, f"{split}/acc": sel_acc})
             if self.ema is not None:
                 record[f"{split}/acc_raw"] = evaluate(self.model, loader, self.device, self.amp_dtype,
                                                       tc.channels_last)[1]
+            st.time_split["val"] += time.perf_counter() - val_start  # selection on test counts here too
             if st.best_val_acc is None or sel_acc > st.best_val_acc:
                 st.best_val_acc, st.best_epoch = sel_acc, st.epoch + 1
                 record["new_best"] = True
@@ -574,7 +610,7 @@ class Trainer:
         parts += [f"lr {r['lr']:.3g}", f"{r['time/images_per_s']:.0f} img/s", f"{r['time/epoch_s']:.1f}s"]
         return " | ".join(parts)
 
-    def _finish(self, elapsed_s: float) -> dict:
+    def _finish(self, elapsed) -> dict:
         """Evaluate the test split once, with the best weights, and summarise the run."""
         st, tc = self.state, self.cfg.train
         model = self.eval_model
@@ -591,19 +627,24 @@ class Trainer:
                 broadcast_module(model)
         fault_point("final-test")
         self._in_final_test = True
+        test_start = time.perf_counter()
         try:
             if self._stop_signal is not None:  # arrived after the last epoch's stop check
                 raise self._final_test_interrupted(self._stop_signal)
             test_loss, test_acc = evaluate(model, self.data.test, self.device, self.amp_dtype, tc.channels_last)
         finally:
             self._in_final_test = False
+        st.time_split["test"] += time.perf_counter() - test_start
+        wall = elapsed()
+        time_split = {key: round(value, 3) for key, value in st.time_split.items()}
+        time_split["other"] = round(max(wall - sum(time_split.values()), 0.0), 3)
         model_metrics = self.hooks.epoch_metrics()
         summary = {
             "run_dir": str(self.run_dir), "config": self.cfg.name, "model": self.cfg.model.name,
             "dataset": self.cfg.data.dataset, "params": self.params, "epochs": st.epoch,
             "best_val_acc": st.best_val_acc if split == "val" else None, "best_epoch": st.best_epoch,
             "selected_on": split, "test_acc": test_acc, "test_loss": test_loss, "test_checkpoint": source,
-            "wall_time_s": elapsed_s, "world_size": self.dist.world, "device": str(self.device),
+            "wall_time_s": wall, "time_s": time_split, "world_size": self.dist.world, "device": str(self.device),
             "model_metrics": model_metrics,
         }
         if st.changes:
@@ -637,7 +678,15 @@ def format_summary(s: dict) -> str:
         f"test acc       {test}",
         f"epochs         {s['epochs']}",
         *(f"{key:<14} {value:.4g}" for key, value in s.get("model_metrics", {}).items()),
-        f"wall time      {_format_duration(s['wall_time_s'])}",
+        f"wall time      {_format_duration(s['wall_time_s'])}" + _time_split_text(s),
         f"run folder     {s['run_dir']}",
     ]
     return "\n".join(lines)
+
+
+def _time_split_text(s: dict) -> str:
+    """' (data 0m 02s, train 5m 10s, ...)': where the wall time went, when the summary says."""
+    split = s.get("time_s")
+    if not split:
+        return ""
+    return " (" + ", ".join(f"{key} {_format_duration(value)}" for key, value in split.items()) + ")"

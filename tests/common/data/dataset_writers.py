@@ -2,7 +2,7 @@
 
 For tests that must go through the same readers users do. Each in-memory
 writer returns a `Written` holding exactly what `common.data.datasets.load_in_memory`
-should give back (uint8 (N, H, W, 3) images, int64 labels, class names), so
+should give back (uint8 (N, H, W, C) images, int64 labels, class names), so
 tests can compare pixel-exactly.
 """
 
@@ -22,7 +22,7 @@ from PIL import Image
 class Written:
     """What a reader should return, per split, in the reader's output format."""
 
-    train_images: np.ndarray  # (N, H, W, 3) uint8
+    train_images: np.ndarray  # (N, H, W, C) uint8, C = 3 (colour) or 1 (greyscale)
     train_labels: np.ndarray  # (N,) int64
     test_images: np.ndarray
     test_labels: np.ndarray
@@ -122,25 +122,42 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
 
 
-def write_mnist(root, n_train: int = 20, n_test: int = 10, seed: int = 0, gz: bool = False) -> Written:
-    """<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]; images returned gray-replicated."""
+MNIST_CLASSES = [f"{d} - {w}" for d, w in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+
+
+def write_idx_dataset(folder, classes: list[str], n_train: int = 20, n_test: int = 10, seed: int = 0,
+                      gz: bool = False) -> Written:
+    """folder/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]; images returned with one channel."""
     rng = np.random.default_rng(seed)
-    raw = Path(root) / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        gray, labels = _random_split(rng, n, 28, 1, 10)
-        gray = gray[..., 0]
-        for name, array in ((f"{prefix}-images-idx3-ubyte", gray), (f"{prefix}-labels-idx1-ubyte", labels)):
+        gray, labels = _random_split(rng, n, 28, 1, len(classes))
+        for name, array in ((f"{prefix}-images-idx3-ubyte", gray[..., 0]), (f"{prefix}-labels-idx1-ubyte", labels)):
             data = idx_bytes(array)
             if gz:
-                (raw / (name + ".gz")).write_bytes(gzip.compress(data))
+                (folder / (name + ".gz")).write_bytes(gzip.compress(data))
             else:
-                (raw / name).write_bytes(data)
-        written += [np.repeat(gray[..., None], 3, axis=-1), labels]
-    classes = [f"{d} - {w}" for d, w in enumerate(
-        ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))]
-    return Written(*written, classes)
+                (folder / name).write_bytes(data)
+        written += [gray, labels]
+    return Written(*written, list(classes))
+
+
+def write_mnist(root, n_train: int = 20, n_test: int = 10, seed: int = 0, gz: bool = False) -> Written:
+    """<root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (torchvision's layout)."""
+    return write_idx_dataset(Path(root) / "MNIST" / "raw", MNIST_CLASSES, n_train, n_test, seed, gz)
+
+
+def write_fashion_mnist(root, n_train: int = 20, n_test: int = 10, seed: int = 0, gz: bool = False,
+                        layout: str = "torchvision") -> Written:
+    """Fashion-MNIST's four IDX files: in <root>/FashionMNIST/raw/ (layout "torchvision") or directly in
+    <root> with .gz (layout "debian", as the dataset-fashion-mnist package installs them)."""
+    folder = Path(root) / "FashionMNIST" / "raw" if layout == "torchvision" else Path(root)
+    return write_idx_dataset(folder, FASHION_MNIST_CLASSES, n_train, n_test, seed, gz or layout == "debian")
 
 
 # ---- Image folders -----------------------------------------------------------

@@ -24,19 +24,22 @@ from common.errors import UserError
 from tests.common.data.dataset_writers import (
     write_cifar10,
     write_cifar100,
+    write_fashion_mnist,
     write_imagefolder,
     write_mnist,
     write_svhn,
 )
 
-WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "svhn": write_svhn, "mnist": write_mnist}
+WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100, "svhn": write_svhn, "mnist": write_mnist,
+           "fashion_mnist": write_fashion_mnist}
+CHANNELS = {"cifar10": 3, "cifar100": 3, "svhn": 3, "mnist": 1, "fashion_mnist": 1}
 
 
 def assert_loaded(root, name, written, train):
     images, labels, classes = load_in_memory(name, root, train=train)
     expected_images, expected_labels = written.split(train)
     assert images.dtype == torch.uint8 and images.is_contiguous()
-    assert images.shape[1:] == expected_images.shape[1:] and images.shape[-1] == 3
+    assert images.shape[1:] == expected_images.shape[1:] and images.shape[-1] == CHANNELS[name]
     assert labels.dtype == torch.int64
     np.testing.assert_array_equal(images.numpy(), expected_images)
     np.testing.assert_array_equal(labels.numpy(), expected_labels)
@@ -97,9 +100,30 @@ def test_mnist_raw_and_gz(tmp_path, gz):
     written = write_mnist(tmp_path, n_train=7, n_test=3, seed=4, gz=gz)
     for train in (True, False):
         images, _, classes = assert_loaded(tmp_path, "mnist", written, train)
-        assert images.shape[1:] == (28, 28, 3)
-        assert torch.equal(images[..., 0], images[..., 1]) and torch.equal(images[..., 0], images[..., 2])
+        assert images.shape[1:] == (28, 28, 1)  # greyscale stays one channel
     assert classes[0] == "0 - zero" and classes == torchvision.datasets.MNIST.classes
+
+
+@pytest.mark.parametrize("layout, gz", [("torchvision", False), ("torchvision", True), ("debian", True)])
+def test_fashion_mnist_layouts(tmp_path, layout, gz):
+    written = write_fashion_mnist(tmp_path, n_train=7, n_test=3, seed=5, gz=gz, layout=layout)
+    for train in (True, False):
+        images, _, classes = assert_loaded(tmp_path, "fashion_mnist", written, train)
+        assert images.shape[1:] == (28, 28, 1)
+    assert classes == torchvision.datasets.FashionMNIST.classes  # the dataset's own names, not digits
+
+
+def test_fashion_mnist_prefers_the_torchvision_folder(tmp_path):
+    write_fashion_mnist(tmp_path, n_train=4, n_test=2, seed=1, layout="debian")
+    nested = write_fashion_mnist(tmp_path, n_train=5, n_test=2, seed=2, layout="torchvision")
+    assert_loaded(tmp_path, "fashion_mnist", nested, train=True)
+
+
+def test_missing_fashion_mnist_names_the_apt_package(tmp_path):
+    with pytest.raises(UserError) as excinfo:
+        load_in_memory("fashion_mnist", tmp_path / "data", train=True)
+    assert_user_error(excinfo, f"{tmp_path / 'data'}/FashionMNIST/raw/", "apt-get install dataset-fashion-mnist",
+                      "data.root=/usr/share/datasets/fashion-mnist", "data.download=true")
 
 
 # ---- missing data and downloads ------------------------------------------------
@@ -112,6 +136,7 @@ def test_mnist_raw_and_gz(tmp_path, gz):
         ("cifar100", "cifar-100-python/", "https://www.cs.toronto.edu/~kriz/cifar.html"),
         ("svhn", "train_32x32.mat", "http://ufldl.stanford.edu/housenumbers/"),
         ("mnist", "MNIST/raw/", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        ("fashion_mnist", "FashionMNIST/raw/", "https://github.com/zalandoresearch/fashion-mnist"),
     ],
 )
 def test_missing_dataset_says_where_to_put_it(tmp_path, name, expected_path, url):
@@ -140,7 +165,8 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch, error):
     assert_user_error(excinfo, "CIFAR-10 download failed", "cifar-10-batches-py", "cifar.html")
 
 
-@pytest.mark.parametrize("name, tv_class", [("cifar10", "CIFAR10"), ("svhn", "SVHN"), ("mnist", "MNIST")])
+@pytest.mark.parametrize("name, tv_class", [("cifar10", "CIFAR10"), ("svhn", "SVHN"), ("mnist", "MNIST"),
+                                            ("fashion_mnist", "FashionMNIST")])
 def test_download_fetches_into_layout_then_reads_it(tmp_path, monkeypatch, name, tv_class):
     calls = []
 
@@ -365,10 +391,10 @@ def test_eval_transform_is_the_imagenet_protocol():
 
 def test_stats_cover_every_dataset():
     assert set(STATS) == set(IN_MEMORY) | {"imagenet"}
-    for mean, std in STATS.values():
-        assert len(mean) == len(std) == 3
+    for name, (mean, std) in STATS.items():
+        assert len(mean) == len(std) == CHANNELS.get(name, 3)
         assert all(0 < m < 1 for m in mean) and all(0 < s < 1 for s in std)
-    assert datasets.IN_MEMORY == ("cifar10", "cifar100", "svhn", "mnist")
+    assert datasets.IN_MEMORY == ("cifar10", "cifar100", "svhn", "mnist", "fashion_mnist")
 
 
 # ---- 16-bit images -----------------------------------------------------------------------

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from common.config import AugmentConfig, DataConfig, SyntheticConfig
-from common.data.loaders import DeviceLoader, augment_batch, build_data, split_indices
+from common.data.loaders import DeviceLoader, augment_batch, balanced_subset, build_data, split_indices
 from common.errors import UserError
-from tests.common.data.dataset_writers import write_cifar10, write_imagefolder, write_mnist
+from tests.common.data.dataset_writers import write_cifar10, write_fashion_mnist, write_imagefolder, write_mnist
 
 CPU = torch.device("cpu")
 
@@ -117,16 +117,67 @@ def test_cifar10_on_disk_goes_through_the_user_path(tmp_path):
     assert torch.equal(y, torch.from_numpy(written.test_labels))
 
 
-def test_mnist_becomes_three_channels(tmp_path):
+@pytest.mark.parametrize("name, writer, stats", [("mnist", write_mnist, ((0.1307,), (0.3081,))),
+                                                  ("fashion_mnist", write_fashion_mnist, ((0.2860,), (0.3530,)))])
+def test_greyscale_datasets_have_one_channel_and_their_own_statistics(tmp_path, name, writer, stats):
+    written = writer(tmp_path, n_train=20, n_test=10)
+    data = build_data(DataConfig(dataset=name, root=str(tmp_path), val_fraction=0.0), 5, 10, CPU, seed=0)
+    assert data.val is None and data.input_size == (1, 28, 28) and (data.mean, data.std) == stats
+    x, _ = next(iter(data.test))
+    pixels = torch.from_numpy(written.test_images).permute(0, 3, 1, 2).float() / 255
+    assert x.shape == (10, 1, 28, 28) and torch.allclose(x, (pixels - stats[0][0]) / stats[1][0], atol=1e-5)
+
+
+def test_statistics_must_fit_the_channels(tmp_path):
     write_mnist(tmp_path, n_train=20, n_test=10)
-    data = build_data(DataConfig(dataset="mnist", root=str(tmp_path), val_fraction=0.0), 5, 10, CPU, seed=0)
-    assert data.val is None and data.input_size == (3, 28, 28)
-    assert next(iter(data.test))[0].shape == (10, 3, 28, 28)
+    cfg = DataConfig(dataset="mnist", root=str(tmp_path), mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    with pytest.raises(UserError, match=r"data.mean must list 1 number \(one per channel of mnist\)"):
+        build_data(cfg, 5, 10, CPU, seed=0)
+
+
+def test_an_image_folder_needs_its_statistics_named(tmp_path):
+    write_imagefolder(tmp_path, ["cat", "dog"], per_class=2, size=12)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, num_workers=0)
+    with pytest.raises(UserError, match="set data.mean and data.std .* configs/datasets/imagenet.yaml"):
+        build_data(cfg, 2, 2, CPU, seed=0)
+
+
+def test_balanced_subset_takes_equal_shares_and_fills_from_larger_classes():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 12)
+    keep = balanced_subset(labels, 30, seed=3)
+    assert len(keep) == len(set(keep.tolist())) == 30
+    assert torch.bincount(labels[keep]).tolist() == [10, 10, 10]
+    keep = balanced_subset(labels, 50, seed=3)  # class 2 has 12 < 50 / 3: the other two make up the rest
+    assert torch.bincount(labels[keep]).tolist() == [19, 19, 12]
+    odd = torch.bincount(labels[balanced_subset(labels, 31, seed=3)]).tolist()
+    assert sorted(odd) == [10, 10, 11]
+    assert torch.equal(balanced_subset(labels, 30, seed=3), balanced_subset(labels, 30, seed=3))
+    assert not torch.equal(balanced_subset(labels, 30, seed=3), balanced_subset(labels, 30, seed=4))
+    assert torch.equal(balanced_subset(labels, None, seed=3), torch.arange(len(labels)))
+    with pytest.raises(UserError, match=r"data.train_subset \(93\) is larger than the training split \(92"):
+        balanced_subset(labels, 93, seed=0)
+
+
+def test_train_subset_is_drawn_before_the_validation_split():
+    synthetic = SyntheticConfig(train_size=200, test_size=20, image_size=16)
+    data = build_data(DataConfig(synthetic=synthetic, train_subset=60, val_fraction=0.25), 5, 10, CPU, seed=0)
+    assert (data.train.num_samples, data.val.num_samples, data.test.num_samples) == (45, 15, 20)
+    labels = torch.cat([data.train.labels, data.val.labels])
+    assert torch.bincount(labels, minlength=10).tolist() == [6] * 10
+
+
+def test_imagefolder_train_subset(tmp_path):
+    write_imagefolder(tmp_path, ["a", "b", "c"], per_class=4, size=12)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.0, num_workers=0,
+                     train_subset=6, mean=[0.5] * 3, std=[0.25] * 3)
+    data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0)
+    assert data.train.num_samples == 6
 
 
 def test_imagefolder_uses_a_worker_dataloader(tmp_path):
     write_imagefolder(tmp_path, ["cat", "dog"], per_class=4, size=20)
-    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25, num_workers=0)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25, num_workers=0,
+                     mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0)
     assert data.classes == ["cat", "dog"] and data.input_size == (3, 16, 16)
     assert (data.train.num_samples, data.val.num_samples) == (6, 2)
@@ -150,7 +201,8 @@ def test_batch_must_split_evenly_across_ranks():
 
 def test_imagefolder_eval_shards_count_every_image_once(tmp_path):
     write_imagefolder(tmp_path, ["a", "b", "c"], per_class=3, size=12)
-    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.0, num_workers=0)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=8, val_fraction=0.0, num_workers=0,
+                     mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     seen = []
     for rank in range(2):
         data = build_data(cfg, batch_size=2, eval_batch_size=4, device=CPU, seed=0, rank=rank, world=2)
@@ -211,7 +263,7 @@ def test_imagefolder_takes_the_same_recipe_through_torchvision(tmp_path):
     augment = AugmentConfig(policy="randaugment", erase_prob=1.0, erase_value="zero", repeats=2,
                             cutmix_alpha=1.0)
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
-                     augment=augment)
+                     augment=augment, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     data = build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
     names = [type(t).__name__ for t in data.train.loader.loader.dataset.dataset.transform.transforms]
     assert names[-4:] == ["RandAugment", "ToTensor", "Normalize", "RandomErasing"]

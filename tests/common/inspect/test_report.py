@@ -118,3 +118,61 @@ def test_cost_plot(tmp_path):
                for name, params, train in [("a", 1e5, 100.0), ("b", 2e6, 20.0)]]
     path = report.plot_cost(results, tmp_path / "cost.png")
     assert path.is_file() and path.stat().st_size > 10000
+
+
+def quick_run(folder, seed=0, epochs=10, world_size=1, finished=True, test_acc=0.9, lr=0.1, done=None):
+    """A run folder as training writes it: the resolved config, metrics.jsonl and (when finished) summary.json."""
+    folder.mkdir(parents=True)
+    config = {"name": "quickstart", "seed": seed, "output_root": f"/elsewhere/{seed}", "model": {"name": "resnet"},
+              "data": {"dataset": "synthetic", "num_workers": seed}, "log": {"quiet": bool(seed % 2)},
+              "train": {"epochs": epochs, "optimizer": {"lr": lr}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    done = epochs if done is None else done
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, done + 1)))
+    if finished:
+        (folder / "summary.json").write_text(json.dumps({
+            "config": "quickstart", "model": "resnet", "dataset": "synthetic", "params": 1000, "epochs": done,
+            "best_val_acc": test_acc, "test_acc": test_acc, "wall_time_s": 60.0, "world_size": world_size}))
+    return folder
+
+
+def test_rows_are_configs_minus_the_seed_and_name_what_differs(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, acc in ((0, 0.90), (1, 0.92), (2, 0.94)):  # seeds differ in seed, folders, workers, logging only
+        quick_run(runs / f"a{seed}", seed=seed, test_acc=acc)
+    quick_run(runs / "b", seed=0, epochs=20, test_acc=0.5)  # another epoch count: a row of its own
+    quick_run(runs / "c", seed=0, world_size=2, test_acc=0.4)  # two processes: another row
+    quick_run(runs / "d", seed=3, finished=False, done=4)  # unfinished: flagged, never averaged
+    quick_run(runs / "e", seed=4, epochs=20, done=10)  # finished 10 epochs, then resumed with 20: unfinished
+    records = report.report([str(runs)], output=str(tmp_path / "out"))
+    rows = {(r["differs"]): r for r in records}
+    assert len(records) == 3
+    main_row = rows["train.epochs=10, world_size=1"]
+    assert main_row["seeds"] == 3 and main_row["seed_values"] == "0/1/2" and main_row["unfinished"] == 1
+    assert main_row["test_acc_mean"] == pytest.approx(92.0)
+    assert f"{runs / 'd'} (epoch 4/10)" in main_row["unfinished_dirs"]
+    longer = rows["train.epochs=20, world_size=1"]
+    assert longer["seeds"] == 1 and longer["test_acc_mean"] == pytest.approx(50.0) and longer["unfinished"] == 1
+    assert "resumed with more epochs after a finished 10" in longer["unfinished_dirs"]
+    assert rows["train.epochs=10, world_size=2"]["test_acc_mean"] == pytest.approx(40.0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| quickstart [train.epochs=10, world_size=1] |" in md and "| 3 (+1 unfinished) |" in md
+    assert "quickstart: 3 rows, its runs differ in train.epochs, world_size" in md
+
+
+def test_a_seed_counts_once(tmp_path):
+    import os
+
+    first = quick_run(tmp_path / "runs" / "first", seed=0, test_acc=0.2)
+    quick_run(tmp_path / "runs" / "second", seed=0, test_acc=0.8)
+    os.utime(first / "summary.json", (1, 1))  # the older of the two
+    records = report.report([str(tmp_path / "runs")], output=str(tmp_path / "out"))
+    assert len(records) == 1 and records[0]["seeds"] == 1 and records[0]["test_acc_mean"] == pytest.approx(80.0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"seed 0 ran more than once; counted its newest run, not {first}" in md
+
+
+def test_only_unfinished_runs_is_an_error_that_says_so(tmp_path):
+    quick_run(tmp_path / "a", finished=False, done=2)
+    with pytest.raises(UserError, match=r"no finished runs .* \(1 unfinished\)"):
+        report.report([str(tmp_path)])

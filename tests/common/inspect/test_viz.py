@@ -224,3 +224,14 @@ def test_training_logs_the_viz_grid_and_viz_loads_the_run(sasa_config, tmp_path)
     assert events.Images("attention/viz")[0].width > 200
     written = tasks.visualize("viz_1", None, load=str(run))  # the config comes from the checkpoint
     assert [p.parent for p in written] == [run / "viz"]
+
+
+def test_an_image_file_for_a_greyscale_model_is_read_as_one_channel(tmp_path):
+    from common.config import DataConfig
+
+    path = tmp_path / "shirt.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(path)
+    image = viz.image_from_file(path, DataConfig(dataset="fashion_mnist"), (1, 28, 28))
+    assert image.tensor.shape == (1, 1, 28, 28) and image.display.shape == (28, 28, 3)
+    grey = torch.from_numpy(image.display[..., 0].copy())
+    assert torch.allclose(image.tensor[0, 0], (grey - 0.2860) / 0.3530, atol=1e-5)  # its own statistics

@@ -312,7 +312,8 @@ def test_an_image_that_does_not_decode_is_a_one_line_error(write_config, tmp_pat
 
     written = write_imagefolder(tmp_path / "folder", ["a", "b"], per_class=4, size=12, corrupt=True)
     path = write_config({"data": {"dataset": "imagefolder", "root": str(tmp_path / "folder"), "image_size": 8,
-                                  "num_workers": 1, "val_fraction": 0.0}, "train": {"batch_size": 2}})
+                                  "num_workers": 1, "val_fraction": 0.0, "mean": [0.5] * 3, "std": [0.25] * 3},
+                         "train": {"batch_size": 2}})
     result = run_main("--config", str(path), "--output", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -366,3 +367,49 @@ def test_selection_on_test_reports_the_best_test_accuracy_as_the_official_script
     assert (tmp_path / "run" / "best.ckpt").is_file()
     default = tasks.train(load_config(write_config({"train": {"epochs": 1}})), output=str(tmp_path / "run2"))
     assert default["selected_on"] == "val" and default["test_checkpoint"] == "best"
+
+
+def test_models_take_channels_and_size_from_the_data():
+    from common.train.engine import build_model
+
+    vit = build_model("vit", {"dim": 16, "depth": 1, "heads": 2}, 10, (1, 28, 28))  # no image_size by hand
+    assert vit(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    sasa = build_model("sasa_resnet26", {"stem": "cifar"}, 10, (1, 28, 28))
+    assert sasa.stem[0].in_channels == 1
+    sa = build_model("sa_quadratic", {"layers": 1, "hidden": 18, "intermediate": 8}, 10, (1, 28, 28))
+    assert sa(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(UserError, match=r"model 'vit' cannot be built for 1x28x28 inputs with these options "
+                                        r"\(patch_size=8\): image_size 28x28 is not a multiple of patch_size 8"):
+        build_model("vit", {"patch_size": 8}, 10, (1, 28, 28))
+    with pytest.raises(UserError, match="model.in_chans is 3 but the dataset has 1 channels"):
+        build_model("resnet18", {"in_chans": 3}, 10, (1, 28, 28))
+
+
+def test_the_summary_splits_the_whole_wall_time(write_config, tmp_path):
+    path = write_config({"train": {"epochs": 1}, "log": {"tensorboard": False}})
+    assert run_main("--config", str(path), "--output", str(tmp_path / "run")).returncode == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    split = summary["time_s"]
+    assert set(split) == {"data", "train", "val", "test", "other"} and all(v >= 0 for v in split.values())
+    assert split["train"] > 0 and split["val"] > 0 and split["test"] > 0 and split["data"] > 0
+    assert sum(split.values()) == pytest.approx(summary["wall_time_s"], abs=0.01)
+
+
+def test_a_signal_after_the_final_test_still_ends_the_process_with_it(write_config, tmp_path, monkeypatch):
+    """The run completes (summary written), and the caller learns that a stop was asked (a study stops).
+    A signal during the test evaluation itself stops it at once (test_run_state.py)."""
+    from common.errors import TrainingInterrupted
+    from common.train.engine import Trainer
+
+    finish = Trainer._finish
+
+    def signalled_finish(self, elapsed):
+        summary = finish(self, elapsed)
+        self._stop_signal = signal.SIGTERM  # as the handler records a SIGTERM that comes after the test
+        return summary
+
+    monkeypatch.setattr(Trainer, "_finish", signalled_finish)
+    cfg = load_config(write_config({"train": {"epochs": 1}, "log": {"tensorboard": False}}))
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: the run had finished training") as excinfo:
+        tasks.train(cfg, output=str(tmp_path / "run"))
+    assert excinfo.value.signum == signal.SIGTERM and (tmp_path / "run" / "summary.json").is_file()
