@@ -175,7 +175,8 @@ def bench_items(s: Session) -> list[tuple[str, list[str], float, object]]:
     flex_json = str(s.work / "neighborhood_flex.json")
     if not s.cuda:
         cpu = ["--device", "cpu"]
-        return [("neighborhood", ["bench/neighborhood.py", *cpu, "--batch", "2", "--repeats", "1"], 5, parse_neighborhood),
+        return [("neighborhood", ["bench/neighborhood.py", *cpu, "--shapes", "headline", "--no-policy-ratio",
+                                  "--repeats", "1"], 5, parse_neighborhood),
                 ("neighborhood_flex", ["bench/neighborhood_flex.py", *cpu, "--repeats", "1", "--json", flex_json], 5,
                  parse_flex),
                 ("sasa_step", ["bench/sasa_step.py", *cpu, "--batch", "2", "--repeats", "1"], 5, parse_sasa_step),
@@ -219,35 +220,40 @@ def part_benches(s: Session, clock: PartClock) -> None:
 
 
 def parse_neighborhood(s: Session, r: Result, args: list[str]) -> None:
-    """Blocks 'B=<batch>, ...' followed by rows '<backend> <fwd+bwd ms> ...' and the bench's PASS/FAIL lines; only
-    the first number of a row (its time) is read, so added columns do not matter."""
-    blocks: dict[int, dict[str, float]] = {}
-    batch = None
+    """Blocks '<shape>: B=<batch>, ..., auto -> <backend>' followed by rows '<backend> <fwd+bwd ms> ...' and the
+    bench's PASS/FAIL lines; only the first number of a row (its time) is read, so added columns do not matter."""
+    blocks: dict[str, dict[str, float]] = {}
+    autos: dict[str, str] = {}
+    label = None
     for line in r.out.splitlines():
-        header = re.match(r"^B=(\d+),", line)
+        header = re.match(r"^(?:([\w-]+): )?B=(\d+),", line)
         if header:
-            batch = int(header.group(1))
-            blocks[batch] = {}
+            label = f"{header.group(1) or 'headline'} B={header.group(2)}"
+            blocks[label] = {}
+            chosen = re.search(r"auto -> (\w+)", line)
+            if chosen:
+                autos[label] = chosen.group(1)
             continue
         row = re.match(r"^([A-Za-z][\w+-]*)\s+(\d+(?:\.\d+)?)\s", line)
-        if batch is not None and row and row.group(1) not in ("backend", "PASS", "FAIL"):
-            blocks[batch][row.group(1)] = float(row.group(2))
+        if label is not None and row and row.group(1) not in ("backend", "step", "PASS", "FAIL"):
+            blocks[label][row.group(1)] = float(row.group(2))
         verdict = re.match(r"^(PASS|FAIL) ([^:]+): (.*)$", line)
-        if batch is not None and verdict:
-            s.add("benches", f"neighbourhood B={batch}: {verdict.group(2)} (the bench's own target)", verdict.group(3),
+        if label is not None and verdict:
+            s.add("benches", f"neighbourhood {label} (the bench's own target)", verdict.group(3),
                   "", "as stated", command=r.command, status=verdict.group(1).lower())
-    for batch, times in blocks.items():
+    for label, times in blocks.items():
         ref, conv = times.get("reference"), times.get("conv3x3")
         if not ref or not conv:
-            raise ValueError(f"B={batch}: no reference or conv3x3 row in {sorted(times)}")
-        op = "triton" if "triton" in times else "tiled"  # what backend="auto" uses on this device
+            raise ValueError(f"{label}: no reference or conv3x3 row in {sorted(times)}")
+        op = autos.get(label) or ("triton" if "triton" in times else "tiled")  # what backend="auto" uses here
+        batch = int(label.rsplit("=", 1)[1])
         for backend, ms in times.items():
-            if backend in ("reference", "conv3x3"):
+            if backend in ("reference", "conv3x3", "gemm"):
                 continue
             target = Target(">=", 10.0) if backend == op and s.cuda and batch >= 64 else None
-            s.add("benches", f"neighbourhood B={batch}: {backend} fwd+bwd vs reference", ref / ms, "x faster", target,
+            s.add("benches", f"neighbourhood {label}: {backend} fwd+bwd vs reference", ref / ms, "x faster", target,
                   note=f"{ms:.2f} ms vs {ref:.2f} ms", command=r.command)
-        s.add("benches", f"neighbourhood B={batch}: {op} fwd+bwd vs 3x3 conv", times[op] / conv, "x the conv's time",
+        s.add("benches", f"neighbourhood {label}: {op} fwd+bwd vs 3x3 conv", times[op] / conv, "x the conv's time",
               None, note=f"{times[op]:.2f} ms vs {conv:.2f} ms", command=r.command)
 
 

@@ -11,7 +11,7 @@ the yardstick for them. Both compute the same function here: scale 1, no relativ
 (neighborhood_attention(q, k, v, kernel, rel_pos=None)); the script checks that their outputs agree.
 
 On CUDA it times forward+backward (the median of --repeats interleaved rounds after warm-up) and the peak
-memory of one step for our backends (reference, tiled, triton when available, and auto), compiled
+memory of one step for our backends (every registered one of this device, auto among them), compiled
 FlexAttention, and a 3x3 nn.Conv2d(heads*d, heads*d) on the same activation. FlexAttention's CUDA kernels need
 a head dim of at least 16, so the default layer is 4 heads of 16 (the 64 channels of bench/neighborhood.py's
 headline). On the CPU FlexAttention has no backward and compiles only for inference, so the CPU run checks
@@ -111,8 +111,10 @@ def main(argv=None) -> int:
     if cuda:
         nb._ensure_triton()
     auto = nb.select_backend(q, cuda, kernel_size=args.kernel)
-    backends = [name for name in ("reference", "tiled", "triton") if name in nb.BACKENDS
-                and not (name == "triton" and not cuda)]
+    on_other_device = {"triton"} if not cuda else {"fused_cpu"}  # kernels of one device only
+    backends = [name for name in nb.BACKENDS if name not in on_other_device]
+    if auto not in backends:
+        backends.append(auto)
 
     with torch.no_grad():
         ours = run_ours(auto).float()

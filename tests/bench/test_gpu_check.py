@@ -72,7 +72,7 @@ def test_cpu_smoke_run_records_every_part_and_writes_the_files(tmp_path):
     errors = [c for c in checks if c["status"] in ("error", "skip")]
     assert not errors, errors
     names = " / ".join(c["name"] for c in checks)
-    for expected in ("pytest -m gpu --collect-only", "fwd+bwd vs reference", "neighbourhood B=2: ",
+    for expected in ("pytest -m gpu --collect-only", "fwd+bwd vs reference", "neighbourhood headline B=8: ",
                      "FlexAttention window mask agrees with", "SASA-R26 / conv-R26 training step",
                      "ViT attention vit_cifar plain", "DeviceLoader (crop+flip+normalise) throughput",
                      "quickstart eager: train loss", "quickstart eager: peak memory", "cnn3_cifar100: training",
