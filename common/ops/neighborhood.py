@@ -17,7 +17,8 @@ on the query; at the image border it is clipped, not shifted.
 Cost, counted by torch.utils.flop_counter the same for every backend (`neighborhood_macs`, convention in
 common/inspect/flops.py): B * heads * H * W * k^2 * (d + d_v), plus B * heads * H * W * k^2 * d with rel_pos
 (q . rel_pos[o] is a dot product of its own), multiply-accumulates; the whole window counts for every query, at
-the border too. The softmax and window_mask are element-wise and not counted.
+the border too. The softmax and window_mask are element-wise and not counted. The count belongs to the
+dispatcher `neighborhood_attention`, so a backend added with `register_backend` gets it without a line of code.
 
 Backends share this signature; `reference` is the plain unfold formulation and
 the test oracle for the others. `backend="auto"` picks "tiled" on the CPU and, on
@@ -567,6 +568,13 @@ BACKENDS: dict[str, Backend] = {"reference": reference_attention, "tiled": tiled
 
 
 def register_backend(name: str, fn: Backend) -> None:
+    """Make `fn` (the signature of `reference_attention`) selectable as `neighborhood_attention(backend=name)`.
+
+    The FLOP count is `neighborhood_attention`'s, not the backend's: the counted op is the dispatcher, so every
+    registered backend counts `neighborhood_macs` under torch.utils.flop_counter, forward and backward, without
+    doing anything (what it computes internally is kept out of the count). Layers must therefore call
+    `neighborhood_attention` (or `attend_and_record`), never a backend function directly.
+    """
     BACKENDS[name] = fn
 
 

@@ -489,3 +489,24 @@ def test_flops_of_a_recording_layer_and_without_grad():
     assert counter.get_total_flops() == 2 * B * HEADS * 4 * 5 * 25 * 2 * D
     assert len(maps) == 1
     torch.testing.assert_close(out, reference_attention(q, q, q, 5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_newly_registered_backend_counts_the_formula_without_code_of_its_own(monkeypatch):
+    """The count is the dispatcher's contract: a backend added later (a fused CPU kernel, say) that does twice the
+    work through plain aten ops still counts `neighborhood_macs`, and `test_flops_are_the_formula_for_every_backend`
+    picks it up from nb.BACKENDS."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def wasteful(q, k, v, kernel_size, **options):  # matrix products the counter would see, then the real thing
+        (q.flatten(0, 3) @ k.flatten(0, 3).t()).sum()
+        return reference_attention(q, k, v, kernel_size, **options)
+
+    monkeypatch.setitem(nb.BACKENDS, "test_wasteful", wasteful)
+    inputs = make_inputs(4, 5, 3, rel="shared")
+    with FlopCounterMode(display=False) as counter:
+        counted = run("test_wasteful", inputs, 3, "mask")
+    macs = B * HEADS * 4 * 5 * 9 * (2 * D + D)
+    assert {str(op): n for op, n in counter.get_flop_counts()["Global"].items()} == {
+        "attention_flops.neighborhood_attention": 2 * macs,
+        "attention_flops.neighborhood_attention_backward": 4 * macs}
+    assert_all_close(counted, run("reference", inputs, 3, "mask"), atol=0.0)

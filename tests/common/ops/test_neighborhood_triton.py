@@ -189,6 +189,29 @@ def run_all(cases: dict[str, dict], device: str) -> list[dict]:
     return [_check_case(name, case, device) for name, case in cases.items()]
 
 
+FLOPS_CASE = dict(shape=(1, 2, 5, 7, 4), dv=6, ks=3, rel="head", mask="grad")
+
+
+def count_flops(device: str) -> dict:
+    """`neighborhood_attention(backend="triton")` forward and backward under a FlopCounterMode: what the
+    counter saw, next to `neighborhood_macs` (the kernels launch no aten op the counter could count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from common.ops import neighborhood as nb
+    from common.ops import neighborhood_triton as nt
+
+    if "triton" not in nb.BACKENDS:  # under the interpreter: "auto" registers it only for CUDA tensors
+        nb.register_backend("triton", nt.triton_attention)
+    gen = torch.Generator().manual_seed(0)
+    leaves = [t.float().requires_grad_(True) for t in _make_inputs(FLOPS_CASE, device, gen)]
+    q, k, v, rel, mask = leaves
+    with FlopCounterMode(display=False) as counter:
+        out = nb.neighborhood_attention(q, k, v, FLOPS_CASE["ks"], rel_pos=rel, window_mask=mask, backend="triton")
+        torch.autograd.grad(out.square().sum(), leaves)
+    return dict(counts={str(op): n for op, n in counter.get_flop_counts()["Global"].items()},
+                macs=nb.neighborhood_macs(q, k, v, FLOPS_CASE["ks"], rel_pos=rel))
+
+
 # ---------------------------------------------------------------------------------------------- tests
 
 @pytest.fixture(scope="module")
@@ -218,6 +241,18 @@ def test_interpreter_covers_every_gradient(interpreter_report):
     assert {"out", "weights", "dq", "dk", "dv", "drel_pos", "dwindow_mask"} <= seen
 
 
+def _assert_counts_the_formula(report: dict) -> None:
+    b, heads, h, w, d = FLOPS_CASE["shape"]
+    macs = b * heads * h * w * FLOPS_CASE["ks"] ** 2 * (2 * d + FLOPS_CASE["dv"])  # q.k, q.r, sum of v
+    assert report["macs"] == macs
+    assert report["counts"] == {"attention_flops.neighborhood_attention": 2 * macs,
+                                "attention_flops.neighborhood_attention_backward": 4 * macs}
+
+
+def test_interpreter_counts_the_formula(interpreter_report):
+    _assert_counts_the_formula(interpreter_report["flops"])
+
+
 def test_available_and_errors():
     from common.ops import neighborhood_triton as nt
 
@@ -242,6 +277,13 @@ def test_gpu_matches_reference(name):
     assert result["ok"], json.dumps(result, indent=1)
 
 
+@needs_cuda
+def test_gpu_counts_the_formula():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("interpreter mode in this process")
+    _assert_counts_the_formula(count_flops("cuda"))
+
+
 if __name__ == "__main__":  # the interpreter subprocess (or a manual GPU run: `python this_file --cuda`)
     import warnings
 
@@ -254,4 +296,5 @@ if __name__ == "__main__":  # the interpreter subprocess (or a manual GPU run: `
     cases = CASES if device == "cpu" else {**CASES, **GPU_CASES}
     t0 = time.time()
     results = run_all(cases, device)
-    print(json.dumps(dict(device=device, seconds=round(time.time() - t0, 2), results=results)))
+    print(json.dumps(dict(device=device, seconds=round(time.time() - t0, 2), results=results,
+                          flops=count_flops(device))))
