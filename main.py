@@ -62,7 +62,8 @@ def _one_line(exc: BaseException) -> str:
 def _usage_line(exc: click.UsageError) -> str:
     """click's usage error as our one line (click prints a usage line, a hint and the error on three)."""
     if isinstance(exc, click.NoSuchOption):
-        close = f" (did you mean {' or '.join(sorted(exc.possibilities))}?)" if exc.possibilities else ""
+        best = difflib.get_close_matches(exc.option_name, exc.possibilities or [], n=1, cutoff=0.0)
+        close = f" (did you mean {best[0]}?)" if best else ""
         return f"no such option: {exc.option_name}{close}; see --help"
     text = " ".join(exc.format_message().split())
     return f"{text[:1].lower()}{text[1:].rstrip('.')}; see --help"

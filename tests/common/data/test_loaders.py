@@ -330,7 +330,7 @@ def test_official_repeat_mode_through_the_config_and_the_worker_loader(tmp_path)
     assert len(data.train) == 3 * 120 // 12
     write_imagefolder(tmp_path, ["cat", "dog"], per_class=6, size=20)
     cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
-                     augment=AugmentConfig(repeats=3, repeat_mode="official"))
+                     mean=[0.5] * 3, std=[0.25] * 3, augment=AugmentConfig(repeats=3, repeat_mode="official"))
     folder = build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
     folder.train.set_epoch(0)
     order = folder.train.loader.sampler.indices
@@ -343,7 +343,7 @@ def test_imagefolder_erasing_takes_the_raw_mean_and_refuses_what_torchvision_can
 
     def folder(**augment):
         cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.0, num_workers=0,
-                         mean=[0.1, 0.2, 0.3], augment=AugmentConfig(erase_prob=1.0, **augment))
+                         mean=[0.1, 0.2, 0.3], std=[0.25] * 3, augment=AugmentConfig(erase_prob=1.0, **augment))
         return build_data(cfg, batch_size=4, eval_batch_size=4, device=CPU, seed=0)
 
     erasing = folder(erase_value="unnormalized_mean").train.loader.dataset.dataset.transform.transforms[-1]
