@@ -147,6 +147,7 @@ def _run_here(study, pending: list, quiet: bool) -> None:
             print(f"[{i}/{len(pending)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
             failures += _run_one(study, run, quiet)
     refresh_report(study.folder)
+    elsewhere = [run for run in elsewhere if not run.finished]
     if elsewhere:
         print(f"{len(elsewhere)} run{'s' * (len(elsewhere) != 1)} still being run by another study process "
               f"({', '.join(f'{r.name} seed {r.seed}' for r in elsewhere)}); the table is complete when it ends",
