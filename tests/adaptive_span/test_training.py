@@ -29,4 +29,5 @@ def test_spans_move_and_are_logged_summarised_and_drawn(write_config, tmp_path):
     best = records[summary["best_epoch"] - 1]  # the summary describes the tested (best) checkpoint
     assert {key: best[key] for key in SPAN_KEYS} == {key: summary["model_metrics"][key] for key in SPAN_KEYS}
     assert records[1]["stages.0.0.mix/window_px"] <= 5  # from 7 x 7 at init
+    assert records[1]["stages.0.0.mix/map_size"] == records[1]["stages.1.0.mix.0/map_size"] == 16  # pooled after
     assert (tmp_path / "run" / "spans.png").stat().st_size > 10_000
