@@ -92,16 +92,19 @@ def check_task(task: str) -> None:
 @click.option("--pixel", type=int, nargs=2, metavar="Y X", help="viz_1: the query pixel [default: the centre].")
 @click.option("--layers", metavar="SPEC", help="viz/viz_1: layers to draw: indices, names or globs, comma-separated "
                                                "(e.g. 0,3,-1 or 'stages.2.*'), or 'all' [default: at most 8].")
+@click.option("--heads", metavar="SPEC", help="viz/viz_1: heads to draw per layer: indices (e.g. 0,1 or -1), 'mean' "
+                                              "(one panel per layer) or 'all' [default: all, or the mean when a "
+                                              "layer has more than 4].")
 @click.option("--runs", multiple=True, metavar="DIR", help="report: run folders or folders of run folders "
                                                            "(--runs A B C, or repeat --runs).")
 @click.argument("more_runs", nargs=-1, metavar="")
-def main(configs, task, overrides, output, resume, load, quiet, image, index, pixel, layers, runs, more_runs):
+def main(configs, task, overrides, output, resume, load, quiet, image, index, pixel, layers, heads, runs, more_runs):
     """Self-attention as a replacement for convolution: train, evaluate, time and inspect the papers' models."""
     try:
         if more_runs and not runs:
             raise UserError(f"unexpected argument(s): {' '.join(more_runs)} (options start with --; see --help)")
         run(configs, task, overrides, output, resume, load, quiet, image=image, index=index,
-            pixel=tuple(pixel) if pixel else None, layers=layers, runs=list(runs) + list(more_runs))
+            pixel=tuple(pixel) if pixel else None, layers=layers, heads=heads, runs=list(runs) + list(more_runs))
     except UserError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(UserError.exit_code)
@@ -114,7 +117,7 @@ def main(configs, task, overrides, output, resume, load, quiet, image, index, pi
 
 
 def run(configs, task, overrides, output, resume, load, quiet, image=None, index=None, pixel=None, layers=None,
-        runs=()):
+        heads=None, runs=()):
     from common.config import expand_config_lists, load_config
 
     # A figure task may come from a package that the config imports (custom_imports): it is known once the
@@ -133,7 +136,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
         return
     if runs:
         raise UserError(f"--runs is for --task report, not {task}")
-    viz_options = {"--image": image, "--index": index, "--pixel": pixel, "--layers": layers}
+    viz_options = {"--image": image, "--index": index, "--pixel": pixel, "--layers": layers, "--heads": heads}
     given = [name for name, value in viz_options.items() if value is not None]
     if given and task not in ("viz", "viz_1"):
         raise UserError(f"{', '.join(given)} only apply to --task viz and viz_1, not {task}")
@@ -159,7 +162,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
         tasks.time_models(cfgs, load=load, output=output)
     elif task in ("viz", "viz_1"):
         tasks.visualize(task, cfgs[0] if cfgs else None, load=load, output=output, image=image, index=index,
-                        pixel=pixel, layers=layers)
+                        pixel=pixel, layers=layers, heads=heads)
     else:
         tasks.draw_model_figure(task, cfgs[0] if cfgs else None, load=load, output=output)
 
