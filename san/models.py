@@ -98,17 +98,51 @@ class SAN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
 
 
-def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True) -> SAN:
-    """SAN-`depth` with `mode` attention; option errors name the option (config files point at it)."""
-    if stem not in LAYOUTS:
-        raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
+def _check_attention(mode: str, relation: str, padding: str) -> None:
+    """Option errors name the option (config files point at it)."""
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
     if relation not in MODES[mode]:
         raise ArgumentError(f"{mode} relation must be one of {', '.join(MODES[mode])}, got {relation!r}",
                             key="relation")
     if padding not in PADDINGS:
         raise ArgumentError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}", key="padding")
+
+
+def san_preset(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str,
+               position: bool = True) -> SAN:
+    """SAN-`depth` of the paper with `mode` attention in the `stem` layout."""
+    if stem not in LAYOUTS:
+        raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
+    _check_attention(mode, relation, padding)
     return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, mode=mode, relation=relation,
                padding=padding, position=position)
+
+
+@register_model
+def san(layers: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (32, 64, 128), kernels: Sequence[int] = (3, 3, 3),
+        pools: Sequence[bool] = (False, True, True), mode: str = "pairwise", relation: str | None = None,
+        padding: str = "reflection", position: bool = True, share_planes: int = 8, num_classes: int = 10,
+        in_chans: int = 3) -> SAN:
+    """Any SAN from its configuration (small networks in YAML): blocks, width, window and entry pool per stage.
+
+    A block of width c attends with c/16 relation and c/4 output channels in groups of share_planes, so
+    widths must be multiples of 4 * share_planes (and of 16). A stage's window must fit its grid with
+    reflection padding (k // 2 < the grid side)."""
+    relation = relation or DEFAULT_RELATION.get(mode, "")
+    _check_attention(mode, relation, padding)
+    if not len(layers) == len(widths) == len(kernels) == len(pools):
+        raise ArgumentError(f"layers, widths, kernels and pools need one entry per stage, got {len(layers)}, "
+                            f"{len(widths)}, {len(kernels)} and {len(pools)}", key="widths")
+    for width in widths:
+        if not isinstance(width, int) or width % 16 or (width // 4) % share_planes:
+            raise ArgumentError(f"every width must be a multiple of 16 and of 4 * share_planes "
+                                f"({4 * share_planes}), got {width!r}", key="widths")
+    for k in kernels:
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ArgumentError(f"every kernel must be an odd integer >= 1, got {k!r}", key="kernels")
+    return SAN(layers, widths, kernels, pools, num_classes=num_classes, in_chans=in_chans, mode=mode,
+               relation=relation, padding=padding, position=position, share_planes=share_planes)
 
 
 PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELATION["patchwise"]
@@ -118,39 +152,39 @@ PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELA
 def san10_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
                    padding: str = "reflection", position: bool = True) -> SAN:
     """SAN10 pairwise (blocks 2,1,2,4,1): 10,531,848 parameters on ImageNet with subtraction."""
-    return san(10, "pairwise", num_classes, stem, relation, padding, position)
+    return san_preset(10, "pairwise", num_classes, stem, relation, padding, position)
 
 
 @register_model
 def san15_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
                    padding: str = "reflection", position: bool = True) -> SAN:
     """SAN15 pairwise (blocks 3,2,3,5,2): 14,065,436 parameters on ImageNet with subtraction."""
-    return san(15, "pairwise", num_classes, stem, relation, padding, position)
+    return san_preset(15, "pairwise", num_classes, stem, relation, padding, position)
 
 
 @register_model
 def san19_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PAIRWISE_DEFAULT,
                    padding: str = "reflection", position: bool = True) -> SAN:
     """SAN19 pairwise (blocks 3,3,4,6,3): 17,596,156 parameters on ImageNet with subtraction."""
-    return san(19, "pairwise", num_classes, stem, relation, padding, position)
+    return san_preset(19, "pairwise", num_classes, stem, relation, padding, position)
 
 
 @register_model
 def san10_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
                     padding: str = "reflection") -> SAN:
     """SAN10 patchwise (blocks 2,1,2,4,1): 11,841,124 parameters on ImageNet with concatenation."""
-    return san(10, "patchwise", num_classes, stem, relation, padding)
+    return san_preset(10, "patchwise", num_classes, stem, relation, padding)
 
 
 @register_model
 def san15_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
                     padding: str = "reflection") -> SAN:
     """SAN15 patchwise (blocks 3,2,3,5,2): 16,181,310 parameters on ImageNet with concatenation."""
-    return san(15, "patchwise", num_classes, stem, relation, padding)
+    return san_preset(15, "patchwise", num_classes, stem, relation, padding)
 
 
 @register_model
 def san19_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
                     padding: str = "reflection") -> SAN:
     """SAN19 patchwise (blocks 3,3,4,6,3): 20,518,470 parameters on ImageNet with concatenation."""
-    return san(19, "patchwise", num_classes, stem, relation, padding)
+    return san_preset(19, "patchwise", num_classes, stem, relation, padding)
