@@ -12,6 +12,7 @@ from common.inspect.capture import record_attention
 from common.registry import ArgumentError, create_model
 from common.train.optim import parameter_groups
 from sa_conv.attention import GaussianScores
+from tests.helpers import assert_learns
 
 OFFICIAL = {"sa_quadratic": 12_086_844, "sa_learned": 12_278_682, "sa_learned_content": 29_484_282}
 VARIANTS = ["sa_quadratic", "sa_quadratic_aniso", "sa_learned", "sa_learned_content"]
@@ -210,3 +211,8 @@ def test_short_training_run_logs_the_contours_each_epoch_and_draws_its_checkpoin
     model = create_model("sa_quadratic", layers=2, heads=4, hidden=16, intermediate=16, image_size=16)
     pngs = draw_checkpoints(model, [tmp_path / "run"], tmp_path / "viz", dpi=30)  # last.ckpt == best.ckpt
     assert [p.name for p in pngs] == ["gauss_epoch_0001.png"]
+
+
+def test_the_gaussian_attention_model_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "sa_quadratic", "layers": 2, "heads": 4, "hidden": 16,
+                                           "intermediate": 32, "image_size": 16})

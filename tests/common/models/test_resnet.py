@@ -8,6 +8,7 @@ from torch import nn
 
 from common.models.resnet import ConvMixer
 from common.registry import create_model
+from tests.helpers import assert_learns
 
 
 def n_params(model):
@@ -81,3 +82,8 @@ def test_mixer_options_can_differ_per_stage():
     assert model.stages[0][0].mix1.kernel_size == (5, 5) and model.stages[1][0].mix1.kernel_size == (1, 1)
     with pytest.raises(ValueError, match="one entry per stage"):
         create_model("resnet", layers=[1, 1], widths=[8, 16], mixer_kwargs=[{}])
+
+
+def test_conv_resnet_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "resnet", "block": "basic", "layers": [1, 1], "widths": [8, 16],
+                                           "stem_width": 8})
