@@ -56,17 +56,20 @@ class Bottleneck(nn.Module):
 class SAN(nn.Module):
     """Stem, stages of SAN bottlenecks, pool, classifier; see the module docstring.
 
+    stem_kernel: the stem convolution's size (1, the paper's, by default; 3 gives a CIFAR-style stem).
+
     `attention` options (mode, relation, padding, position, share_planes, backend) go to every
     self-attention layer. `pools` says which stages are entered by a 2x2 max pool.
     """
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int] = WIDTHS, kernels: Sequence[int] = KERNELS,
                  pools: Sequence[bool] = LAYOUTS["imagenet"], num_classes: int = 1000, in_chans: int = 3,
-                 **attention):
+                 stem_kernel: int = 1, **attention):
         super().__init__()
         if not len(layers) == len(widths) == len(kernels) == len(pools):
             raise ValueError("layers, widths, kernels and pools need one entry per stage")
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 1, bias=False), *_norm_act(widths[0]))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], stem_kernel, padding=stem_kernel // 2, bias=False),
+                                  *_norm_act(widths[0]))
         stages, channels = [], widths[0]
         for depth, width, kernel_size, pooled in zip(layers, widths, kernels, pools):
             stages.append(nn.Sequential(nn.MaxPool2d(2) if pooled else nn.Identity(),
@@ -122,9 +125,10 @@ def san_preset(depth: int, mode: str, num_classes: int, stem: str, relation: str
 @register_model
 def san(layers: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (32, 64, 128), kernels: Sequence[int] = (3, 3, 3),
         pools: Sequence[bool] = (False, True, True), mode: str = "pairwise", relation: str | None = None,
-        padding: str = "reflection", position: bool = True, share_planes: int = 8, num_classes: int = 10,
-        in_chans: int = 3) -> SAN:
-    """Any SAN from its configuration (small networks in YAML): blocks, width, window and entry pool per stage.
+        padding: str = "reflection", position: bool = True, share_planes: int = 8, stem_kernel: int = 1,
+        num_classes: int = 10, in_chans: int = 3) -> SAN:
+    """Any SAN from its configuration (small networks in YAML): blocks, width, window and entry pool per stage,
+    and the stem convolution's size (1 as in the paper, or e.g. 3).
 
     A block of width c attends with c/16 relation and c/4 output channels in groups of share_planes, so
     widths must be multiples of 4 * share_planes (and of 16). A stage's window must fit its grid with
@@ -141,8 +145,10 @@ def san(layers: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (32, 64, 128)
     for k in kernels:
         if not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ArgumentError(f"every kernel must be an odd integer >= 1, got {k!r}", key="kernels")
-    return SAN(layers, widths, kernels, pools, num_classes=num_classes, in_chans=in_chans, mode=mode,
-               relation=relation, padding=padding, position=position, share_planes=share_planes)
+    if not isinstance(stem_kernel, int) or stem_kernel < 1 or stem_kernel % 2 == 0:
+        raise ArgumentError(f"stem_kernel must be an odd integer >= 1, got {stem_kernel!r}", key="stem_kernel")
+    return SAN(layers, widths, kernels, pools, num_classes=num_classes, in_chans=in_chans, stem_kernel=stem_kernel,
+               mode=mode, relation=relation, padding=padding, position=position, share_planes=share_planes)
 
 
 PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELATION["patchwise"]

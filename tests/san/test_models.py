@@ -119,13 +119,16 @@ def test_a_small_san_learns(write_config, tmp_path, mode):
 
 
 def test_the_configurable_san_checks_its_options():
-    model = create_model("san", layers=[1, 2], widths=[32, 64], kernels=[3, 5], pools=[False, True], num_classes=4)
+    model = create_model("san", layers=[1, 2], widths=[32, 64], kernels=[3, 5], pools=[False, True], num_classes=4,
+                         stem_kernel=3)
     assert [len(stage) for stage in model.stages] == [2 + 1 + 2, 2 + 2 + 2]  # pool, 1x1 conv, blocks, BN, ReLU
+    assert model.stem[0].kernel_size == (3, 3) and create_model("san").stem[0].kernel_size == (1, 1)
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 4)
     for options, message in [({"widths": [24, 64]}, "multiple of 16 and of 4 \\* share_planes"),
                               ({"kernels": [3, 4]}, "odd integer"),
                               ({"pools": [True]}, "one entry per stage"),
+                              ({"stem_kernel": 2}, "stem_kernel must be an odd integer"),
                               ({"mode": "groupwise"}, "mode must be one of"),
                               ({"relation": "star"}, "pairwise relation must be one of")]:
         kwargs = {"layers": [1, 1], "widths": [32, 64], "kernels": [3, 3], "pools": [False, True], **options}
