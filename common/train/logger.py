@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-# Record fields that say where or what an epoch is rather than measure it: the x axis (epoch, step) and
-# flags (new_best). metrics.jsonl keeps them; TensorBoard plots only the measurements.
+# Record fields that say where an epoch is rather than measure it (the x axis); flags such as new_best
+# (booleans) are skipped too. metrics.jsonl keeps them all; TensorBoard plots only the measurements.
 NOT_SCALARS = ("epoch", "step")
 
 
