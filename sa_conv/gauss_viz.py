@@ -38,10 +38,11 @@ from sa_conv.attention import GaussianScores
 
 MASSES = ((0.5, "-"), (0.9, ":"))  # (mass enclosed, line style)
 QUADRATIC_HINT = ("use a quadratic-attention model (sa_quadratic, sa_quadratic_aniso, or sa_conv with attention: "
-                  "quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml")
+                  "quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml; the heads of a ResNet with "
+                  "`mixer: gaussian` (configs/quickstart/sa_conv.yaml) are drawn by viz and viz_1")
 GAUSS_VIZ = register_figure_task(
     "gauss_viz", help="Gaussian attention heads' contours per checkpoint (sa_conv's quadratic models)",
-    needs="Gaussian attention heads", hint=QUADRATIC_HINT, file_stem="gauss")
+    needs="the Gaussian heads of the paper's network", hint=QUADRATIC_HINT, file_stem="gauss")
 
 
 def gaussian_layers(model: nn.Module) -> list[tuple[str, GaussianScores]]:
