@@ -139,6 +139,9 @@ def check_task(task: str) -> None:
 @click.option("--pixel", type=int, nargs=2, metavar="Y X", help="viz_1: the query pixel [default: the centre].")
 @click.option("--layers", metavar="SPEC", help="viz/viz_1: layers to draw: indices, names or globs, comma-separated "
                                                "(e.g. 0,3,-1 or 'stages.2.*'), or 'all' [default: at most 8].")
+@click.option("--heads", metavar="SPEC", help="viz/viz_1: heads to draw per layer: indices (e.g. 0,1 or -1), 'mean' "
+                                              "(one panel per layer) or 'all' [default: all, or the mean when a "
+                                              "layer has more than 4].")
 @click.option("--runs", multiple=True, metavar="DIR", help="report: run folders or folders of run folders "
                                                            "(--runs A B C, or repeat --runs).")
 @click.option("--launcher", metavar="NAME", help="study: local (one run after another here) or slurm (a SLURM "
@@ -149,8 +152,8 @@ def check_task(task: str) -> None:
 @click.option("--time-limit", type=int, metavar="MIN", help="study --launcher slurm: each job's time limit, minutes.")
 @click.option("--account", metavar="NAME", help="study --launcher slurm: the SLURM account to charge.")
 @click.argument("more_runs", nargs=-1, metavar="")
-def main(configs, task, overrides, output, resume, allow_changes, load, quiet, image, index, pixel, layers, runs,
-         launcher, partition, nodes, gpus_per_node, time_limit, account, more_runs):
+def main(configs, task, overrides, output, resume, allow_changes, load, quiet, image, index, pixel, layers, heads,
+         runs, launcher, partition, nodes, gpus_per_node, time_limit, account, more_runs):
     """Self-attention as a replacement for convolution: train, evaluate, time and inspect the papers' models."""
     try:
         if more_runs and not runs:
@@ -158,7 +161,7 @@ def main(configs, task, overrides, output, resume, allow_changes, load, quiet, i
         slurm = {"partition": partition, "nodes": nodes, "gpus_per_node": gpus_per_node, "time_limit_min": time_limit,
                  "account": account}
         run(configs, task, overrides, output, resume, load, quiet, image=image, index=index,
-            pixel=tuple(pixel) if pixel else None, layers=layers, runs=list(runs) + list(more_runs),
+            pixel=tuple(pixel) if pixel else None, layers=layers, heads=heads, runs=list(runs) + list(more_runs),
             allow_changes=allow_changes, launcher=launcher, slurm=slurm)
     except UserError as exc:
         click.echo(f"error: {_one_line(exc)}", err=True)
@@ -189,7 +192,7 @@ def _echo_if_possible(message: str) -> None:
 
 
 def run(configs, task, overrides, output, resume, load, quiet, image=None, index=None, pixel=None, layers=None,
-        runs=(), allow_changes=(), launcher=None, slurm=None):
+        heads=None, runs=(), allow_changes=(), launcher=None, slurm=None):
     # Everything here up to `from common import tasks` runs without torch, so that a mistake in the command
     # line or the config is reported in a fraction of a second (the model options are checked last).
     from common.config import expand_config_lists, is_study_file, load_config
@@ -223,7 +226,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
     studies = [path for path in configs if is_study_file(path)]
     if studies:
         raise UserError(f"{studies[0]} is a study file; run it with --task study")
-    viz_options = {"--image": image, "--index": index, "--pixel": pixel, "--layers": layers}
+    viz_options = {"--image": image, "--index": index, "--pixel": pixel, "--layers": layers, "--heads": heads}
     given = [name for name, value in viz_options.items() if value is not None]
     if given and task not in ("viz", "viz_1"):
         raise UserError(f"{', '.join(given)} only apply to --task viz and viz_1, not {task}")
@@ -252,7 +255,7 @@ def run(configs, task, overrides, output, resume, load, quiet, image=None, index
         tasks.time_models(cfgs, load=load, output=output, quiet=quiet)
     elif task in ("viz", "viz_1"):
         tasks.visualize(task, cfgs[0] if cfgs else None, load=load, output=output, image=image, index=index,
-                        pixel=pixel, layers=layers)
+                        pixel=pixel, layers=layers, heads=heads)
     else:
         tasks.draw_model_figure(task, cfgs[0] if cfgs else None, load=load, output=output)
 

@@ -67,6 +67,8 @@ class LocalAttention2d(AttentionLayer, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
+        if not torch.compiler.is_compiling():
+            self.map_size = (int(height), int(width))  # the figures convert this grid's pixels to the input's
         k_size = self.window(height, width)
         q = split_heads(self.query(x), self.heads) * self.scale
         k = split_heads(self.key(x), self.heads)
@@ -144,8 +146,11 @@ class AdaptiveSpanAttention2d(LocalAttention2d):
         self.refresh_window()
 
     def epoch_metrics(self) -> dict[str, float]:
+        """Spans and window in pixels of this layer's own feature map (of side `map_size` when it has run)."""
         out = {f"span_px/head{h}": float(v) for h, v in enumerate(self.span.spans_px().tolist())}
         out["window_px"] = float(2 * self.radius + 1)
+        if getattr(self, "map_size", None) is not None:
+            out["map_size"] = float(self.map_size[0])
         return out
 
     def viz_overlay(self) -> list[float]:
@@ -155,9 +160,10 @@ class AdaptiveSpanAttention2d(LocalAttention2d):
         return (self.span.spans_px() + self.span.ring_offset).tolist()
 
     def training_figures(self, run_dir: Path, history: list[dict]) -> None:
-        from adaptive_span.figures import plot_spans  # matplotlib only when a run ends
+        from adaptive_span.figures import input_height, plot_spans  # matplotlib only when a run ends
 
-        plot_spans(history, Path(run_dir) / "spans.png", max_span=self.span.max_span)
+        plot_spans(history, Path(run_dir) / "spans.png", max_span=self.span.max_span,
+                   input_size=input_height(Path(run_dir)))
 
     def extra_repr(self) -> str:
         return (f"max_window={self.kernel_size}, heads={self.heads}, span_penalty={self.span_penalty:g}, "

@@ -224,12 +224,14 @@ class ImageSelfAttention(AttentionLayer, nn.Module):
     or "learned_content" (q.k + q.r). `grid` is the grid the model is built for: it sizes the learned
     relative tables (a larger input is an error) and is what gauss_viz draws; Gaussian heads work on any grid.
     Dropout on the attention probabilities as in BERT, drawn per image, or for positional-only scores once for
-    the whole batch (attention_dropout_mask="shared", the official code).
+    the whole batch (attention_dropout_mask="shared", the official code). `out_features` (default hidden) is the
+    width the value projection maps the concatenated heads to: another width lets the layer fill a backbone's
+    mixer slot that changes the channel count (sa_conv/mixer.py).
     """
 
     def __init__(self, hidden: int, heads: int, attention: str = "quadratic", grid: tuple[int, int] = (16, 16),
                  embedding_size: int | None = None, attention_dropout: float = 0.0,
-                 attention_dropout_mask: str = "per_image"):
+                 attention_dropout_mask: str = "per_image", out_features: int | None = None):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -248,7 +250,7 @@ class ImageSelfAttention(AttentionLayer, nn.Module):
             self.scores = ContentScores(hidden, heads, grid, embedding_size or hidden // 2,
                                         content=attention == "learned_content")
         self.dropout = nn.Dropout(attention_dropout)
-        self.value = nn.Linear(heads * hidden, hidden)
+        self.value = nn.Linear(heads * hidden, out_features or hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, height, width, c = x.shape

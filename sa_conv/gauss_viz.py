@@ -5,8 +5,9 @@ a_h(delta) = -1/2 (delta - Delta_h)^T P_h (delta - Delta_h): a Gaussian N(Delta_
 The contour enclosing a fraction m of its mass is the ellipse
 (delta - Delta_h)^T P_h (delta - Delta_h) = -2 ln(1 - m): m = 50% solid, m = 90% dotted (the continuous
 Gaussian's mass; on the integer key grid a very sharp head puts nearly all its weight on one cell, inside
-its small ellipses). Offsets are in grid cells (2 image pixels each after the 2x2 space-to-depth), y down;
-the panel spans the offsets the centre query can reach on the grid, with the query pixel as a black square.
+its small ellipses). The axes are in input-image pixels, y down: a grid cell is 2 x 2 pixels after the
+2x2 space-to-depth, so a head centred one cell away sits 2 px away. The panel spans the offsets the
+centre query can reach on the grid, with the query's cell as a black square.
 
 The figure reaches the core as the figure task `gauss_viz` (registered here) and the model's `figures`
 hook (sa_conv/model.py); `python main.py --task gauss_viz --load RUN_DIR` draws it per kept checkpoint.
@@ -24,6 +25,7 @@ matplotlib's object API with the Agg canvas: no global backend is changed.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -36,10 +38,11 @@ from sa_conv.attention import GaussianScores
 
 MASSES = ((0.5, "-"), (0.9, ":"))  # (mass enclosed, line style)
 QUADRATIC_HINT = ("use a quadratic-attention model (sa_quadratic, sa_quadratic_aniso, or sa_conv with attention: "
-                  "quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml")
+                  "quadratic / quadratic_aniso), e.g. configs/sa_conv/quadratic_cifar10.yaml; the heads of a ResNet with "
+                  "`mixer: gaussian` (configs/quickstart/sa_conv.yaml) are drawn by viz and viz_1")
 GAUSS_VIZ = register_figure_task(
     "gauss_viz", help="Gaussian attention heads' contours per checkpoint (sa_conv's quadratic models)",
-    needs="Gaussian attention heads", hint=QUADRATIC_HINT, file_stem="gauss")
+    needs="the Gaussian heads of the paper's network", hint=QUADRATIC_HINT, file_stem="gauss")
 
 
 def gaussian_layers(model: nn.Module) -> list[tuple[str, GaussianScores]]:
@@ -87,19 +90,22 @@ def draw_gaussian_heads(model: nn.Module, title: str | None = None, dpi: int = 1
 
     _require_gaussian(model)
     layers = gaussian_layers(model)
+    cell = getattr(model, "block", 1)  # input pixels per grid cell (the space-to-depth block)
     n = len(layers)
     cols = min(n, 3)
     rows = -(-n // cols)
-    fig = Figure(figsize=(3.3 * cols, 3.3 * rows + 0.5), dpi=dpi, constrained_layout=True)
+    width_in = 3.3 * cols
+    fig = Figure(figsize=(width_in, 3.3 * rows + 0.8), dpi=dpi, constrained_layout=True)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for i, (ax, (name, scores)) in enumerate(zip(axes, layers)):
         with torch.no_grad():
-            centres = scores.centres.detach().cpu().double()
-            precision = scores.precision().detach().cpu().double()
+            centres = scores.centres.detach().cpu().double() * cell
+            precision = scores.precision().detach().cpu().double() / cell ** 2
         height, width = scores.grid
         qy, qx = height // 2, width // 2
-        lo_y, hi_y, lo_x, hi_x = -qy - 0.5, height - 1 - qy + 0.5, -qx - 0.5, width - 1 - qx + 0.5
+        lo_y, hi_y = (-qy - 0.5) * cell, (height - 1 - qy + 0.5) * cell
+        lo_x, hi_x = (-qx - 0.5) * cell, (width - 1 - qx + 0.5) * cell
         for h, colour in enumerate(_colours(scores.heads)):
             for mass, style in MASSES:
                 pts = ellipse(centres[h], precision[h], mass)
@@ -107,28 +113,31 @@ def draw_gaussian_heads(model: nn.Module, title: str | None = None, dpi: int = 1
             cy, cx = centres[h].tolist()
             if lo_y <= cy <= hi_y and lo_x <= cx <= hi_x:
                 ax.plot(cx, cy, ".", color=colour, markersize=4)
-        ax.add_patch(Rectangle((-0.5, -0.5), 1, 1, facecolor="black", edgecolor="black", zorder=3))
+        ax.add_patch(Rectangle((-cell / 2, -cell / 2), cell, cell, facecolor="black", edgecolor="black", zorder=3))
         ax.set_xlim(lo_x, hi_x)
         ax.set_ylim(hi_y, lo_y)  # y down, as in the image
         ax.set_aspect("equal")
-        step = max(1, round(max(height, width) / 8))
-        ax.set_xticks(range(-(qx // step) * step, width - qx, step))
-        ax.set_yticks(range(-(qy // step) * step, height - qy, step))
-        ax.set_xticks(range(-qx, width - qx), minor=True)
-        ax.set_yticks(range(-qy, height - qy), minor=True)
+        step = max(1, round(max(height, width) / 8))  # in cells: about 8 labelled ticks, on cell centres
+        ax.set_xticks([c * cell for c in range(-(qx // step) * step, width - qx, step)])
+        ax.set_yticks([c * cell for c in range(-(qy // step) * step, height - qy, step)])
+        ax.set_xticks([c * cell for c in range(-qx, width - qx)], minor=True)
+        ax.set_yticks([c * cell for c in range(-qy, height - qy)], minor=True)
         ax.grid(which="both", color="0.85", linewidth=0.5)
         ax.tick_params(labelsize=7)
         ax.set_title(f"layer {i + 1}", fontsize=9)
         if i % cols == 0:
-            ax.set_ylabel("key offset dy (grid cells)", fontsize=7)
+            ax.set_ylabel("key offset dy (input pixels)", fontsize=7)
         if i + cols >= n:
-            ax.set_xlabel("key offset dx (grid cells)", fontsize=7)
+            ax.set_xlabel("key offset dx (input pixels)", fontsize=7)
     for ax in axes[n:]:
         ax.set_visible(False)
     handles = [Line2D([], [], color="0.3", linestyle=style, label=f"{mass:.0%} of the head's mass")
                for mass, style in MASSES]
-    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=7, frameon=False)
-    fig.suptitle(title or "Gaussian attention heads around the centre query (black)", fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(cols, 2), fontsize=7, frameon=False)
+    grid_note = f"; grid lines at the {cell}x{cell}-pixel cells' centres" if cell > 1 else ""
+    heading = f"{title or 'Gaussian attention heads'}: contours around the centre query (black){grid_note}"
+    # Wrapped to the figure's width: a longer line would run over the panel titles below it.
+    fig.suptitle(textwrap.fill(heading, max(20, int(width_in * 72 / (10 * 0.55)))), fontsize=10)
     return fig
 
 

@@ -59,6 +59,8 @@ class Bottleneck(nn.Module):
 class SAN(nn.Module):
     """Stem, stages of SAN bottlenecks, pool, classifier; see the module docstring.
 
+    stem_kernel: the stem convolution's size (1, the paper's, by default; 3 gives a CIFAR-style stem).
+
     `attention` options (mode, relation, padding, position, share_planes, backend) go to every
     self-attention layer. `pools` says which stages are entered by a 2x2 max pool. init: "kaiming" (the
     project's backbone convention: Kaiming fan-out convs with zero biases, unit BN) or "torch_default"
@@ -67,13 +69,14 @@ class SAN(nn.Module):
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int] = WIDTHS, kernels: Sequence[int] = KERNELS,
                  pools: Sequence[bool] = LAYOUTS["imagenet"], num_classes: int = 1000, in_chans: int = 3,
-                 init: str = "kaiming", **attention):
+                 init: str = "kaiming", stem_kernel: int = 1, **attention):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
         if not len(layers) == len(widths) == len(kernels) == len(pools):
             raise ValueError("layers, widths, kernels and pools need one entry per stage")
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 1, bias=False), *_norm_act(widths[0]))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], stem_kernel, padding=stem_kernel // 2, bias=False),
+                                  *_norm_act(widths[0]))
         stages, channels = [], widths[0]
         for depth, width, kernel_size, pooled in zip(layers, widths, kernels, pools):
             stages.append(nn.Sequential(nn.MaxPool2d(2) if pooled else nn.Identity(),
@@ -106,9 +109,10 @@ class SAN(nn.Module):
         return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
 
 
-def _check_options(mode: str, stem: str, relation: str, padding: str) -> None:
-    if stem not in LAYOUTS:
-        raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
+def _check_attention(mode: str, relation: str, padding: str) -> None:
+    """Option errors name the option (config files point at it)."""
+    if mode not in MODES:
+        raise ArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
     if relation not in MODES[mode]:
         raise ArgumentError(f"{mode} relation must be one of {', '.join(MODES[mode])}, got {relation!r}",
                             key="relation")
@@ -116,38 +120,55 @@ def _check_options(mode: str, stem: str, relation: str, padding: str) -> None:
         raise ArgumentError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}", key="padding")
 
 
-def san(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str, position: bool = True,
-        init: str = "kaiming", in_chans: int = 3) -> SAN:
-    """SAN-`depth` with `mode` attention; option errors name the option (config files point at it)."""
+def _check_init(init: str) -> None:
     if init not in INITS:
         raise ArgumentError(f"init must be one of {', '.join(INITS)}, got {init!r}", key="init")
-    _check_options(mode, stem, relation, padding)
+
+
+def san_preset(depth: int, mode: str, num_classes: int, stem: str, relation: str, padding: str,
+               position: bool = True, init: str = "kaiming", in_chans: int = 3) -> SAN:
+    """SAN-`depth` of the paper with `mode` attention in the `stem` layout."""
+    if stem not in LAYOUTS:
+        raise ArgumentError(f"stem must be one of {', '.join(LAYOUTS)}, got {stem!r}", key="stem")
+    _check_attention(mode, relation, padding)
+    _check_init(init)
     return SAN(DEPTHS[depth], pools=LAYOUTS[stem], num_classes=num_classes, in_chans=in_chans, init=init, mode=mode,
                relation=relation, padding=padding, position=position)
 
 
-PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELATION["patchwise"]
-
-
 @register_model
-def san_net(layers: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (32, 64, 128),
-            kernels: Sequence[int] = (3, 7, 7), pools: Sequence[bool] = (False, True, True), mode: str = "pairwise",
-            relation: str | None = None, padding: str = "reflection", position: bool = True, num_classes: int = 10,
-            in_chans: int = 3) -> SAN:
-    """A SAN of any size from its configuration (small networks, data-efficiency studies): one entry per stage
-    in `layers` (bottlenecks), `widths`, `kernels` and `pools` (a 2x2 max pool entering the stage);
-    relation: default subtraction (pairwise) or concatenation (patchwise). position only applies to
-    pairwise."""
-    relation = DEFAULT_RELATION[mode] if mode in MODES and relation is None else relation
-    if mode not in MODES:
-        raise ArgumentError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", key="mode")
-    _check_options(mode, "cifar", relation, padding)
+def san(layers: Sequence[int] = (1, 1, 1), widths: Sequence[int] = (32, 64, 128), kernels: Sequence[int] = (3, 3, 3),
+        pools: Sequence[bool] = (False, True, True), mode: str = "pairwise", relation: str | None = None,
+        padding: str = "reflection", position: bool = True, share_planes: int = 8, stem_kernel: int = 1,
+        num_classes: int = 10, in_chans: int = 3, init: str = "kaiming") -> SAN:
+    """Any SAN from its configuration (small networks in YAML, data-efficiency studies): blocks, width, window
+    and entry pool (a 2x2 max pool) per stage, and the stem convolution's size (1 as in the paper, or e.g. 3).
+    relation: default subtraction (pairwise) or concatenation (patchwise); position only applies to pairwise.
+
+    A block of width c attends with c/16 relation and c/4 output channels in groups of share_planes, so
+    widths must be multiples of 4 * share_planes (and of 16). A stage's window must fit its grid with
+    reflection padding (k // 2 < the grid side)."""
+    relation = relation or DEFAULT_RELATION.get(mode, "")
+    _check_attention(mode, relation, padding)
+    _check_init(init)
     if not len(layers) == len(widths) == len(kernels) == len(pools):
         raise ArgumentError(f"layers, widths, kernels and pools need one entry per stage, got {len(layers)}, "
-                            f"{len(widths)}, {len(kernels)} and {len(pools)}", key="layers")
-    attention = {"position": position} if mode == "pairwise" else {}
-    return SAN(layers, widths=widths, kernels=kernels, pools=pools, num_classes=num_classes, in_chans=in_chans,
-               mode=mode, relation=relation, padding=padding, **attention)
+                            f"{len(widths)}, {len(kernels)} and {len(pools)}", key="widths")
+    for width in widths:
+        if not isinstance(width, int) or width % 16 or (width // 4) % share_planes:
+            raise ArgumentError(f"every width must be a multiple of 16 and of 4 * share_planes "
+                                f"({4 * share_planes}), got {width!r}", key="widths")
+    for k in kernels:
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ArgumentError(f"every kernel must be an odd integer >= 1, got {k!r}", key="kernels")
+    if not isinstance(stem_kernel, int) or stem_kernel < 1 or stem_kernel % 2 == 0:
+        raise ArgumentError(f"stem_kernel must be an odd integer >= 1, got {stem_kernel!r}", key="stem_kernel")
+    return SAN(layers, widths, kernels, pools, num_classes=num_classes, in_chans=in_chans, init=init,
+               stem_kernel=stem_kernel, mode=mode, relation=relation, padding=padding, position=position,
+               share_planes=share_planes)
+
+
+PAIRWISE_DEFAULT, PATCHWISE_DEFAULT = DEFAULT_RELATION["pairwise"], DEFAULT_RELATION["patchwise"]
 
 
 @register_model
@@ -155,7 +176,7 @@ def san10_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: st
                    padding: str = "reflection", position: bool = True, init: str = "kaiming",
                    in_chans: int = 3) -> SAN:
     """SAN10 pairwise (blocks 2,1,2,4,1): 10,531,848 parameters on ImageNet with subtraction."""
-    return san(10, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
+    return san_preset(10, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
 
 
 @register_model
@@ -163,7 +184,7 @@ def san15_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: st
                    padding: str = "reflection", position: bool = True, init: str = "kaiming",
                    in_chans: int = 3) -> SAN:
     """SAN15 pairwise (blocks 3,2,3,5,2): 14,065,436 parameters on ImageNet with subtraction."""
-    return san(15, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
+    return san_preset(15, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
 
 
 @register_model
@@ -171,25 +192,25 @@ def san19_pairwise(num_classes: int = 1000, stem: str = "imagenet", relation: st
                    padding: str = "reflection", position: bool = True, init: str = "kaiming",
                    in_chans: int = 3) -> SAN:
     """SAN19 pairwise (blocks 3,3,4,6,3): 17,596,156 parameters on ImageNet with subtraction."""
-    return san(19, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
+    return san_preset(19, "pairwise", num_classes, stem, relation, padding, position, init, in_chans)
 
 
 @register_model
 def san10_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
                     padding: str = "reflection", init: str = "kaiming", in_chans: int = 3) -> SAN:
     """SAN10 patchwise (blocks 2,1,2,4,1): 11,841,124 parameters on ImageNet with concatenation."""
-    return san(10, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
+    return san_preset(10, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
 
 
 @register_model
 def san15_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
                     padding: str = "reflection", init: str = "kaiming", in_chans: int = 3) -> SAN:
     """SAN15 patchwise (blocks 3,2,3,5,2): 16,181,310 parameters on ImageNet with concatenation."""
-    return san(15, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
+    return san_preset(15, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
 
 
 @register_model
 def san19_patchwise(num_classes: int = 1000, stem: str = "imagenet", relation: str = PATCHWISE_DEFAULT,
                     padding: str = "reflection", init: str = "kaiming", in_chans: int = 3) -> SAN:
     """SAN19 patchwise (blocks 3,3,4,6,3): 20,518,470 parameters on ImageNet with concatenation."""
-    return san(19, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)
+    return san_preset(19, "patchwise", num_classes, stem, relation, padding, init=init, in_chans=in_chans)

@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: a tiny config that trains in seconds, and running main.py."""
+"""Helpers shared by the tests: a tiny config that trains in seconds, running main.py, and whether a model learns."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -66,3 +68,33 @@ def paper_gflops(entry: dict) -> tuple[float, float, dict[str, int]]:
     ours = sum(flops for op, flops in counts.items() if op.split(".")[-1] not in excluded) / 1e9
     paper = reference["gflops"] if "gflops" in reference else 2 * reference["gmacs"]
     return ours, paper, counts
+
+
+# A few dozen full-batch steps on a fixed set of 20 training images (no augmentation, a constant lr): any model
+# that can learn fits them, so its training loss falls far below ln(classes), where an untrained model starts.
+LEARNING_RUN = {
+    "data": {"val_fraction": 0.2, "synthetic": {"train_size": 25, "test_size": 10, "image_size": 16},
+             "augment": {"crop_padding": 0, "hflip": False}},
+    "train": {"epochs": 40, "batch_size": 20, "optimizer": {"name": "adamw", "lr": 1.0e-2, "weight_decay": 0.0},
+              "schedule": {"name": "constant"}},
+    "log": {"tensorboard": False},
+}
+
+
+def assert_learns(write_config, tmp_path: Path, model: dict, changes: dict | None = None,
+                  fraction: float = 1 / 3) -> list[float]:
+    """Train `model` (a config's model block) for 40 steps; its loss must fall below fraction x ln(classes).
+
+    Returns the per-epoch training losses (the first epoch's is near ln(classes)).
+    """
+    from common import tasks
+    from common.config import load_config
+
+    cfg = load_config(write_config(deep_update(deep_update(LEARNING_RUN, {"model": model}), changes or {}),
+                                   name="learns"))
+    tasks.train(cfg, output=str(tmp_path / "learns"))
+    records = [json.loads(line) for line in (tmp_path / "learns" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records]
+    chance = math.log(10)
+    assert losses[-1] < fraction * chance, f"{model['name']} did not learn: training loss per epoch {losses}"
+    return losses

@@ -33,6 +33,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,14 +111,49 @@ def load_in_memory(
 
 
 def _download(source: _Source, root: Path, train: bool) -> None:
-    """Fetch with torchvision; no network shows up as one of these errors."""
+    """Fetch with torchvision; no network shows up as one of these errors.
+
+    A failed (or interrupted) download leaves nothing behind: torchvision creates the root folder and a
+    partial archive or extraction before it fails, and all of that is removed again.
+    """
+    before = _existing(root)
     try:
         source.download(root, train)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+    except BaseException as exc:
+        _remove_created(root, before)
+        if not isinstance(exc, (OSError, RuntimeError)):  # URLError is an OSError
+            raise
         raise UserError(
             f"{source.title} download failed ({_one_line(exc)}): put the files there yourself, "
             f"expected {source.layout(root)} ({source.where(root)})"
         ) from exc
+
+
+def _existing(root: Path) -> tuple[Path | None, set[str]]:
+    """What exists before a download: the outermost missing folder on the way to `root` (None when `root`
+    exists) and every path below `root`."""
+    missing = None
+    for folder in (root, *root.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing = folder
+    if missing is not None:
+        return missing, set()
+    return None, {os.path.join(top, name) for top, dirs, files in os.walk(root) for name in dirs + files}
+
+
+def _remove_created(root: Path, before: tuple[Path | None, set[str]]) -> None:
+    """Delete every file and folder that appeared since `_existing(root)` was taken."""
+    missing, paths = before
+    if missing is not None:
+        shutil.rmtree(missing, ignore_errors=True)
+        return
+    created = [os.path.join(top, name) for top, dirs, files in os.walk(root) for name in dirs + files]
+    for path in sorted(set(created) - paths, key=len, reverse=True):  # contents before their folders
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -27,6 +27,7 @@ image centre).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import math
@@ -43,6 +44,7 @@ from common.errors import UserError
 from common.inspect.capture import AttentionMap, record_attention
 
 MAX_LAYERS_SHOWN = 8  # default cap of layer rows in a figure (--layers picks others, or "all")
+MAX_HEADS_SHOWN = 4  # layers with more heads are drawn as their mean over heads by default (--heads picks)
 BUDGET_BYTES = 256 * 2 ** 20  # dense maps recorded at once for the averaged figure
 MAX_QUERIES = 4096  # query positions sampled for the averaged figure when the dense maps do not fit
 
@@ -170,10 +172,20 @@ class LayerAttention:
     signed: bool = False  # weights are not probabilities (statistics use |w| normalised)
     finite: bool = True
     query_token: str | None = None  # the query is a token with no position (a ViT's CLS), not a grid cell
+    head_ids: list | None = None  # what each map is: a head index, or "mean" (over all heads); None: 0..heads-1
+    mean_of: int = 0  # how many heads a "mean" map averages
 
     @property
     def heads(self) -> int:
         return self.maps.shape[0]
+
+    def head_label(self, i: int) -> str:
+        head = self.head_ids[i] if self.head_ids is not None else i
+        return f"head {head}" if isinstance(head, int) else f"mean of {self.mean_of} heads"
+
+    @property
+    def panel_ids(self) -> list:
+        return self.head_ids if self.head_ids is not None else list(range(self.heads))
 
     @property
     def key_stride(self) -> tuple[float, float]:
@@ -377,6 +389,64 @@ def select_layers(layers: list[LayerAttention], spec: str | None, cap: int = MAX
     return [layers[i] for i in dict.fromkeys(chosen)], None
 
 
+def select_heads(layers: list[LayerAttention], spec: str | None, cap: int = MAX_HEADS_SHOWN
+                 ) -> tuple[list[LayerAttention], str | None]:
+    """The maps a figure shows of each layer and, when heads were summarised by default, a note saying how to pick.
+
+    spec: None (every head when no layer has more than `cap`, else one panel per layer: the mean over its heads),
+    "all", "mean", or comma-separated head indices (negative from the end) applied to every layer; a layer that
+    lacks a chosen head shows the others, and a layer with none of them is left out (the note says which).
+    """
+    if spec is None:
+        most = max((layer.heads for layer in layers), default=0)
+        if most <= cap:
+            return layers, None
+        return [_mean_of_heads(layer) for layer in layers], (
+            f"each panel is the mean over a layer's {most} heads; pick heads with --heads, e.g. --heads 0,1 "
+            f"or --heads all")
+    spec = spec.strip()
+    if spec == "all":
+        return layers, None
+    if spec == "mean":
+        return [_mean_of_heads(layer) for layer in layers], None
+    try:
+        wanted = [int(item) for item in spec.split(",") if item.strip()]
+    except ValueError:
+        raise UserError(f"--heads {spec}: give head indices (e.g. 0,3 or -1), 'mean' or 'all'") from None
+    if not wanted:
+        raise UserError("--heads is empty; give head indices (e.g. 0,3), 'mean' or 'all'")
+    shown, left_out = [], []
+    for layer in layers:
+        picked = list(dict.fromkeys(h % layer.heads for h in wanted if -layer.heads <= h < layer.heads))
+        if picked:
+            shown.append(_pick_heads(layer, picked))
+        else:
+            left_out.append(layer.name)
+    if not shown:
+        most = max(layer.heads for layer in layers)
+        raise UserError(f"--heads {spec}: no layer has those heads; the layers have at most {most} "
+                        f"(0..{most - 1}, or -1 for the last)")
+    note = f"left out (fewer heads than --heads asks for): {', '.join(left_out)}" if left_out else None
+    return shown, note
+
+
+def _pick_heads(layer: LayerAttention, heads: list[int]) -> LayerAttention:
+    def pick(values):
+        return None if values is None else [values[h] for h in heads]
+
+    return dataclasses.replace(layer, maps=layer.maps[heads], window_radius=pick(layer.window_radius),
+                               mean_distance_px=pick(layer.mean_distance_px), entropy_nats=pick(layer.entropy_nats),
+                               head_ids=[layer.panel_ids[h] for h in heads])
+
+
+def _mean_of_heads(layer: LayerAttention) -> LayerAttention:
+    """One map per layer: the mean of its heads' maps (each head's window overlay is per head, so none)."""
+    if layer.heads == 1 and layer.head_ids is None:
+        return layer
+    return dataclasses.replace(layer, maps=layer.maps.mean(0, keepdims=True), window_radius=None,
+                               mean_distance_px=None, entropy_nats=None, head_ids=["mean"], mean_of=layer.heads)
+
+
 # ---------------------------------------------------------------------------- figures
 
 
@@ -441,7 +511,7 @@ def attention_grid(layers: list[LayerAttention], image: np.ndarray, text: Figure
         sy, sx = layer.key_stride
         for head in range(layer.heads):
             ax = fig.add_subplot(grid[row, slot * max_heads + head])
-            ax.panel_key = (layer.name, head)
+            ax.panel_key = (layer.name, layer.panel_ids[head])
             values = layer.maps[head].astype(np.float64)
             finite = np.isfinite(values)
             shown = np.ma.masked_where(~finite | ((values == 0) & (not layer.signed)), values)
@@ -458,16 +528,16 @@ def attention_grid(layers: list[LayerAttention], image: np.ndarray, text: Figure
             ax.set_ylim(h, 0)
             ax.set_xticks([])
             ax.set_yticks([])
-            title = f"{layer.name} / head {head}" + ("" if finite.all() else " (non-finite)")
-            ax.set_title(title, fontsize=6.5)
+            title = f"{layer.name} / {layer.head_label(head)}" + ("" if finite.all() else " (non-finite)")
+            ax.set_title(title, fontsize=7.5)
             if head == 0:
                 ax.set_ylabel(f"{layer.query_token.upper()} query" if layer.query_token else
-                              f"{layer.query_grid[0]}x{layer.query_grid[1]} grid", fontsize=6)
+                              f"{layer.query_grid[0]}x{layer.query_grid[1]} grid", fontsize=7)
             cb = fig.colorbar(im, cax=ax.inset_axes([1.04, 0.0, 0.06, 1.0]))
             cb.locator = ticker.MaxNLocator(4)
             cb.formatter = ticker.FormatStrFormatter("%.2g")
             cb.update_ticks()
-            cb.ax.tick_params(labelsize=5)
+            cb.ax.tick_params(labelsize=6)
             if query is not None and layer.query_token is None:
                 cy, cx = layer.query_cell
                 qy, qx = layer.query_stride
@@ -542,6 +612,7 @@ class VizRequest:
     output_dir: Path
     pixel: tuple[int, int] | None = None  # viz_1; None: the centre
     layers: str | None = None  # the --layers spec
+    heads: str | None = None  # the --heads spec
     model_name: str = "model"
     device: torch.device = torch.device("cpu")
 
@@ -568,7 +639,8 @@ def run(req: VizRequest) -> list[Path]:
         pixel = check_pixel(req.pixel, req.image.size)
         layers = one_query(model, x, pixel, req.model_name)
         shown, note = select_layers(layers, req.layers)
-        notes = [note] if note else []
+        shown, head_note = select_heads(shown, req.heads)
+        notes = [n for n in (note, head_note) if n]
         if any(layer.window_radius is not None for layer in shown):
             notes.append("dashed square: each head's effective window (adaptive span), around the query")
         text = FigureText(req.title, f"attention of the query pixel (y={pixel[0]}, x={pixel[1]}) of "
@@ -581,7 +653,8 @@ def run(req: VizRequest) -> list[Path]:
                             "(use --task viz_1 --pixel Y X)")
         layers, averaged_over = averaged(model, x, req.model_name)
         shown, note = select_layers(layers, req.layers)
-        notes = [note] if note else []
+        shown, head_note = select_heads(shown, req.heads)
+        notes = [n for n in (note, head_note) if n]
         if any(layer.window_radius is not None for layer in shown):
             notes.append("dashed square: each head's effective window (adaptive span), around the image centre")
         if any(not layer.finite for layer in layers):
@@ -631,5 +704,6 @@ def tensorboard_image(model: nn.Module, x: torch.Tensor, mean, std, title: str) 
     finally:
         model.train(was_training)
     shown, note = select_layers(layers, None)
-    text = FigureText(title, f"attention averaged over {over}", [note] if note else [])
+    shown, head_note = select_heads(shown, None)
+    text = FigureText(title, f"attention averaged over {over}", [n for n in (note, head_note) if n])
     return figure_to_tensor(attention_grid(shown, display_from_normalised(x[:1], mean, std), text, dpi=70))

@@ -23,7 +23,7 @@ def require_attention(model, model_name: str, task: str) -> None:
 
 def visualize(task: str, cfg: Config | None, load: str | None = None, output: str | None = None,
               image: str | None = None, index: int | None = None, pixel: tuple[int, int] | None = None,
-              layers: str | None = None) -> list[Path]:
+              layers: str | None = None, heads: str | None = None) -> list[Path]:
     """`viz` / `viz_1`: attention figures of the config's model (random init, or the --load checkpoint).
 
     The config defaults to the checkpoint's own. Output: --output, else `<run>/viz/` beside the checkpoint,
@@ -53,7 +53,7 @@ def visualize(task: str, cfg: Config | None, load: str | None = None, output: st
         out_dir = Path(cfg.output_root) / cfg.name / "viz" / timestamp()
     check_output_dir(out_dir, "--output" if output else None)
     request = viz.VizRequest(task=task, model=model, image=picture, output_dir=out_dir, pixel=pixel,
-                             layers=layers, title=f"{cfg.name}: {cfg.model.name}, {weights}",
+                             layers=layers, heads=heads, title=f"{cfg.name}: {cfg.model.name}, {weights}",
                              model_name=cfg.model.name, device=select_device(cfg.device))
     written = viz.run(request)
     print("wrote " + "\n      ".join(str(p) for p in written))

@@ -116,6 +116,9 @@ class RunState:
     epoch_sums: list = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # loss*n, correct, n, seconds
     # Config keys changed on resume with --allow-change: {"epoch", "step", "key", "from", "to"} each.
     changes: list = field(default_factory=list)
+    # Losses of the steps since the last train/loss_step point when a signal stopped the run mid-window, so the
+    # resumed run logs the same points at the same steps as an uninterrupted one.
+    window_losses: list = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -448,8 +451,8 @@ class Trainer:
         self.model.train()
         sums = torch.tensor(st.epoch_sums[:3], device=self.device, dtype=torch.float64)
         epoch_seconds = st.epoch_sums[3]
-        window: list[torch.Tensor] = []
-        window_start = st.step_in_epoch
+        window = [torch.tensor(v, device=self.device) for v in st.window_losses]
+        window_start, st.window_losses = st.step_in_epoch - len(window), []
         bar = self.log.progress(self.steps_per_epoch, st.step_in_epoch,
                                 f"epoch {st.epoch + 1}/{tc.epochs}")
         tick = time.perf_counter()
@@ -488,6 +491,7 @@ class Trainer:
                     self._check_finite(torch.stack(window).float(), window_start)
                 bar.close()
                 st.epoch_sums = sums.tolist() + [epoch_seconds + time.perf_counter() - tick]
+                st.window_losses = [loss.item() for loss in window]
                 self._save(ckpt.LAST, elapsed())
                 self.log.close()
                 raise self._interrupted()

@@ -1,9 +1,10 @@
 """Run outputs for humans and tools: console progress, TensorBoard scalars, metrics.jsonl.
 
 Only the main rank writes. `metrics.jsonl` has one JSON object per epoch; on
-resume, lines of epochs that are about to be redone are dropped (and
-TensorBoard purges its events past the resumed step), so a killed-and-resumed
-run logs each epoch exactly once. A line cut short by a kill is dropped too.
+resume, lines of epochs that are about to be redone are dropped, and TensorBoard
+purges its events logged after the resumed step, so a killed-and-resumed run
+logs each epoch (and each step) exactly once, as an uninterrupted run does.
+A line cut short by a kill is dropped too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.files import WRITE_ERRNOS, write_atomic, write_error
+
+# Record fields that say where an epoch is rather than measure it (the x axis); flags such as new_best
+# (booleans) are skipped too. metrics.jsonl keeps them all; TensorBoard plots only the measurements.
+NOT_SCALARS = ("epoch", "step")
 
 
 class RunLogger:
@@ -29,7 +34,11 @@ class RunLogger:
             self._drop_epochs_from(first_epoch)
         if enabled and tensorboard and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step)
+            # TensorBoard hides every earlier event at or after purge_step. The checkpoint at resume_step was
+            # written after that step's scalars (an epoch's record, a step window), which are kept; only what
+            # the killed run logged after its checkpoint is redone.
+            purge_step = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
     def _drop_epochs_from(self, epoch: int) -> None:
         if not self.metrics_path.exists():
@@ -78,7 +87,7 @@ class RunLogger:
             raise
         if self.writer is not None:
             for key, value in record.items():
-                if key != "epoch" and isinstance(value, (int, float)):
+                if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
 

@@ -11,6 +11,7 @@ from common.inspect.capture import record_attention
 from common.inspect.timing import count_macs
 from common.models.resnet import ResNet
 from common.registry import create_mixer, create_model
+from tests.helpers import assert_learns
 
 
 def n_params(model):
@@ -88,3 +89,10 @@ def test_the_time_task_can_count_the_macs_of_an_aa_network():
     model = ResNet(block="basic", layers=(1,), widths=(8,), stem="cifar", stem_width=8, num_classes=3,
                    mixer="aa", mixer_kwargs={"heads": 2, "min_key_head_dim": 2, "max_size": 8})
     assert count_macs(model, (3, 8, 8)) > 0
+
+
+def test_a_network_of_augmented_convolutions_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "resnet", "block": "basic", "layers": [1, 1], "widths": [8, 16],
+                                           "stem_width": 8, "mixer": "aa", "mixer_kwargs": [
+                                               {"heads": 2, "min_key_head_dim": 2, "max_size": 16},
+                                               {"heads": 2, "min_key_head_dim": 2, "max_size": 8}]})

@@ -6,6 +6,7 @@ import json
 
 from common import tasks
 from common.config import load_config
+from tests.helpers import assert_learns
 
 SPAN_KEYS = [f"stages.{s}/span_px/head{h}" for s in ("0.0.mix", "1.0.mix.0") for h in (0, 1)]
 
@@ -29,4 +30,11 @@ def test_spans_move_and_are_logged_summarised_and_drawn(write_config, tmp_path):
     best = records[summary["best_epoch"] - 1]  # the summary describes the tested (best) checkpoint
     assert {key: best[key] for key in SPAN_KEYS} == {key: summary["model_metrics"][key] for key in SPAN_KEYS}
     assert records[1]["stages.0.0.mix/window_px"] <= 5  # from 7 x 7 at init
+    assert records[1]["stages.0.0.mix/map_size"] == records[1]["stages.1.0.mix.0/map_size"] == 16  # pooled after
     assert (tmp_path / "run" / "spans.png").stat().st_size > 10_000
+
+
+def test_a_network_of_adaptive_span_layers_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "resnet", "block": "basic", "layers": [1, 1], "widths": [8, 16],
+                                           "stem_width": 8, "mixer": "adaptive_span", "downsample": "avgpool",
+                                           "mixer_kwargs": {"heads": 2, "max_span": 2}})

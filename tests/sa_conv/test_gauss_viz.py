@@ -125,3 +125,19 @@ def test_gauss_viz_task_follows_a_training_run_epoch_by_epoch(write_config, tmp_
     refused = run_main("--config", str(sasa), "--task", "gauss_viz", "--output", str(tmp_path / "g"))
     assert refused.returncode == 2 and "has none; use a quadratic-attention model" in refused.stderr
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_title_fits_above_the_panels_and_axes_are_in_input_pixels(layers):
+    model = tiny(layers=layers)  # 16x16 input: an 8x8 grid of 2x2-pixel cells
+    fig = draw_gaussian_heads(model, title="Gaussian heads, epoch 12, step 40 of epoch 13 (epoch_0012.ckpt)",
+                              dpi=50)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width  # wrapped to the figure, not cut off
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    for ax in panels:
+        assert ax.title.get_window_extent(renderer).y1 <= title.y0  # above every panel title
+        assert ax.get_xlim() == (-9.0, 7.0) and ax.get_ylim() == (7.0, -9.0)  # cells -4..3 at 2 px each
+    assert "input pixels" in panels[0].get_ylabel() and "input pixels" in panels[-1].get_xlabel()

@@ -12,6 +12,7 @@ from common.inspect.capture import record_attention
 from common.registry import ArgumentError, create_model
 from common.train.optim import parameter_groups
 from sa_conv.attention import GaussianScores
+from tests.helpers import assert_learns
 
 OFFICIAL = {"sa_quadratic": 12_086_844, "sa_learned": 12_278_682, "sa_learned_content": 29_484_282}
 VARIANTS = ["sa_quadratic", "sa_quadratic_aniso", "sa_learned", "sa_learned_content"]
@@ -251,3 +252,8 @@ def test_attention_dropout_mask_per_image_or_shared_by_the_batch(mask):
                                    attention_dropout=0.5, attention_dropout_mask="shared").train()
     y = learned_content.layers[0].attention(x)  # content scores have a batch axis: per image regardless
     assert not all(torch.allclose(y[0], y[i]) for i in range(1, 4))
+
+
+def test_the_gaussian_attention_model_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "sa_quadratic", "layers": 2, "heads": 4, "hidden": 16,
+                                           "intermediate": 32, "image_size": 16})

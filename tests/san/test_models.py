@@ -9,6 +9,7 @@ from common.errors import UserError
 from common.inspect.capture import record_attention
 from common.registry import create_model
 from san import SAN, SelfAttention2d
+from tests.helpers import assert_learns
 
 OFFICIAL = {"san10_pairwise": 10_531_848, "san10_patchwise": 11_841_124, "san15_pairwise": 14_065_436,
             "san15_patchwise": 16_181_310, "san19_pairwise": 17_596_156, "san19_patchwise": 20_518_470}
@@ -122,3 +123,27 @@ def test_init_torch_default_leaves_pytorch_init_as_the_official_code():
     assert our_conv.weight.std().item() == pytest.approx((2 / conv.weight.shape[0]) ** 0.5, rel=0.1)  # fan_out
     with pytest.raises(UserError, match="init"):
         create_model("san10_patchwise", init="xavier")
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "patchwise"])
+def test_a_small_san_learns(write_config, tmp_path, mode):
+    assert_learns(write_config, tmp_path, {"name": "san", "layers": [1, 1], "widths": [32, 64], "kernels": [3, 3],
+                                           "pools": [False, True], "mode": mode})
+
+
+def test_the_configurable_san_checks_its_options():
+    model = create_model("san", layers=[1, 2], widths=[32, 64], kernels=[3, 5], pools=[False, True], num_classes=4,
+                         stem_kernel=3)
+    assert [len(stage) for stage in model.stages] == [2 + 1 + 2, 2 + 2 + 2]  # pool, 1x1 conv, blocks, BN, ReLU
+    assert model.stem[0].kernel_size == (3, 3) and create_model("san").stem[0].kernel_size == (1, 1)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 4)
+    for options, message in [({"widths": [24, 64]}, "multiple of 16 and of 4 \\* share_planes"),
+                              ({"kernels": [3, 4]}, "odd integer"),
+                              ({"pools": [True]}, "one entry per stage"),
+                              ({"stem_kernel": 2}, "stem_kernel must be an odd integer"),
+                              ({"mode": "groupwise"}, "mode must be one of"),
+                              ({"relation": "star"}, "pairwise relation must be one of")]:
+        kwargs = {"layers": [1, 1], "widths": [32, 64], "kernels": [3, 3], "pools": [False, True], **options}
+        with pytest.raises(UserError, match=message):
+            create_model("san", **kwargs)

@@ -10,6 +10,7 @@ from common.inspect.capture import record_attention
 from common.models.resnet import ResNet
 from common.registry import create_model
 from sasa import BlockSelfAttention2d, LocalSelfAttention2d
+from tests.helpers import assert_learns
 
 
 def n_params(model):
@@ -62,3 +63,10 @@ def test_one_recorded_map_per_attention_layer():
     for m, grid, heads in zip(maps, grids, (4, 2, 2)):
         assert m.weights.shape == (2, heads, *grid, *grid)
         assert torch.allclose(m.weights.sum((-2, -1)), torch.ones(1), atol=1e-5)
+
+
+def test_a_network_of_sasa_layers_learns(write_config, tmp_path):
+    # every spatial mixer is a SASA layer: the network can only fit the images through attention and the stem
+    assert_learns(write_config, tmp_path, {"name": "resnet", "block": "basic", "layers": [1, 1], "widths": [8, 16],
+                                           "stem_width": 8, "mixer": "sasa", "downsample": "avgpool",
+                                           "mixer_kwargs": {"kernel_size": 3, "heads": 2}})

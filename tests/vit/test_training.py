@@ -6,7 +6,7 @@ import json
 
 from common import tasks
 from common.config import load_config
-from tests.helpers import run_main
+from tests.helpers import assert_learns, run_main
 
 TINY_VIT = {
     "model": {"name": "vit_cifar_spt_lsa", "image_size": 16, "dim": 16, "depth": 2, "heads": 2},
@@ -46,3 +46,8 @@ def test_viz_draws_patch_and_cls_maps(write_config, tmp_path):
                       "--output", str(tmp_path / "viz1"))
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "viz1").glob("viz_1_*_y3_x14.png"))
+
+
+def test_a_small_vit_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "vit", "image_size": 16, "patch_size": 4, "dim": 32, "depth": 2,
+                                           "heads": 2, "drop_path": 0.0})

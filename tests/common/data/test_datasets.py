@@ -4,6 +4,7 @@ import gzip
 import pickle
 import shutil
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,27 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch, error):
     with pytest.raises(UserError) as excinfo:
         load_in_memory("cifar10", tmp_path, train=True, download=True)
     assert_user_error(excinfo, "CIFAR-10 download failed", "cifar-10-batches-py", "cifar.html")
+
+
+@pytest.mark.parametrize("root_exists", [False, True])
+def test_failed_download_removes_what_it_created(tmp_path, monkeypatch, root_exists):
+    root = tmp_path / "data"
+    if root_exists:  # a data folder holding another dataset, and a file of this one from before
+        write_cifar10(root / "other")
+        (root / "cifar-10-batches-py").mkdir()
+        (root / "cifar-10-batches-py" / "batches.meta").write_bytes(b"kept")
+    before = sorted(tmp_path.rglob("*"))
+
+    def fails_half_way(root, download, **kwargs):  # what torchvision does: folders, a partial archive, an error
+        (Path(root) / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"partial")
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fails_half_way)
+    with pytest.raises(UserError, match="download failed"):
+        load_in_memory("cifar10", root, train=True, download=True)
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 @pytest.mark.parametrize("name, tv_class", [("cifar10", "CIFAR10"), ("svhn", "SVHN"), ("mnist", "MNIST"),

@@ -168,6 +168,33 @@ def test_layer_selection():
         viz.select_layers(layers, "12")
 
 
+def test_head_selection():
+    maps = np.arange(8.0)[:, None, None] * np.ones((8, 8, 8))  # head h's map is all h
+    eight = viz.LayerAttention("stages.1.0.mix", (8, 8), (8, 8), (8, 8), maps,
+                               window_radius=[float(h) for h in range(8)])
+    two = viz.LayerAttention("stages.2.0.mix", (8, 8), (4, 4), (4, 4), np.ones((2, 4, 4)))
+    shown, note = viz.select_heads([eight, two], None)  # more than MAX_HEADS_SHOWN heads: one mean panel a layer
+    assert [layer.heads for layer in shown] == [1, 1] and "--heads" in note
+    assert np.allclose(shown[0].maps[0], 3.5) and shown[0].window_radius is None
+    assert shown[0].head_label(0) == "mean of 8 heads" and shown[1].head_label(0) == "mean of 2 heads"
+    assert viz.select_heads([two], None) == ([two], None)  # few heads: all of them
+    assert viz.select_heads([eight, two], "all") == ([eight, two], None)
+    shown, note = viz.select_heads([eight, two], "0,-1")
+    assert shown[0].panel_ids == [0, 7] and shown[0].window_radius == [0.0, 7.0] and shown[1].panel_ids == [0, 1]
+    assert np.allclose(shown[0].maps[1], 7.0) and note is None
+    shown, note = viz.select_heads([eight, two], "5")
+    assert [layer.name for layer in shown] == ["stages.1.0.mix"] and "stages.2.0.mix" in note
+    with pytest.raises(UserError, match="no layer has those heads"):
+        viz.select_heads([eight, two], "8")
+    with pytest.raises(UserError, match="give head indices"):
+        viz.select_heads([eight], "first")
+    fig = viz.attention_grid(viz.select_heads([eight, two], "mean")[0], np.zeros((8, 8, 3)), viz.FigureText("t"),
+                             dpi=30)
+    assert viz.map_panels(fig) == [("stages.1.0.mix", "mean"), ("stages.2.0.mix", "mean")]
+    assert [ax.get_title() for ax in fig.axes if hasattr(ax, "panel_key")] == \
+        ["stages.1.0.mix / mean of 8 heads", "stages.2.0.mix / mean of 2 heads"]
+
+
 @pytest.fixture
 def sasa_config(write_config):
     return write_config({"model": SASA, "train": {"epochs": 1}, "log": {"viz_every_epochs": 1}}, name="sasa")
@@ -189,6 +216,10 @@ def test_viz_tasks_write_figures_and_statistics(sasa_config, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 45, 3), dtype=np.uint8)).save(picture)
     written = tasks.visualize("viz_1", cfg, output=str(tmp_path / "file"), image=str(picture))
     assert [p.name for p in written] == ["viz_1_photo_y8_x8.png"]  # resized to the 16x16 input, centre query
+    result = run_main("--config", str(sasa_config), "--task", "viz_1", "--heads", "1", "--output",
+                      str(tmp_path / "head1"))
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in (tmp_path / "head1").iterdir()] == ["viz_1_test0_y8_x8.png"]
 
 
 def test_viz_errors_are_one_line_and_write_nothing(sasa_config, write_config, tmp_path):

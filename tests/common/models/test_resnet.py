@@ -8,7 +8,7 @@ from torch import nn
 
 from common.models.resnet import ConvMixer
 from common.registry import create_model
-from tests.helpers import metafile_entry, paper_gflops
+from tests.helpers import assert_learns, metafile_entry, paper_gflops
 
 
 def n_params(model):
@@ -118,3 +118,8 @@ def test_head_init_normal_is_mmpretrains_linear_cls_head(name):
 def test_imagenet_resnets_count_the_papers_flops(name):
     ours, paper, _ = paper_gflops(metafile_entry("baselines", name))
     assert abs(ours / paper - 1) < 0.10, (ours, paper)
+
+
+def test_conv_resnet_learns(write_config, tmp_path):
+    assert_learns(write_config, tmp_path, {"name": "resnet", "block": "basic", "layers": [1, 1], "widths": [8, 16],
+                                           "stem_width": 8})

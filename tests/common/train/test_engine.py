@@ -413,3 +413,46 @@ def test_a_signal_after_the_final_test_still_ends_the_process_with_it(write_conf
     with pytest.raises(TrainingInterrupted, match="SIGTERM: the run had finished training") as excinfo:
         tasks.train(cfg, output=str(tmp_path / "run"))
     assert excinfo.value.signum == signal.SIGTERM and (tmp_path / "run" / "summary.json").is_file()
+
+
+def tensorboard_scalars(tb_dir) -> dict:
+    """{tag: [(step, value), ...]} as TensorBoard shows them (events purged by a resume are gone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_after_resumes_equals_an_uninterrupted_run(write_config, tmp_path, monkeypatch):
+    from common.errors import TrainingInterrupted
+    from common.train.engine import Trainer
+
+    # 10 steps per epoch, a train/loss_step point every 4 steps (and at each epoch end); a constant lr, so a
+    # 1-epoch run extended to 3 epochs is the 3-epoch run.
+    path = write_config({"deterministic": True, "data": {"synthetic": {"train_size": 200}},
+                         "train": {"epochs": 3, "batch_size": 16, "schedule": {"name": "constant"}},
+                         "log": {"every_steps": 4}})
+    tasks.train(load_config(path), output=str(tmp_path / "uninterrupted"))
+
+    resumed = tmp_path / "resumed"
+    tasks.train(load_config(path, ["train.epochs=1"]), output=str(resumed))  # resumed below at an epoch end
+    step = Trainer._step
+
+    def stop_at_step_16(self, x, y):  # epoch 2 step 6: in the middle of a loss_step window
+        if self.state.global_step == 15:
+            signal.raise_signal(signal.SIGTERM)
+        return step(self, x, y)
+
+    monkeypatch.setattr(Trainer, "_step", stop_at_step_16)
+    with pytest.raises(TrainingInterrupted, match="stopped at epoch 2 step 6"):
+        tasks.train(load_config(path), output=str(resumed))
+    monkeypatch.setattr(Trainer, "_step", step)
+    tasks.train(load_config(path), output=str(resumed))
+
+    expected, got = tensorboard_scalars(tmp_path / "uninterrupted" / "tb"), tensorboard_scalars(resumed / "tb")
+    assert [s for s, _ in expected["val/acc"]] == [10, 20, 30]
+    assert [s for s, _ in expected["train/loss_step"]] == [4, 8, 10, 14, 18, 20, 24, 28, 30]
+    assert set(got) == set(expected) and not {"step", "new_best", "epoch"} & set(got)
+    for tag in expected:
+        if not tag.startswith("time/"):  # wall-clock times differ
+            assert got[tag] == expected[tag], tag
