@@ -170,7 +170,8 @@ class LogConfig:
     quiet: bool = False  # no progress bar: one line per epoch
     every_steps: int = _bounded(10, lo=1, hi=1_000_000)  # progress-bar refresh and non-finite-loss check
     tensorboard: bool = True
-    viz_every_epochs: int = _bounded(0, lo=0, hi=100_000)  # the `viz` grid of a fixed val image to TensorBoard every N epochs
+    # The `viz` grid of a fixed validation image to TensorBoard every N epochs (0: off).
+    viz_every_epochs: int = _bounded(0, lo=0, hi=100_000)
 
 
 @dataclass

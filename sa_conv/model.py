@@ -138,9 +138,9 @@ def build(num_classes: int, attention: str, layers: int, heads: int, hidden: int
 @register_model
 def sa_conv(num_classes: int = 10, attention: str = "quadratic", layers: int = 6, heads: int = 9, hidden: int = 400,
             intermediate: int = 512, dropout: float = 0.1, attention_dropout: float = 0.1,
-            layer_norm_eps: float = 1e-12, image_size: int = 32,
-            embedding_size: int | None = None, init: str = "torch_default",
-            attention_dropout_mask: str = "per_image", in_chans: int = 3, block: int = 2) -> SelfAttentionImageClassifier:
+            layer_norm_eps: float = 1e-12, image_size: int = 32, embedding_size: int | None = None,
+            init: str = "torch_default", attention_dropout_mask: str = "per_image", in_chans: int = 3,
+            block: int = 2) -> SelfAttentionImageClassifier:
     """The paper's model with any attention variant: quadratic, quadratic_aniso, learned, learned_query,
     learned_content. embedding_size: per-axis width of the learned row/column tables (default hidden for
     `learned`, hidden/2 for the q.r variants). init: "torch_default" (the official code's) or "bert".

@@ -137,7 +137,7 @@ def count_flops_by_op(model: nn.Module, input_size: tuple[int, ...]) -> dict[str
             counts = _flops_on_meta(model, input_size)
         except Exception:  # noqa: BLE001 - any failure on meta tensors: count on real ones (errors surface there)
             counts = _flops_on_device(model, input_size)
-    return {str(op): flops for op, flops in counts.items()}
+    return {str(op): count for op, count in counts.items()}
 
 
 def _flops_on_meta(model: nn.Module, input_size: tuple[int, ...]) -> dict:

@@ -41,7 +41,7 @@ import yaml
 from common.config import Config, is_study_file, load_config  # noqa: F401  (is_study_file: re-exported)
 from common.errors import UserError
 from common.files import write_atomic
-from common.inspect.study_report import COST_FILE, STUDY_FILE
+from common.inspect.study_report import STUDY_FILE
 
 KEYS = ("study", "seeds", "set", "configs", "launcher", "slurm")
 LAUNCHERS = ("local", "slurm")

@@ -90,7 +90,7 @@ def test_report_cli(tmp_path):
 
 
 def test_config_lists_expand_and_are_validated(write_config, tmp_path):
-    a, b = write_config(name="a"), write_config({"model": {"widths": [16, 32]}}, name="b")
+    write_config(name="a"), write_config({"model": {"widths": [16, 32]}}, name="b")
     good = tmp_path / "list.yaml"
     good.write_text(yaml.safe_dump({"configs": ["a.yaml", "b.yaml"]}))
     assert expand_config_lists([good])[0] == [tmp_path / "a.yaml", tmp_path / "b.yaml"]

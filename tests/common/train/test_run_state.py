@@ -11,9 +11,7 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from common.config import load_config
 from common.errors import UserError
 from common.registry import MODELS, register_model
 from common.train import checkpoint as ckpt
-from tests.helpers import REPO, TINY_CONFIG, deep_update, run_main
+from tests.helpers import TINY_CONFIG, deep_update, run_main
 
 # Three epochs in which this seed's validation accuracy improves twice (epochs 1 and 2), kept epochs 2 and 3.
 KILL_CONFIG = deep_update(TINY_CONFIG, {
