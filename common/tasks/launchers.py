@@ -55,7 +55,8 @@ class StudyJob:
 
     def __call__(self) -> dict:
         from common.config import config_from_dict
-        from common.tasks.study import COST_FILE, measure_cost, refresh_report
+        from common.inspect.study_report import COST_FILE
+        from common.tasks.study import measure_cost, refresh_report
         from common.tasks.training import train
 
         cfg = config_from_dict(self.config, source=f"{self.folder}/config.yaml")
