@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from common.config import Config
@@ -26,6 +27,11 @@ SHARED_SETTINGS = ("budget_s", "warmup", "iters", "latency_iters")  # settings o
 # time.batch_size unless set: on the CPU a batch of 64 costs the larger CIFAR models several seconds per training
 # step, and configs/compare/cifar.yaml would not fit its 10-minute budget even with the fewest rounds.
 DEFAULT_BATCH = {"cuda": 64, "cpu": 16}
+
+
+def batch_size_for(cfg: Config, device: torch.device) -> int:
+    """time.batch_size, or the device's default (DEFAULT_BATCH) when the config leaves it unset."""
+    return cfg.time.batch_size or DEFAULT_BATCH.get(device.type, 64)
 
 
 def _model_for(cfg: Config, load: str | None) -> nn.Module:
@@ -61,7 +67,7 @@ def time_models(cfgs: list[Config], load: str | None = None, output: str | None 
     for cfg in cfgs:
         input_size, _ = input_spec(cfg.data)
         device = select_device(cfg.device)
-        batch_size = cfg.time.batch_size or DEFAULT_BATCH.get(device.type, 64)
+        batch_size = batch_size_for(cfg, device)
         specs.append(ModelSpec(cfg.name, _model_for(cfg, load), input_size=input_size, batch_size=batch_size,
                                device=str(device), amp_dtype=AMP_DTYPES[cfg.train.amp],
                                channels_last=cfg.train.channels_last))

@@ -273,13 +273,14 @@ def measure_cost(cfg: Config, path: Path) -> dict:
     measurement, once per config), written to `path` as JSON."""
     from common.data.loaders import input_spec
     from common.inspect.timing import measure
+    from common.tasks.costs import batch_size_for
     from common.train.distributed import select_device
     from common.train.engine import AMP_DTYPES, build_model
 
     input_size, num_classes = input_spec(cfg.data)
     model = build_model(cfg.model.name, cfg.model.kwargs, num_classes, input_size)
     device = select_device(cfg.device)
-    result = measure(model, cfg.name, input_size=input_size, batch_size=cfg.time.batch_size, device=str(device),
+    result = measure(model, cfg.name, input_size=input_size, batch_size=batch_size_for(cfg, device), device=str(device),
                      warmup=cfg.time.warmup, iters=cfg.time.iters, latency_iters=cfg.time.latency_iters,
                      amp_dtype=AMP_DTYPES[cfg.train.amp], channels_last=cfg.train.channels_last)
     record = {**result.as_dict(), "gmacs": result.macs / 1e9, "input_size": list(input_size),

@@ -204,3 +204,15 @@ def test_launchers_that_are_not_installed(write_config, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="needs submitit, which is not installed: pip install submitit"):
         load_study(path, launcher="slurm")
     assert not folder.exists()
+
+
+def test_cost_of_a_config_that_leaves_the_time_batch_to_the_device(write_config, tmp_path):
+    """A study measures each config once with the time task's settings; time.batch_size unset (null) takes the
+    device's default, as `--task time` does (16 on the CPU)."""
+    from common.config import load_config
+    from common.tasks.study import measure_cost
+
+    cfg = load_config(write_config({"time": {"warmup": 0, "iters": 1, "latency_iters": 1}}, name="default_batch"))
+    assert cfg.time.batch_size is None
+    record = measure_cost(cfg, tmp_path / "cost.json")
+    assert record["batch_size"] == 16 and json.loads((tmp_path / "cost.json").read_text())["gmacs"] > 0
