@@ -247,8 +247,11 @@ class Session:
 
 def _child_setup() -> None:
     """In each command: its own process group (so that a timeout stops its workers too), and death with this
-    script (Linux PR_SET_PDEATHSIG), so that no command outlives a killed check and holds the GPU."""
+    script (Linux PR_SET_PDEATHSIG), so that no command outlives a killed check and holds the GPU. Ctrl-C back
+    at its default: a check started in the background (`nohup ... &` without job control) inherits SIGINT
+    ignored, and its commands would then never print their summary on the timeout's Ctrl-C."""
     os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         import ctypes
 

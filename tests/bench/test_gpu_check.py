@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -229,7 +230,13 @@ def test_a_command_out_of_time_gets_ctrl_c_then_is_killed(gpu_session):
     polite = ("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('summary so far')\n"
               "    raise SystemExit(130)\n")
     s.grace_s = 2
-    r = s.run([sys.executable, "-c", polite], timeout=5)
+    # As under `nohup python bench/gpu_check.py &` without job control: this process ignores Ctrl-C, and its
+    # commands must still get it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        r = s.run([sys.executable, "-c", polite], timeout=5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert r.timed_out and r.rc == 130 and "summary so far" in r.out
     deaf = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('started', flush=True)\ntime.sleep(60)\n"
     r = s.run([sys.executable, "-c", deaf], timeout=5)
