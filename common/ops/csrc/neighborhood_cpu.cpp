@@ -488,11 +488,12 @@ struct Kernel {
     }
   }
 
-  // dst[c][x] = sum_j w[x][j] * (b[c][off_j + x] + rel[o_j][c]) for N channels (rel: (kk, d) layout, at
-  // channel c0), stored (first `valid[x]` lanes) at dst + c * dst_plane + x * L
+  // dst[c][x] = scale[x] sum_j w[x][j] * (b[c][off_j + x] + rel[o_j][c]) for N channels (rel: (kk, d) layout, at
+  // channel c0; scale: none if null), stored (first `valid[x]` lanes) at dst + c * dst_plane + x * L
   template <int N, int XB, bool REL>
   static inline void weighted_group(const Window& win, const V* w, const T* b, int64_t plane, const T* rel,
-                                    int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid) {
+                                    int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid,
+                                    const V* scale) {
     V acc[XB][N];
     for (int x = 0; x < XB; ++x)
       for (int c = 0; c < N; ++c) acc[x][c] = V{};
@@ -512,23 +513,25 @@ struct Kernel {
       }
     }
     for (int x = 0; x < XB; ++x)
-      for (int c = 0; c < N; ++c) store_n(dst + c * dst_plane + x * L, acc[x][c], valid[x]);
+      for (int c = 0; c < N; ++c)
+        store_n(dst + c * dst_plane + x * L, scale == nullptr ? acc[x][c] : acc[x][c] * scale[x], valid[x]);
   }
 
   template <int XB>
   static void weighted(const Window& win, const V* w, const T* b, int64_t plane, int64_t channels, const T* rel,
-                       int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid) {
+                       int64_t d, int64_t kk, T* dst, int64_t dst_plane, const int64_t* valid,
+                       const V* scale = nullptr) {
     for (int64_t c = 0; c < channels; c += CGROUP) {
       const T* bc = b + c * plane;
       T* dc = dst + c * dst_plane;
       const T* rc = rel == nullptr ? nullptr : rel + c;
       switch (std::min<int64_t>(CGROUP, channels - c) * 2 + (rel != nullptr)) {
-#define NA_CASE(N)                                                                     \
-  case 2 * N:                                                                          \
-    weighted_group<N, XB, false>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid);  \
-    break;                                                                             \
-  case 2 * N + 1:                                                                      \
-    weighted_group<N, XB, true>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid);   \
+#define NA_CASE(N)                                                                            \
+  case 2 * N:                                                                                 \
+    weighted_group<N, XB, false>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid, scale);  \
+    break;                                                                                    \
+  case 2 * N + 1:                                                                             \
+    weighted_group<N, XB, true>(win, w, bc, plane, rc, d, kk, dc, dst_plane, valid, scale);   \
     break;
         NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
@@ -583,6 +586,7 @@ struct Kernel {
     const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
     logits<XB>(g, win, qp, kp, relt, y, xb, s, bias);
     int64_t valid[XB];
+    V invs[XB];  // the normalisation is applied to the weighted sum (and to the weights only when returned)
     for (int x = 0; x < XB; ++x) {
       valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
       // softmax over the window, times the mask, renormalised: P_j = e_j m_j / sum e m
@@ -598,7 +602,7 @@ struct Kernel {
         total += e;
       }
       const V inv = total > 0 ? T(1) / total : V{};
-      for (int64_t j = 0; j < win.n; ++j) sx[j] *= inv;
+      invs[x] = inv;
       T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
       storeu(st, mx);
       storeu(st + g.bh * g.h * g.ws, inv);
@@ -607,11 +611,11 @@ struct Kernel {
         if (win.n < g.kk) {
           for (int64_t o = 0; o < g.kk; ++o) store_n(wrow + o * g.h * g.w, V{}, valid[x]);
         }
-        for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j], valid[x]);
+        for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j] * inv, valid[x]);
       }
     }
     weighted<XB>(win, s, vp + y * g.wk + xb, g.plane, g.dv, nullptr, g.d, g.kk,
-                 f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid);
+                 f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid, invs);
   }
 
   // Work items are bands of rows of one plane (whole planes when there are enough of them for the threads);
