@@ -375,7 +375,8 @@ def _device_label(dev: torch.device) -> str:
     """``cpu (N threads)`` or ``cuda (<GPU name>)``: what the figures depend on."""
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
-    return f"{dev} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{dev} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _autocast_factory(

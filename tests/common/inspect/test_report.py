@@ -114,7 +114,7 @@ def test_config_lists_expand_and_are_validated(write_config, tmp_path):
 
 
 def test_cost_plot(tmp_path):
-    results = [TimingResult(name, params, 1, 2, train, 3 * train, 1.0, 0.1, 10.0, "cpu (1 threads)", 8)
+    results = [TimingResult(name, params, 1, 2, train, 3 * train, 1.0, 0.1, 10.0, "cpu (1 thread)", 8)
                for name, params, train in [("a", 1e5, 100.0), ("b", 2e6, 20.0)]]
     path = report.plot_cost(results, tmp_path / "cost.png")
     assert path.is_file() and path.stat().st_size > 10000

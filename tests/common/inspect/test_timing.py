@@ -96,7 +96,8 @@ def test_measure_figures_and_model_untouched():
     for value in (r.train_img_s, r.infer_img_s, r.latency_ms, r.peak_mem_mb):
         assert math.isfinite(value) and value > 0
     assert math.isfinite(r.latency_ms_std) and r.latency_ms_std >= 0
-    assert r.device == f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    assert r.device == f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
     state = model.state_dict()
     assert state.keys() == before.keys()
