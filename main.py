@@ -18,7 +18,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
-from common.errors import TrainingInterrupted, UserError  # noqa: E402
+from common.errors import TrainingInterrupted, UserError, did_you_mean  # noqa: E402
 from common.files import WRITE_ERRNOS, check_output_dir  # noqa: E402
 
 # The core's tasks; model packages add figure tasks of their own (common.registry.register_figure_task).
@@ -114,9 +114,7 @@ def check_task(task: str) -> None:
     from common.registry import figure_tasks
 
     known = [*TASKS, *figure_tasks()]
-    close = difflib.get_close_matches(task, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise UserError(f"unknown task '{task}'{hint}; tasks: {', '.join(known)}")
+    raise UserError(f"unknown task '{task}'{did_you_mean(task, known)}; tasks: {', '.join(known)}")
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, did_you_mean
 
 
 INT_MAX = 2 ** 31 - 1  # the bound of an integer key that names none of its own
@@ -628,9 +628,7 @@ def _check_value(value: Any, tp, meta, dotted: str, source: str):
         return _check_value(value, inner[0], meta, dotted, source)
     if origin is Literal:
         if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: {dotted} must be {_describe(tp)}, got {value!r}{hint}")
+            raise UserError(f"{source}: {dotted} must be {_describe(tp)}, got {value!r}{did_you_mean(value, args)}")
         return value
     if origin is list:
         if not isinstance(value, list):

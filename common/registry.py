@@ -12,14 +12,13 @@ name becomes a `--task`, and models take part through the `figures` hook
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from common.errors import UserError
+from common.errors import UserError, did_you_mean
 
 # Packages whose import registers models and figure tasks; listed here so that
 # `create_model` sees every model without the caller importing the paper packages
@@ -55,9 +54,8 @@ class Registry:
 
     def get(self, name: str) -> Callable:
         if name not in self._entries:
-            close = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ArgumentError(f"unknown {self.kind} '{name}'{hint}; available: {', '.join(self.names())}")
+            raise ArgumentError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
+                                f"available: {', '.join(self.names())}")
         return self._entries[name]
 
     def check_args(self, name: str, kwargs: dict) -> None:
@@ -67,9 +65,7 @@ class Registry:
         valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for key in kwargs:
             if key not in valid:
-                close = difflib.get_close_matches(key, valid, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ArgumentError(f"{self.kind} '{name}' has no option '{key}'{hint}; "
+                raise ArgumentError(f"{self.kind} '{name}' has no option '{key}'{did_you_mean(key, valid)}; "
                                     f"valid options: {', '.join(valid) or 'none'}", key=key)
 
     def create(self, name: str, *args, **kwargs):

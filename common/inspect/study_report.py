@@ -34,11 +34,13 @@ def is_study_folder(path: str | Path) -> bool:
     return (Path(path) / STUDY_FILE).is_file()
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when it is missing or unreadable (a run still being written)."""
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        data = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, OSError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _mean(values: list[float]) -> float:
@@ -60,7 +62,7 @@ def study_records(folder: Path) -> tuple[dict, list[dict], list[report.Row], lis
     records = []
     for row in rows:
         record = row.record()
-        cost = _read_json(folder / row.config / COST_FILE)
+        cost = read_json(folder / row.config / COST_FILE)
         record.update({
             "gmacs": cost.get("gmacs"), "train_img_s": cost.get("train_img_s"),
             "cost_device": cost.get("device", ""), "cost_batch": cost.get("batch_size"),

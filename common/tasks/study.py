@@ -29,7 +29,6 @@ SLURM's environment.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import time
@@ -39,9 +38,9 @@ from pathlib import Path
 import yaml
 
 from common.config import Config, is_study_file, load_config  # noqa: F401  (is_study_file: re-exported)
-from common.errors import UserError
+from common.errors import UserError, did_you_mean
 from common.files import write_atomic
-from common.inspect.study_report import STUDY_FILE
+from common.inspect.study_report import STUDY_FILE, read_json
 
 KEYS = ("study", "seeds", "set", "configs", "launcher", "slurm")
 LAUNCHERS = ("local", "slurm")
@@ -68,9 +67,8 @@ class SlurmOptions:
         names = _field_names(cls)
         for key in raw:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UserError(f"{where}: unknown slurm option '{key}'{hint}; options: {', '.join(names)}")
+                raise UserError(f"{where}: unknown slurm option '{key}'{did_you_mean(key, names)}; "
+                                f"options: {', '.join(names)}")
         options = cls(**raw)
         options.check(where)
         return options
@@ -128,13 +126,7 @@ class Study:
 
 def run_finished(folder: Path, epochs: int) -> bool:
     """A summary.json of a run that trained all `epochs` (one from before a resume with more epochs is not)."""
-    path = folder / "summary.json"
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("epochs", -1) >= epochs
-    except (json.JSONDecodeError, OSError):
-        return False
+    return read_json(folder / "summary.json").get("epochs", -1) >= epochs
 
 
 # ---------------------------------------------------------------------------- loading and checking
@@ -202,9 +194,8 @@ def load_study(path: str | Path, overrides: list[str] = (), output: str | None =
                         f"configs/study/fashion_mnist.yaml); to train one config use --task train")
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], KEYS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"{path}: unknown key '{unknown[0]}'{hint}; a study file has {', '.join(KEYS)}")
+        raise UserError(f"{path}: unknown key '{unknown[0]}'{did_you_mean(unknown[0], KEYS)}; a study file has "
+                        f"{', '.join(KEYS)}")
     name = data.get("study", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
         raise UserError(f"{path}: study must be a name (a folder name), got {name!r}")
@@ -212,9 +203,8 @@ def load_study(path: str | Path, overrides: list[str] = (), output: str | None =
     shared = _overrides(data.get("set"), str(path)) + list(overrides)
     chosen = launcher or data.get("launcher", "local")
     if chosen not in LAUNCHERS:
-        close = difflib.get_close_matches(str(chosen), LAUNCHERS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"{path}: unknown launcher {chosen!r}{hint}; launchers: {', '.join(LAUNCHERS)}")
+        raise UserError(f"{path}: unknown launcher {chosen!r}{did_you_mean(chosen, LAUNCHERS)}; launchers: "
+                        f"{', '.join(LAUNCHERS)}")
     slurm = SlurmOptions.from_dict(data.get("slurm"), str(path))
     if slurm_overrides:
         slurm = dataclasses.replace(slurm, **{k: v for k, v in slurm_overrides.items() if v is not None})
