@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
@@ -24,6 +26,14 @@ TINY_CONFIG = {
               "schedule": {"name": "cosine", "warmup_epochs": 0.5}},
     "log": {"quiet": True, "tensorboard": True},
 }
+
+
+def load_bench(name: str) -> ModuleType:
+    """bench/<name>.py as a module (the bench scripts are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def deep_update(base: dict, changes: dict) -> dict:

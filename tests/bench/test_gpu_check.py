@@ -3,7 +3,6 @@ it reads the GPU outputs of the benches and the training probe (canned here, sin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_bench
 
 STATUSES = {"pass", "fail", "info", "skip", "error"}
 
 
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("gpu_check")
 
 
 def start(out: Path, *args: str) -> subprocess.Popen:

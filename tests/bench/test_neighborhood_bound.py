@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from common.ops import neighborhood_cpu
-from tests.helpers import REPO
-
-
-def load_bound():
-    spec = importlib.util.spec_from_file_location("neighborhood_bound", REPO / "bench" / "neighborhood_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_bench
 
 
 def test_every_shape_of_the_bench_gets_a_projected_share_of_the_gemm(capsys):
     if not neighborhood_cpu.ensure_built(warn=False):
         pytest.skip(f"the fused CPU kernel is unavailable: {neighborhood_cpu.problem()}")
-    bound = load_bound()
+    bound = load_bench("neighborhood_bound")
     assert bound.main(["--repeats", "1", "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "projected to 1 thread;" in lines[0] and "GEMM 1024^3 on 1 thread " in lines[0]

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import load_bench
 
 
 def load_probe():
-    spec = importlib.util.spec_from_file_location("train_probe", REPO / "bench" / "train_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_probe")
 
 
 def test_recompilations_and_limit_hits_are_counted(monkeypatch):
