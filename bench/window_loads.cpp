@@ -1,0 +1,102 @@
+// The fused CPU kernel's inner loop alone, with its key vectors read three ways: what aligning them would buy.
+//
+//     g++ -O2 -march=native bench/window_loads.cpp -o /tmp/window_loads && /tmp/window_loads
+//
+// One channel of one run of 7 window offsets for two blocks of 16 queries (XB = 2, as in run_dots of
+// common/ops/csrc/neighborhood_cpu.cpp): 14 multiply-adds, with and without adding the relative embedding to the
+// key first (acc += q * (k + rel) against acc += q * k), the data in L1. The key vector of offset dx is read
+//   - "unaligned":      at a 4-byte step per offset, as the kernel does (pixels in the lanes): most loads straddle
+//                       two cache lines;
+//   - "shifted":        as three aligned vectors per channel, shifted in registers (valignd) per offset;
+//   - "32-byte steps":  at a 32-byte step per offset, as a layout with 8 heads of one pixel in the lanes would
+//                       read them (2 pixels x 8 heads per 16-lane vector).
+// Needs AVX-512 (the kernel's build on this machine); prints ns per run and channel (median of 5 passes).
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace {
+
+enum class Read { unaligned, shifted, step32 };
+
+#define NA_SHIFT(lo, hi, dx) \
+  _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), dx))
+
+// one pass of `iterations` runs; rel is read from memory, as the kernel reads the embedding
+template <Read READ, bool REL>
+double ns_per_run(const float* buf, float* sink) {
+  __m512 acc[14];
+  for (int i = 0; i < 14; ++i) acc[i] = _mm512_setzero_ps();
+  const long iterations = 10000000;
+  const auto start = std::chrono::steady_clock::now();
+  for (long it = 0; it < iterations; ++it) {
+    const float* k = buf + (it & 63) * 48;  // 64 rows of 48 floats: 12 KiB, in L1
+    const float* rel = buf + 8192 + (it & 7);
+    const float* q = buf + 4096 + (it & 63) * 32;  // the two blocks' query vectors of this channel
+    const __m512 q0 = _mm512_load_ps(q), q1 = _mm512_load_ps(q + 16);
+    if constexpr (READ == Read::shifted) {
+      const __m512 a0 = _mm512_load_ps(k), a1 = _mm512_load_ps(k + 16), a2 = _mm512_load_ps(k + 32);
+#define NA_STEP(dx)                                                                                 \
+  {                                                                                                 \
+    __m512 k0 = dx == 0 ? a0 : NA_SHIFT(a0, a1, dx), k1 = dx == 0 ? a1 : NA_SHIFT(a1, a2, dx);     \
+    if (REL) {                                                                                      \
+      const __m512 r = _mm512_set1_ps(rel[dx]);                                                     \
+      k0 = _mm512_add_ps(k0, r), k1 = _mm512_add_ps(k1, r);                                         \
+    }                                                                                               \
+    acc[dx] = _mm512_fmadd_ps(q0, k0, acc[dx]);                                                     \
+    acc[7 + dx] = _mm512_fmadd_ps(q1, k1, acc[7 + dx]);                                             \
+  }
+      NA_STEP(0) NA_STEP(1) NA_STEP(2) NA_STEP(3) NA_STEP(4) NA_STEP(5) NA_STEP(6)
+#undef NA_STEP
+    } else {
+      constexpr int step = READ == Read::unaligned ? 1 : 8, second = READ == Read::unaligned ? 16 : 64;
+#pragma GCC unroll 7
+      for (int dx = 0; dx < 7; ++dx) {
+        __m512 k0 = _mm512_loadu_ps(k + step * dx), k1 = _mm512_loadu_ps(k + second + step * dx);
+        if constexpr (REL) {
+          const __m512 r = _mm512_set1_ps(rel[dx]);
+          k0 = _mm512_add_ps(k0, r), k1 = _mm512_add_ps(k1, r);
+        }
+        acc[dx] = _mm512_fmadd_ps(q0, k0, acc[dx]);
+        acc[7 + dx] = _mm512_fmadd_ps(q1, k1, acc[7 + dx]);
+      }
+    }
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+  for (int i = 0; i < 14; ++i) sink[i] += _mm512_reduce_add_ps(acc[i]);
+  return ns / iterations;
+}
+
+template <Read READ, bool REL>
+double median_of_5(const float* buf, float* sink) {
+  std::vector<double> times;
+  for (int pass = 0; pass < 5; ++pass) times.push_back(ns_per_run<READ, REL>(buf, sink));
+  std::sort(times.begin(), times.end());
+  return times[2];
+}
+
+}  // namespace
+
+int main() {
+  float* buf = static_cast<float*>(std::aligned_alloc(64, 16384 * sizeof(float)));  // keys, queries, rel
+  for (int i = 0; i < 16384; ++i) buf[i] = 1e-3f * static_cast<float>(i % 17);
+  float sink[14] = {};
+  std::printf("ns per run of 7 offsets x 2 blocks (14 multiply-adds), one channel, data in L1, median of 5\n");
+  std::printf("%-16s %8s %12s\n", "key read", "q . k", "q . (k+rel)");
+  std::printf("%-16s %8.2f %12.2f\n", "unaligned", median_of_5<Read::unaligned, false>(buf, sink),
+              median_of_5<Read::unaligned, true>(buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "shifted", median_of_5<Read::shifted, false>(buf, sink),
+              median_of_5<Read::shifted, true>(buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "32-byte steps", median_of_5<Read::step32, false>(buf, sink),
+              median_of_5<Read::step32, true>(buf, sink));
+  float total = 0;
+  for (float v : sink) total += v;
+  std::printf("(checksum %.3g)\n", total);
+  std::free(buf);
+  return 0;
+}
