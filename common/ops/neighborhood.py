@@ -10,6 +10,10 @@ on the query; at the image border it is clipped, not shifted.
   embedding per window offset, added to the keys.
 - window_mask: (heads, k, k), multiplies the softmax weights, which are then
   renormalised (adaptive span). Equivalent to adding log(mask) to the logits.
+  A window whose every in-image weight the mask zeroes has no weight at all:
+  its output is 0 and nothing gets a gradient through it, the mask included
+  (the renormalisation is 0/0 there, so any gradient is a convention; every
+  backend keeps this one).
 - border="mask": out-of-image neighbours are excluded from the softmax;
   border="zeros": they are zero keys and values (the public SASA code), so they
   still get the weight exp(q . rel_pos[o]).
@@ -48,7 +52,8 @@ and one index_select.
   dS = P (dP - sum_o P dP) (fused softmax backward, compact), then
   dK_halo = Q^T @ dS_big, dQ = dS_big @ K_halo + dS @ rel, d rel = dS^T @ Q and, if
   window_mask needs a gradient, d mask_o = sum (dP_o - D) exp(raw_o - lse) from
-  logits recomputed for that purpose only (exact at mask_o = 0). The halo gradients are summed back into the image with one
+  logits recomputed for that purpose only (exact at mask_o = 0; nothing from an
+  emptied window). The halo gradients are summed back into the image with one
   index_add_ (CPU; strided adds elsewhere).
 - saved for backward: q (as its (N, T*T, d) tiles, in the compute dtype), k, v,
   rel_pos, window_mask and the compact softmax weights (B*heads*tiles, T*T, k*k),
@@ -131,9 +136,11 @@ def reference_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, bo
     if window_mask is not None:
         weights = weights * window_mask.reshape(1, heads, 1, 1, kk).to(weights.dtype)
         total = weights.sum(-1, keepdim=True)
-        # a window the mask empties gives zero weights; dividing by 1 there (not by a tiny clamp) keeps its
-        # gradients finite instead of inf * 0 = nan
-        weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+        # a window the mask empties is the constant 0: zero weights and no gradient to anything, the mask
+        # included (see the module docstring); the division by 1 in its untaken branch keeps that branch's
+        # gradient finite (not inf * 0 = nan)
+        kept = total > 0
+        weights = torch.where(kept, weights / torch.where(kept, total, torch.ones_like(total)), 0.0)
     out = (weights.unsqueeze(-1) * _windows(v, kernel_size)).sum(-2)
     return (out, weights) if return_weights else out
 

@@ -253,6 +253,30 @@ def test_window_emptied_by_mask_and_border_has_finite_gradients(backend):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_emptied_windows_pass_no_gradient_and_every_backend_agrees(backend, kernel):
+    """An emptied window is the constant 0, so it adds nothing to any gradient, the mask's included (the
+    renormalisation is 0/0 there: the reference once gave the mask softmax * dP, the fused backends 0).
+    Head 0's mask is all zeros; with k=3 head 1 also loses the centre column, emptying no window."""
+    inputs = make_inputs(5, 6, kernel, "per_head", True, dtype=torch.float64)
+    with torch.no_grad():
+        inputs[4][0] = 0.0
+        inputs[4][1] = 0.5
+        if kernel > 1:
+            inputs[4][1, :, 1] = 0.0
+    got, want = run(backend, inputs, kernel, "mask", weights_grad=True), run("reference", inputs, kernel, "mask",
+                                                                            weights_grad=True)
+    assert_all_close(got, want, atol=1e-10)
+    out, weights, grad_mask = want[0], want[1], want[-1]
+    assert torch.all(out[:, 0] == 0) and torch.all(weights[:, 0] == 0)
+    assert torch.all(grad_mask[0] == 0)
+    if kernel == 1:  # one offset: the renormalised weight is 1 for any positive mask, so no gradient either
+        assert torch.all(grad_mask == 0)
+    else:
+        assert grad_mask[1].abs().sum() > 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Dtypes and layouts.
 

@@ -126,7 +126,7 @@ def _check_case(name: str, case: dict, device: str) -> dict:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     q, k, v, rel, mask = _make_inputs(case, device, gen)
     ks, border, want_w = case["ks"], case["border"], case.get("weights", False)
-    mask_grad = case.get("mask") in ("grad",)
+    mask_grad = case.get("mask") in ("grad", "dead_corner")
 
     def leaves(cast, cast_params):
         out = [cast(t).detach().requires_grad_(True) for t in (q, k, v)]
@@ -157,7 +157,7 @@ def _check_case(name: str, case: dict, device: str) -> dict:
     loss_t = sum((o.double() * g).sum() for o, g in zip(outs_t, upstream))
     loss_r = sum((o * g).sum() for o, g in zip(outs_r, upstream))
     names = ["q", "k", "v", "rel_pos", "window_mask"]
-    # (a dead_corner mask does not require grad: the oracle's mask gradient of an all-masked row is ~1/tiny)
+    # (a dead_corner row passes no gradient to anything, the mask included: the op's convention for 0/0)
     idx = [i for i, t in enumerate(lt) if t is not None and t.requires_grad]
     grads_t = torch.autograd.grad(loss_t, [lt[i] for i in idx])
     grads_r = torch.autograd.grad(loss_r, [lr[i] for i in idx])
