@@ -32,6 +32,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.neighborhood import GEMM_N, SHAPES, attention_flops  # noqa: E402
+from common.inspect.timing import threads_label  # noqa: E402
 from common.ops import neighborhood as nb  # noqa: E402
 from common.ops import neighborhood_cpu  # noqa: E402
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         if round_ >= 2:
             gemm_times.append((time.perf_counter() - start) / calls)
     gemm_rate = 2 * GEMM_N ** 3 / statistics.median(gemm_times)
-    threads = f"{args.threads} thread{'s' if args.threads != 1 else ''}"
+    threads = threads_label(args.threads)
     print(f"fused_cpu, cache-resident: {PLANES} planes per call on 1 thread, projected to {threads}; "
           f"GEMM {GEMM_N}^3 on {threads} {gemm_rate / 1e9:.1f} GFLOP/s; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; median of {args.repeats}")

@@ -371,12 +371,16 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def threads_label(threads: int) -> str:
+    """``1 thread`` or ``N threads``."""
+    return f"{threads} thread{'' if threads == 1 else 's'}"
+
+
 def _device_label(dev: torch.device) -> str:
     """``cpu (N threads)`` or ``cuda (<GPU name>)``: what the figures depend on."""
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
-    threads = torch.get_num_threads()
-    return f"{dev} ({threads} thread{'' if threads == 1 else 's'})"
+    return f"{dev} ({threads_label(torch.get_num_threads())})"
 
 
 def _autocast_factory(

@@ -1,9 +1,11 @@
 """Neighbourhood attention: the reference against a per-pixel loop, every CPU backend against the reference
-(outputs and all gradients), border rules, dtypes, memory saved for backward, dispatch and input checks."""
+(outputs and all gradients, on a grid and on random problems), border rules, dtypes, memory saved for
+backward, dispatch and input checks."""
 
 from __future__ import annotations
 
 import itertools
+import random
 import sys
 import types
 
@@ -208,6 +210,61 @@ def test_tiled_trains_after_an_inference_mode_call():
     assert_all_close(run("tiled", inputs, 3, "mask"), run("reference", inputs, 3, "mask"), atol=1e-5, rtol=1e-5)
 
 
+def draw_problem(rng: random.Random) -> dict:
+    """A random problem: odd sizes (maps of one pixel, heads of one channel, value widths unlike the key width,
+    windows larger than the map), the three input layouts layers produce, shared and per-head embeddings, masks
+    with exact zeros (whole heads emptied too), both borders, with or without the weights' own gradient."""
+    d = rng.choice([1, 2, 3, 5, 8, 17])
+    return dict(batch=rng.choice([1, 2]), heads=rng.choice([1, 2, 3]), d=d, dv=rng.choice([d, 1, 4]),
+                h=rng.randint(1, 9), w=rng.randint(1, 19), kernel=rng.choice([1, 3, 5, 7, 13]),
+                border=rng.choice(["mask", "zeros"]), layout=rng.choice(["contiguous", "channel_major", "strided"]),
+                rel=rng.choice([None, "shared", "per_head"]), mask=rng.choice([None, "zeros", "empty_head"]),
+                weights_grad=rng.random() < 0.5)
+
+
+def problem_inputs(case: dict, gen: torch.Generator):
+    """fp64 q, k, v, rel_pos, window_mask of a `draw_problem` case, all requiring grad."""
+    b, heads, h, w, k = case["batch"], case["heads"], case["h"], case["w"], case["kernel"]
+
+    def tensor(c):
+        if case["layout"] == "contiguous":
+            return torch.randn(b, heads, h, w, c, generator=gen, dtype=torch.float64)
+        if case["layout"] == "channel_major":  # a convolution output split into heads
+            return torch.randn(b, heads, c, h, w, generator=gen, dtype=torch.float64).permute(0, 1, 3, 4, 2)
+        # every other pixel, and one channel more than used
+        return torch.randn(b, heads, h, 2 * w, c + 1, generator=gen, dtype=torch.float64)[:, :, :, ::2, :c]
+
+    q, key, v = tensor(case["d"]), tensor(case["d"]), tensor(case["dv"])
+    rel = {None: None, "shared": (k, k, case["d"]), "per_head": (heads, k, k, case["d"])}[case["rel"]]
+    rel = None if rel is None else torch.randn(rel, generator=gen, dtype=torch.float64)
+    mask = None
+    if case["mask"] is not None:
+        mask = torch.rand(heads, k, k, generator=gen, dtype=torch.float64)
+        mask[mask < 0.3] = 0.0
+        if case["mask"] == "empty_head":
+            mask[0] = 0.0
+    inputs = [q, key, v, rel, mask]
+    for t in inputs:
+        if t is not None:
+            t.requires_grad_()
+    return inputs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_random_problems_match_the_reference(backend):
+    """40 drawn problems per backend, fp64, so that any difference is a bug, not rounding."""
+    rng = random.Random(17)
+    for index in range(40):
+        case = draw_problem(rng)
+        inputs = problem_inputs(case, torch.Generator().manual_seed(index))
+        args = (inputs, case["kernel"], case["border"], case["weights_grad"], 1000 + index)
+        names = ["out", "weights"] + [name for name, t in zip(("dq", "dk", "dv", "d rel_pos", "d window_mask"), inputs)
+                                      if t is not None]
+        for name, got, want in zip(names, run(backend, *args), run("reference", *args)):
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10,
+                                       msg=lambda m: f"case {index} {case}, {name}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Border rule and weights.
 
@@ -265,9 +322,8 @@ def test_emptied_windows_pass_no_gradient_and_every_backend_agrees(backend, kern
         inputs[4][1] = 0.5
         if kernel > 1:
             inputs[4][1, :, 1] = 0.0
-    got, want = run(backend, inputs, kernel, "mask", weights_grad=True), run("reference", inputs, kernel, "mask",
-                                                                            weights_grad=True)
-    assert_all_close(got, want, atol=1e-10)
+    want = run("reference", inputs, kernel, "mask", weights_grad=True)
+    assert_all_close(run(backend, inputs, kernel, "mask", weights_grad=True), want, atol=1e-10)
     out, weights, grad_mask = want[0], want[1], want[-1]
     assert torch.all(out[:, 0] == 0) and torch.all(weights[:, 0] == 0)
     assert torch.all(grad_mask[0] == 0)
