@@ -87,6 +87,7 @@ import torch.nn.functional as F
 from common.inspect.capture import windows_to_dense
 from common.inspect.flops import counted_op
 from common.ops import neighborhood_cpu
+from common.ops.fresh_thread import in_fresh_thread
 
 BORDERS = ("mask", "zeros")
 
@@ -639,27 +640,35 @@ def _triton_verified(device: torch.device) -> bool:
 
     "auto" only trusts a fused kernel that has passed this on the device at hand; a kernel that fails
     to compile or disagrees there (a new GPU generation, a Triton upgrade) costs a warning and the
-    tiled backend, not a crash or silently wrong attention. backend="triton" skips the check.
+    tiled backend, not a crash or silently wrong attention. backend="triton" skips the check. It runs on a
+    fresh thread (common/ops/fresh_thread.py), so that a first call under no_grad, inference_mode or autocast
+    gets the same verdict as one in plain training.
     """
     if device not in _TRITON_VERIFIED:
-        gen = torch.Generator(device=device).manual_seed(0)
-        inputs = [torch.randn(2, 2, 6, 7, 8, device=device, generator=gen, requires_grad=True) for _ in range(3)]
-        rel_pos = torch.randn(5, 5, 8, device=device, generator=gen, requires_grad=True)
-        mask = torch.rand(2, 5, 5, device=device, generator=gen).requires_grad_()
         try:
-            results = []
-            for fn in (BACKENDS["triton"], reference_attention):
-                out = fn(*inputs, 5, rel_pos=rel_pos, window_mask=mask, border="mask")
-                results.append([out, *torch.autograd.grad((out * out).sum(), [*inputs, rel_pos, mask])])
-            ok = all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(*results))
-            problem = "disagrees with the reference"
+            problem = in_fresh_thread(lambda: _triton_self_check(device), name="triton self-check")
         except Exception as exc:  # noqa: BLE001 - any failure of an untrusted kernel means "do not use it"
-            ok, problem = False, f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        if not ok:
+            problem = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        if problem is not None:
             warnings.warn(f"neighborhood_attention: the Triton backend {problem} on {device}; "
                           f"backend='auto' uses 'tiled' instead", RuntimeWarning, stacklevel=3)
-        _TRITON_VERIFIED[device] = ok
+        _TRITON_VERIFIED[device] = problem is None
     return _TRITON_VERIFIED[device]
+
+
+def _triton_self_check(device: torch.device) -> str | None:
+    """The Triton backend against the reference on one small problem; None if forward and gradients agree."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = [torch.randn(2, 2, 6, 7, 8, device=device, generator=gen, requires_grad=True) for _ in range(3)]
+    rel_pos = torch.randn(5, 5, 8, device=device, generator=gen, requires_grad=True)
+    mask = torch.rand(2, 5, 5, device=device, generator=gen).requires_grad_()
+    results = []
+    for fn in (BACKENDS["triton"], reference_attention):
+        out = fn(*inputs, 5, rel_pos=rel_pos, window_mask=mask, border="mask")
+        results.append([out, *torch.autograd.grad((out * out).sum(), [*inputs, rel_pos, mask])])
+    if all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(*results)):
+        return None
+    return "disagrees with the reference"
 
 
 def select_backend(q: torch.Tensor, needs_grad: bool, k=None, v=None, kernel_size=None, rel_pos=None,

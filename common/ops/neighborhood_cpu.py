@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from common.ops import jit_build
+from common.ops.fresh_thread import in_fresh_thread
 
 NAME = "neighborhood_cpu"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "neighborhood_cpu.cpp"
@@ -94,7 +95,7 @@ def ensure_built(warn: bool = True) -> bool:
         if not _STATE["tried"]:
             try:
                 _build_and_load()
-                problem = _in_fresh_thread(_self_check)
+                problem = in_fresh_thread(_self_check, name="neighborhood_cpu self-check")
             except jit_build.BuildError as exc:
                 problem = str(exc)
             except (OSError, RuntimeError) as exc:  # loading or running a broken library
@@ -109,26 +110,6 @@ def ensure_built(warn: bool = True) -> bool:
 def problem() -> str | None:
     """Why the kernel is unusable (None if it is usable or has not been tried)."""
     return _STATE["problem"]
-
-
-def _in_fresh_thread(fn):
-    """fn() on a new thread, which has torch's defaults whatever the caller's state: the first call may come
-    under no_grad or inference_mode, autocast, or a dispatch mode such as the FLOP counter (all thread-local),
-    none of which may change or see the self-check."""
-    result = {}
-
-    def run():
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, name="neighborhood_cpu self-check")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def _self_check() -> str | None:

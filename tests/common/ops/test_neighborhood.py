@@ -8,6 +8,7 @@ import itertools
 import random
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -481,6 +482,18 @@ def test_auto_trusts_a_fused_kernel_only_after_it_matches_the_reference(monkeypa
         with pytest.warns(RuntimeWarning, match="backend='auto' uses 'tiled' instead"):
             assert not nb._triton_verified(device)
     assert nb._TRITON_VERIFIED[device] is trusted  # checked once per device
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_fused_kernel_check_ignores_the_first_callers_grad_mode(monkeypatch, context):
+    """Found on the first GPU run: a first call under no_grad (`--task time`, an evaluation) failed the check
+    (no gradients to compare) and left auto on 'tiled' for the rest of the process."""
+    monkeypatch.setitem(nb.BACKENDS, "triton", reference_attention)
+    monkeypatch.setattr(nb, "_TRITON_VERIFIED", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with context():
+            assert nb._triton_verified(torch.device("cpu"))
 
 
 def test_clear_errors():
