@@ -547,7 +547,12 @@ class Trainer:
             parts["EMA weights"] = self.ema.state_dict()
         named = [(part, name, t) for part, tensors in parts.items() for name, t in tensors.items()
                  if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
-        if not named or torch.stack([torch.isfinite(t).all() for _, _, t in named]).all().item():
+        # One flag per device (optimisers keep some state on the CPU beside CUDA weights: AdamW's step counts),
+        # read with one synchronisation each.
+        flags: dict[torch.device, list[torch.Tensor]] = {}
+        for _, _, t in named:
+            flags.setdefault(t.device, []).append(torch.isfinite(t).all())
+        if all(torch.stack(device_flags).all().item() for device_flags in flags.values()):
             return
         part, name = next((part, name) for part, name, t in named if not torch.isfinite(t).all())
         st = self.state
