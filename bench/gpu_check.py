@@ -1,12 +1,13 @@
 """GPU readiness in one command: everything in this repository that needs a GPU, checked and recorded.
 
     python bench/gpu_check.py [--out DIR] [--quick] [--parts tests,benches,train,time] [--budget-s S]
+                              [--families sasa,vit,...]
 
 On a CUDA machine it runs, each part in its own time budget (at most 8 minutes in all, 3 with --quick):
 
 1. tests: the GPU test subset, `pytest -m gpu` (the Triton neighbourhood kernels against the reference, forward
    and every gradient in fp32 and bf16; the tiled op, the SASA and adaptive-span layers, augmentation, mixing
-   and whole loader epochs on CUDA against the CPU);
+   and whole loader epochs on CUDA against the CPU; whole AdamW trainings through the engine);
 2. benches: bench/neighborhood.py (B=8 and 64, forward+backward against the reference and a 3x3 conv),
    bench/neighborhood_flex.py (against FlexAttention with a window block mask, the anchor), bench/sasa_step.py
    (SASA-R26 against conv-R26, bf16), bench/vit.py (SDPA against the attention written out, and which fused
@@ -17,7 +18,8 @@ On a CUDA machine it runs, each part in its own time budget (at most 8 minutes i
 4. time: `main.py --task time` over the configs of configs/compare/cifar.yaml in bf16.
 
 --quick runs the benches with 3 repeats (the neighbourhood op at batch 64 only), trains the first three families
-without torch.compile, and times with fewer iterations.
+without torch.compile, and times with fewer iterations. --families trains only the families named, to rerun what
+a budget cut short (with --parts train).
 
 Every benchmark and main.py run is a subprocess called with its documented flags, so a crash or a hung kernel
 costs one item, not the run. An item that would start after its part's budget is spent is skipped with a note,
@@ -63,14 +65,21 @@ from gpu_check_record import PYTHON, REPO, PartClock, Result, Session, Target  #
 
 PARTS = ("tests", "benches", "train", "time")
 # The parts' shares of the run's budget (TOTAL_S, or --budget-s): the parts that run split it in these
-# proportions, less SETUP_S for the environment probe and writing the files. First estimates, to be tuned from
-# the `parts` (budget and time used) of a GPU run's gpu_check.json.
-SHARES = {"full": {"tests": 70, "benches": 100, "train": 210, "time": 80},
+# proportions, less SETUP_S for the environment probe and writing the files. Tuned from the first GPU run (H200,
+# 2026-11-30, BENCHMARKS.md "GPU check"): the GPU tests took over 71 s on 4 workers (38 of 72 done), the benches
+# 115 s, one eager training 20-65 s (process start and Triton compiles, not the epochs), the time chunks
+# 30-40 s each. Eight minutes do not hold every family compiled as well: those come last, as far as time allows.
+SHARES = {"full": {"tests": 100, "benches": 110, "train": 210, "time": 70},
           "quick": {"tests": 40, "benches": 40, "train": 60, "time": 25}}
 TOTAL_S = {"full": 480, "quick": 180}
 SETUP_S = 12  # the environment probe (CUDA initialisation included) and slack
 RESERVE_S = 4  # kept back at the end for writing the files
 COMPILED_CAP_S = 120  # one compiled training may not take the whole part: later families get their turn
+# Inductor compiles in a pool of subprocesses that, on the first GPU run, kept a finished bench waiting at exit
+# (atexit shutdown_compile_workers, up to 300 s) until the budget stopped it; compiling in-process avoids the pool
+# (pytorch/pytorch#189290 describes such teardown hangs and this workaround).
+INDUCTOR_IN_PROCESS = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+TIME_BUDGET_S = {"full": 5.0, "quick": 2.0, "cpu": 0.5}  # --task time's measuring seconds per model, at most
 
 # One config per model family (and the conv baseline), in the order they are trained; CIFAR-size models.
 FAMILIES = (("sasa", "configs/sasa/sasa_resnet26_cifar10.yaml"),
@@ -121,7 +130,7 @@ def part_tests(s: Session, clock: PartClock) -> None:
     if s.cuda:
         args = [PYTHON, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs"]
         if importlib.util.find_spec("xdist") is not None:  # the Triton tests are compile-bound: spread them
-            args += ["-n", "4"]
+            args += ["-n", str(max(2, min(8, (os.cpu_count() or 4) // 2)))]
     else:  # no GPU to run them on: check that the marker selects them and that they import (in the files that
         # use it, rather than collecting the whole suite)
         files = sorted(str(path.relative_to(REPO)) for path in (REPO / "tests").rglob("test_*.py")
@@ -171,7 +180,8 @@ def pytest_counts(out: str) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------- 2. benches
 
 def bench_items(s: Session) -> list[tuple[str, list[str], float, object]]:
-    """(name, arguments after `python`, minimum seconds, parser) of each bench, in the order they run."""
+    """(name, arguments after `python`, minimum seconds, parser) of each bench, in the order they run
+    (FlexAttention's runs with INDUCTOR_IN_PROCESS)."""
     flex_json = str(s.work / "neighborhood_flex.json")
     if not s.cuda:
         cpu = ["--device", "cpu"]
@@ -205,7 +215,7 @@ def part_benches(s: Session, clock: PartClock) -> None:
         if timeout is None:
             s.skip("benches", name, "the part's budget was spent", shlex.join(["python", *args]))
             continue
-        r = s.run([PYTHON, *args], timeout)
+        r = s.run([PYTHON, *args], timeout, env=INDUCTOR_IN_PROCESS if name == "neighborhood_flex" else None)
         s.say(f"benches: {name} {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s")
         if not r.ok:
             s.failed("benches", name, r)
@@ -323,7 +333,7 @@ def parse_data_loader(s: Session, r: Result, args: list[str]) -> None:
 
 def train_overrides(s: Session) -> list[str]:
     if s.cuda:
-        size, test, epochs, batch = (7200, 1000, 4, 128) if s.mode == "full" else (3600, 500, 2, 128)
+        size, test, epochs, batch = (3600, 500, 3, 128) if s.mode == "full" else (3600, 500, 2, 128)
         extra = ["train.amp=bf16", "device=cuda"]
     else:
         size, test, epochs, batch = 640, 100, 3, 32
@@ -339,6 +349,8 @@ def part_train(s: Session, clock: PartClock) -> None:
     compiling is the expensive part, so the eager figures of every family come first. --quick trains three
     families, eager only; the CPU form trains the quickstart model."""
     families = CPU_FAMILIES if not s.cuda else FAMILIES if s.mode == "full" else FAMILIES[:QUICK_FAMILIES]
+    if s.families:
+        families = [(family, config) for family, config in FAMILIES if family in s.families] if s.cuda else families
     compiled = families if s.cuda and s.mode == "full" else ()
     plan = [(family, config, "eager", 8) for family, config in families]
     plan += [(family, config, "compiled", 30) for family, config in compiled]
@@ -355,7 +367,7 @@ def part_train(s: Session, clock: PartClock) -> None:
             timeout = max(min_s, min(timeout - sum(later), 2 * timeout / (len(later) + 1)))
         else:
             timeout = min(timeout, COMPILED_CAP_S)
-        r = s.run(args, timeout)
+        r = s.run(args, timeout, env=INDUCTOR_IN_PROCESS if variant == "compiled" else None)
         s.say(f"train: {name} {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s")
         probes = [json.loads(line[len("PROBE "):]) for line in r.out.splitlines() if line.startswith("PROBE ")]
         if not probes:
@@ -433,7 +445,14 @@ def part_time(s: Session, clock: PartClock) -> None:
         if timeout is None:
             s.skip("time", f"--task time: {names}", "the part's budget was spent", shlex.join(["python", *args[1:]]))
             continue
-        r = s.run(args, timeout if index == len(chunks) - 1 else max(8.0, timeout / (len(chunks) - index) * 1.5))
+        timeout = timeout if index == len(chunks) - 1 else max(8.0, timeout / (len(chunks) - index) * 1.5)
+        # The time task measures each model for time.budget_s (35 s by default: minutes per chunk), so the run
+        # sets it: at most half the chunk's timeout for the rounds (the rest starts and warms up its models), and
+        # at most TIME_BUDGET_S per model, which holds tens of rounds on a GPU (one round took about 1 s there).
+        per_model = min(TIME_BUDGET_S[s.mode if s.cuda else "cpu"], int(5 * timeout / len(chunk)) / 10)  # tenths
+        budget = ["--set", f"time.budget_s={max(0.5, per_model):g}"]
+        args[args.index("--output"):args.index("--output")] = budget
+        r = s.run(args, timeout)
         s.say(f"time: chunk {index + 1}/{len(chunks)} {'ok' if r.ok else 'FAILED'} in {r.seconds:.0f} s")
         path = out_dir / "time.json"
         if not r.ok or not path.exists():
@@ -514,6 +533,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget-s", type=float, default=None,
                         help="the whole run's budget in seconds (the parts' budgets scale with it) "
                              "[default: 480, 180 with --quick]")
+    parser.add_argument("--families", default="", help="train only these families (comma-separated, of "
+                        f"{', '.join(f for f, _ in FAMILIES)}): to rerun what a budget cut short [default: all]")
     parser.add_argument("--work", default=None, help="keep run folders and bench outputs in this folder "
                                                      "[default: a temporary folder, deleted at the end]")
     args = parser.parse_args(argv)
@@ -528,7 +549,12 @@ def parse_args(argv=None):
     if args.out and (Path(args.out) / "gpu_check.json").exists():
         parser.exit(2, f"error: --out {args.out} already holds an earlier run's gpu_check.json; give another folder "
                        f"(or move that run away)\n")
-    args.parts = parts
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    known = [f for f, _ in FAMILIES]
+    if [f for f in families if f not in known]:
+        parser.exit(2, f"error: --families takes a comma-separated subset of {', '.join(known)}, "
+                       f"got {args.families!r}\n")
+    args.parts, args.families = parts, families
     return args
 
 
@@ -540,6 +566,7 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "bench/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     mode = "quick" if args.quick else "full"
     s = Session(out, work, mode, args.budget_s or TOTAL_S[mode], command)
+    s.families = args.families
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # still write the files
     try:
         probe_environment(s)

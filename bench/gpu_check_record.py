@@ -111,6 +111,7 @@ class Session:
         self.total_s = total_s
         self.checks: list[Check] = []
         self.parts: list[dict] = []
+        self.families: list[str] = []  # the train part's families (empty: the mode's default list)
         self.env: dict = {}
         self.cuda = False
         self.child: subprocess.Popen | None = None

@@ -97,7 +97,7 @@ def test_bad_arguments_are_one_line_errors_and_an_earlier_run_is_never_overwritt
     (earlier / "gpu_check.json").write_text("{}")
     (tmp_path / "a_file").write_text("")
     for out, args in ((tmp_path / "new", ["--parts", "tests,nope"]), (tmp_path / "new", ["--budget-s", "1"]),
-                      (earlier, []), (tmp_path / "a_file", [])):
+                      (tmp_path / "new", ["--families", "sasa,nope"]), (earlier, []), (tmp_path / "a_file", [])):
         proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
@@ -128,7 +128,6 @@ tiled             8.00         4.00      5.0       0.5%     146.00       0.087
 triton            2.00         1.00     20.0       2.0%     120.00       0.071
 conv3x3           2.00         1.00    500.0      50.0%      16.00       0.010
 gemm              1.00         0.50   1000.0     100.0%
-PASS headline: tiled is 5.00x faster than reference (target >= 4x)
 FAIL headline: tiled saves 0.300 of reference's bytes for backward (target <= 0.25)
 """
 
@@ -142,8 +141,7 @@ def test_neighbourhood_bench_on_cuda_judges_the_fused_op_at_batch_64(gpu_session
     assert by_name["neighbourhood headline B=64: tiled fwd+bwd vs reference"].status == "info"
     assert by_name["neighbourhood headline B=64: triton fwd+bwd vs 3x3 conv"].value == 1.0
     verdicts = {c.value: c.status for c in s.checks if c.name == "neighbourhood headline B=64 (the bench's own target)"}
-    assert verdicts == {"tiled is 5.00x faster than reference (target >= 4x)": "pass",
-                        "tiled saves 0.300 of reference's bytes for backward (target <= 0.25)": "fail"}
+    assert verdicts == {"tiled saves 0.300 of reference's bytes for backward (target <= 0.25)": "fail"}
 
 
 def test_flex_anchor_vit_sasa_and_loader_outputs_on_cuda(gpu_session, tmp_path):
@@ -239,3 +237,31 @@ def test_a_command_out_of_time_gets_ctrl_c_then_is_killed(gpu_session):
     assert r.timed_out and r.rc == -9 and r.seconds < 30
     s.failed("train", "deaf", r)
     assert s.checks[-1].status == "skip" and "time budget" in s.checks[-1].note
+
+
+def test_reruns_name_families_and_commands_fit_their_time(gpu_session, monkeypatch):
+    """--families trains only those; compiling runs keep Inductor in-process (its worker pool held a finished
+    bench at exit on the first GPU run); each time chunk sets time.budget_s from its own timeout (the time task's
+    35 s per model once made every chunk overrun)."""
+    gc, s = gpu_session
+    calls = []
+
+    def fake_run(args, timeout, env=None):
+        calls.append((args, timeout, env or {}))
+        return gc.Result(gc.shlex.join(args), 1, "", 1.0, False)
+
+    monkeypatch.setattr(s, "run", fake_run)
+    s.families = ["vit", "san"]
+    gc.part_train(s, gc.PartClock(gc.time.monotonic() + 400))
+    trained = [(args[args.index("--config") + 1], args[args.index("--variants") + 1], env) for args, _, env in calls]
+    assert [(config.split("/")[1], variant) for config, variant, _ in trained] == [
+        ("vit", "eager"), ("san", "eager"), ("vit", "compiled"), ("san", "compiled")]
+    assert all(("TORCHINDUCTOR_COMPILE_THREADS" in env) == (variant == "compiled") for _, variant, env in trained)
+
+    calls.clear()
+    gc.part_time(s, gc.PartClock(gc.time.monotonic() + 90))
+    assert len(calls) == 3
+    for args, timeout, _ in calls:
+        models = args.count("--config")
+        budget = float(next(a for a in args if a.startswith("time.budget_s=")).split("=")[1])
+        assert 0 < budget * models <= 0.5 * timeout + 1e-9
