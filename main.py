@@ -170,7 +170,8 @@ def main(configs, task, overrides, output, resume, allow_changes, load, quiet, i
         sys.exit(128 + exc.signum)
     except KeyboardInterrupt:
         _ignore_stop_signals()
-        _echo_if_possible("aborted; a training run continues from its last checkpoint with --resume")
+        _echo_if_possible("aborted" + ("; a training run continues from its last checkpoint with --resume"
+                                       if task in ("train", "study") else ""))
         sys.exit(130)
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:

@@ -100,3 +100,23 @@ def test_openmp_threads_sleep_while_waiting_unless_the_environment_says_otherwis
     if "GOMP_SPINCOUNT" in settings:  # libgomp displays PASSIVE for its default too; passive means no spinning
         assert settings["GOMP_SPINCOUNT"] == "0"
     assert openmp_settings("ACTIVE")["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+# Runs main's command with a task whose work is interrupted by Ctrl-C.
+INTERRUPTED = """
+import sys
+import main
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+main.run = interrupted
+main.main.main(args=sys.argv[1:], prog_name="main.py")
+"""
+
+
+@pytest.mark.parametrize("task, advice", [("train", True), ("time", False), ("eval", False)])
+def test_ctrl_c_advises_resume_only_where_a_run_can_be_resumed(task, advice):
+    """(On the first GPU run an interrupted `--task time` told its user to resume a training run.)"""
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED, "--config", "configs/quickstart.yaml",
+                             "--task", task], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr.startswith("aborted"), result.stderr
+    assert ("--resume" in result.stderr) == advice, result.stderr
