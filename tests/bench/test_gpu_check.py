@@ -206,6 +206,9 @@ def test_pytest_summary_counts():
     out = "....F\nFAILED tests/x.py::test_a - boom\n== 3 passed, 1 failed, 2 skipped, 700 deselected, 1 error in 9.1s =="
     assert gc.pytest_counts(out) == {"passed": 3, "failed": 1, "skipped": 2, "deselected": 700, "error": 1}
     assert gc.pytest_counts("no summary") == {}
+    stopped = ("[gw0] [ 10%] PASSED tests/a.py::test_x[fp32]\n[gw3] [ 20%] FAILED tests/b.py::test_y\n"
+               "tests/c.py::test_z PASSED                [ 30%]\n[gw1] [ 40%] SKIPPED tests/d.py::test_w\n")
+    assert gc.pytest_verdicts(stopped) == ({"passed": 2, "failed": 1, "skipped": 1}, ["tests/b.py::test_y"])
 
 
 def test_a_training_stopped_by_the_budget_reports_the_epochs_it_finished(gpu_session):
