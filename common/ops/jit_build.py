@@ -18,7 +18,12 @@ file and rename it into place atomically, so a reader sees either no library or 
 drops a flock when its holder dies, so a killed build never leaves a stale lock behind.
 
 A compile error is remembered (`<name>-<key>.failed`, next to the log `<name>-<key>.log`) so that later
-processes do not pay for the same failed compile again; delete the file to retry.
+processes do not pay for the same failed compile again; delete the file to retry. A compiler stopped by a
+signal says nothing about the source and is not remembered. The compiler runs in a session of its own, so that
+a Ctrl-C at the terminal (which signals the whole foreground process group) reaches only the Python process:
+a training that stops gracefully after its step lets the build finish, and one that raises KeyboardInterrupt
+kills the compiler on the way out (subprocess.run does). Before this, a Ctrl-C during the first-use compile of
+a training marked the kernel as failed on that machine for good.
 """
 
 from __future__ import annotations
@@ -158,7 +163,8 @@ def build(name: str, source: Path, flags: list[str], announce: bool = True) -> P
         os.close(fd)
         command = [compiler, str(source), "-o", tmp, *flags]
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False,
+                                    start_new_session=True)
         except subprocess.TimeoutExpired as exc:
             os.unlink(tmp)
             raise BuildError(f"compiling {source.name} took more than {COMPILE_TIMEOUT_S} s") from exc
@@ -166,6 +172,10 @@ def build(name: str, source: Path, flags: list[str], announce: bool = True) -> P
             os.unlink(tmp)
             raise
         log.write_text(" ".join(command) + "\n\n" + result.stdout + result.stderr)
+        if result.returncode < 0:  # killed (an OOM killer, a job scheduler's SIGTERM): try again next time
+            os.unlink(tmp)
+            raise BuildError(f"the compiler was stopped by signal {-result.returncode} while compiling "
+                             f"{source.name}; the next use compiles it again")
         if result.returncode != 0:
             os.unlink(tmp)
             failed.write_text(f"exit code {result.returncode}\n")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,41 @@ def test_clear_errors_without_compiler_or_cache(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "cache"))
     with pytest.raises(jit_build.BuildError, match="cannot create the cache directory.*TORCH_EXTENSIONS_DIR"):
         jit_build.build("answer", source, FLAGS, announce=False)
+
+
+def test_ctrl_c_at_the_terminal_during_a_build_does_not_mark_it_failed(setup, tmp_path):
+    """A training's SIGINT handler stops after the step instead of raising, so the build goes on; a terminal
+    Ctrl-C signals the whole foreground process group, compiler included. The compiler, killed, once left a
+    `.failed` marker that turned the kernel off on that machine until someone deleted it."""
+    source, log = setup
+    script = textwrap.dedent(f"""
+        import signal
+        from pathlib import Path
+        from common.ops import jit_build
+        signal.signal(signal.SIGINT, lambda signum, frame: print("stopping after this step", flush=True))
+        print(jit_build.build("answer", Path({str(source)!r}), {FLAGS!r}, announce=False), flush=True)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=os.environ.copy(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while calls(log) == 0 and time.monotonic() < deadline:  # the compiler has started (and sleeps a second)
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C at a terminal does
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "stopping after this step" in out, err
+    assert ctypes.CDLL(out.strip().splitlines()[-1]).answer() == 42
+    assert not list((tmp_path / "cache").rglob("*.failed"))
+
+
+def test_a_compiler_killed_by_a_signal_is_not_remembered_as_a_failure(setup, tmp_path, monkeypatch):
+    source, log = setup
+    killed = tmp_path / "killed-c++"
+    real = os.environ["CXX"]
+    killed.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec "{real}" "$@"\nkill -TERM $$\n')
+    killed.chmod(killed.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(jit_build, "library_key", lambda *args: "fixed")  # the same key for both compilers
+    monkeypatch.setenv("CXX", str(killed))
+    with pytest.raises(jit_build.BuildError, match="stopped by signal 15 .*next use compiles it again"):
+        jit_build.build("answer", source, FLAGS, announce=False)
+    monkeypatch.setenv("CXX", real)
+    assert ctypes.CDLL(str(jit_build.build("answer", source, FLAGS, announce=False))).answer() == 42
