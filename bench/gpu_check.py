@@ -65,7 +65,7 @@ from gpu_check_record import PYTHON, REPO, PartClock, Result, Session, Target  #
 
 PARTS = ("tests", "benches", "train", "time")
 # The parts' shares of the run's budget (TOTAL_S, or --budget-s): the parts that run split it in these
-# proportions, less SETUP_S for the environment probe and writing the files. Tuned from the first GPU run (H200,
+# proportions, less SETUP_S for the environment probe and writing the files. Tuned from the first GPU runs (H200,
 # 2026-11-30, BENCHMARKS.md "GPU check"): the GPU tests took over 81 s on 8 workers (69 of 74 done), the benches
 # 115 s, one eager training 20-95 s (process start and Triton compiles, not the epochs), and --task time over
 # the 17 configs more than the 60-80 s it had. Eight minutes hold neither every family compiled nor the whole
