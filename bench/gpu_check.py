@@ -132,7 +132,8 @@ def part_tests(s: Session, clock: PartClock) -> None:
     if s.cuda:
         # -v: a line per test with its name, so that a run the budget stops still says which tests failed
         # (on the first GPU runs pytest-xdist, stopped, printed no summary: only dots and one anonymous F).
-        args = [PYTHON, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs"]
+        # (pytest-benchmark, on the GPU machine's image, warns once per xdist worker that it is disabled.)
+        args = [PYTHON, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-p", "no:benchmark", "-rfEs"]
         if importlib.util.find_spec("xdist") is not None:  # the Triton tests are compile-bound: spread them
             args += ["-n", str(max(2, min(8, (os.cpu_count() or 4) // 2)))]
     else:  # no GPU to run them on: check that the marker selects them and that they import (in the files that
