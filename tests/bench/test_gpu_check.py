@@ -73,6 +73,7 @@ def test_cpu_smoke_run_records_every_part_and_writes_the_files(tmp_path):
                      "FlexAttention window mask agrees with", "SASA-R26 / conv-R26 training step",
                      "ViT attention vit_cifar plain", "DeviceLoader (crop+flip+normalise) throughput",
                      "quickstart eager: train loss", "quickstart eager: peak memory", "cnn3_cifar100: training",
+                     "SAN pairwise block: lean fwd+bwd vs unfold",
                      "configs measured"):
         assert expected in names, expected
     by_name = {c["name"]: c for c in checks}
@@ -182,6 +183,30 @@ def probe(variant: str, losses, images_s, recompiles=0, limit_hits=0):
     return {"variant": variant, "rc": 0, "error": "", "peak_mem_mb": 1234.5, "peak_mem_kind": "cuda_max_memory_allocated",
             "recompiles": recompiles, "recompile_limit_hits": limit_hits, "recompile_reasons": [],
             "graph_breaks": 2, "graph_break_reasons": ["2x a reason"], "unique_graphs": 3, "epochs": epochs}
+
+
+SAN_CUDA = """
+SAN bottleneck c=256 (rel 16, mid 64, share 8), k=7, 32x256x28x28, cuda, median of 5
+| block | implementation | fwd+bwd (ms) | time vs unfold | saved for backward (MB) | memory vs unfold | largest |
+| --- | --- | ---: | ---: | ---: | ---: | ---: |
+| pairwise | unfold | 40.0 | 1.00x | 900.0 | 1.000 | 1 |
+| pairwise | lean | 80.0 | 2.00x | 100.0 | 0.111 | 1 |
+| patchwise | unfold | 30.0 | 1.00x | 700.0 | 1.000 | 1 |
+| patchwise | lean | 20.0 | 0.67x | 420.0 | 0.600 | 1 |
+FAIL
+"""
+
+
+def test_san_block_on_cuda_records_speed_against_unfold_and_judges_memory(gpu_session):
+    gc, s = gpu_session
+    gc.parse_san(s, gc.Result("python bench/san.py", 1, SAN_CUDA, 1.0, False), [])
+    by_name = {c.name.split(" (")[0]: c for c in s.checks}
+    assert by_name["SAN pairwise block: lean fwd+bwd vs unfold"].value == 0.5
+    assert by_name["SAN patchwise block: lean fwd+bwd vs unfold"].value == 1.5
+    assert by_name["SAN pairwise block: lean saved for backward / unfold's"].status == "pass"
+    assert by_name["SAN patchwise block: lean saved for backward / unfold's"].status == "fail"
+    with pytest.raises(ValueError):
+        gc.parse_san(s, result(gc, "Traceback (most recent call last):"), [])
 
 
 def test_training_records_loss_throughput_memory_and_recompilations(gpu_session):
