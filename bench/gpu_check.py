@@ -602,6 +602,9 @@ def parse_args(argv=None):
     if [f for f in families if f not in known]:
         parser.exit(2, f"error: --families takes a comma-separated subset of {', '.join(known)}, "
                        f"got {args.families!r}\n")
+    if families and "train" not in parts:
+        parser.exit(2, f"error: --families chooses what the train part trains, and --parts {args.parts} leaves it "
+                       f"out; add train to --parts\n")
     args.parts, args.families = parts, families
     return args
 
