@@ -99,7 +99,8 @@ def test_bad_arguments_are_one_line_errors_and_an_earlier_run_is_never_overwritt
     (tmp_path / "a_file").write_text("")
     for out, args in ((tmp_path / "new", ["--parts", "tests,nope"]), (tmp_path / "new", ["--budget-s", "1"]),
                       (tmp_path / "new", ["--families", "sasa,nope"]),
-                      (tmp_path / "new", ["--families", "sasa", "--parts", "time"]), (earlier, []), (tmp_path / "a_file", [])):
+                      (tmp_path / "new", ["--families", "sasa", "--parts", "time"]), (earlier, []),
+                      (tmp_path / "a_file", [])):
         proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(out), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
