@@ -429,6 +429,9 @@ def record_training(s: Session, name: str, probe: dict, r: Result) -> None:
     epochs = probe["epochs"]
     stopped = r.timed_out and probe["rc"] in (130, 143)  # Ctrl-C at the budget: it saved and reported its epochs
     if probe["rc"] != 0 and not stopped:
+        if r.timed_out:  # our Ctrl-C also reaches the run's children: a Triton compile's ptxas died of it
+            return s.skip(part, name, f"stopped by the part's budget after {len(epochs)} epoch(s); the stop "
+                                      f"then failed the run ({probe.get('error') or ''})", command)
         return s.error(part, name, f"training failed ({probe.get('error') or ''}; {r.tail()})", command)
     if len(epochs) < 2:
         why = f"{len(epochs)} epoch(s) done" + (" when the part's budget stopped it" if stopped else "")

@@ -247,6 +247,14 @@ def test_a_training_stopped_by_the_budget_reports_the_epochs_it_finished(gpu_ses
     by_name = {c.name: c for c in s.checks}
     assert "stopped there by the part's budget" in by_name["san compiled: train loss, last epoch / first"].note
     assert by_name["aacn compiled"].status == "skip" and "budget" in by_name["aacn compiled"].note
+    # The budget's Ctrl-C reaches the run's children too: on the GPU it killed a Triton compile's ptxas.
+    ptxas = {**probe("eager", [2.5], 97.0), "rc": 1, "error": "PTXASError: `ptxas` failed with error code -2"}
+    gc.record_training(s, "adaptive_span eager", ptxas, stopped)
+    gc.record_training(s, "vit eager", {**probe("eager", [2.3], 1.0), "rc": 1, "error": "RuntimeError: boom"},
+                       gc.Result("python bench/train_probe.py", 1, "", 10.0, False))
+    by_name = {c.name: c for c in s.checks}
+    assert by_name["adaptive_span eager"].status == "skip" and "PTXASError" in by_name["adaptive_span eager"].note
+    assert by_name["vit eager"].status == "error"
 
 
 def test_a_command_out_of_time_gets_ctrl_c_then_is_killed(gpu_session):
