@@ -585,8 +585,11 @@ class Audit:
                 for i in range(4):
                     Image.fromarray(np.full((12, 12, 3), 40 * i, np.uint8)).save(root / split / cls / f"{i}.png")
         (root / "train" / "a" / "zz.png").write_bytes(b"not a png")
+        # mean and std given: an imagefolder has no standard statistics, and without them the run stops on that
+        # (one line too) before it reads an image
         path = self.config(folder, {"data": {"dataset": "imagefolder", "root": str(root), "image_size": 8,
-                                             "val_fraction": 0.0}, "train": {"batch_size": 2}})
+                                             "val_fraction": 0.0, "mean": [0.5] * 3, "std": [0.25] * 3},
+                                    "train": {"batch_size": 2}})
         self.bad_input("8", "imagefolder with a corrupt image: one line, no run folder",
                        ["--config", str(path), "--output", str(folder / "run")], folder, contains="zz.png")
         folder = self.fresh("fp16_cpu")

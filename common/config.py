@@ -243,7 +243,7 @@ def is_study_file(path: str | Path) -> bool:
         return False
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, RecursionError):  # not a study; the config loader says why
         return False
     return isinstance(data, dict) and "seeds" in data and "configs" in data
 

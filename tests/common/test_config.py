@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from common.config import config_from_dict, config_to_dict, dump_config, load_config
+from common.config import config_from_dict, config_to_dict, dump_config, is_study_file, load_config
 from common.errors import UserError
 from tests.helpers import run_main
 
@@ -177,6 +177,16 @@ def test_files_that_are_not_clean_yaml_mappings_are_refused(tmp_path, text, expe
     with pytest.raises(UserError) as info:
         load_config(path)
     assert expected in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_config_too_deep_to_parse_is_not_taken_for_a_study(tmp_path):
+    """main.py asks is_study_file first; its own parse once let the RecursionError out as a traceback (the
+    hostile-input audit's deep-nesting case), before the config loader could say what is wrong."""
+    path = tmp_path / "deep.yaml"
+    path.write_bytes(b"seed: " + b"[" * 20000 + b"]" * 20000 + b"\n")
+    assert not is_study_file(path)
+    with pytest.raises(UserError, match="nested too deeply"):
+        load_config(path)
 
 
 def test_a_model_that_cannot_be_built_with_its_options_is_a_user_error():
