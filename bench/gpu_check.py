@@ -147,7 +147,8 @@ def part_tests(s: Session, clock: PartClock) -> None:
     if timeout is None:
         return s.skip(part, name, "the part's budget was spent")
     r = s.run(args, timeout)
-    counts = pytest_counts(r.out) or (pytest_verdicts(r.out)[0] if r.timed_out else {})
+    per_test, failed_tests = pytest_verdicts(r.out)
+    counts = pytest_counts(r.out) or (per_test if r.timed_out else {})
     if not s.cuda:
         collected = re.search(r"(\d+)(?:/\d+)? tests? collected", r.out)
         n = int(collected.group(1)) if collected else 0
@@ -160,7 +161,7 @@ def part_tests(s: Session, clock: PartClock) -> None:
         return s.failed(part, name, r, "" if not r.ok else f"no pytest summary: {r.tail()}")
     failed = counts.get("failed", 0) + counts.get("error", 0)
     skipped = counts.get("skipped", 0)
-    bad = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.out, flags=re.M) or pytest_verdicts(r.out)[1]
+    bad = re.findall(r"^(?:FAILED|ERROR) (\S+)", r.out, flags=re.M) or failed_tests
     skips = re.findall(r"^SKIPPED \[\d+\] (.*)$", r.out, flags=re.M)
     note = f"{failed} failed, {skipped} skipped"
     if bad:
@@ -397,8 +398,8 @@ def part_train(s: Session, clock: PartClock) -> None:
     compiling is the expensive part, so the eager figures of every family come first. --quick trains three
     families, eager only; the CPU form trains the quickstart model."""
     families = CPU_FAMILIES if not s.cuda else FAMILIES if s.mode == "full" else FAMILIES[:QUICK_FAMILIES]
-    if s.families:
-        families = [(family, config) for family, config in FAMILIES if family in s.families] if s.cuda else families
+    if s.families and s.cuda:
+        families = [(family, config) for family, config in FAMILIES if family in s.families]
     compiled = families if s.cuda and s.mode == "full" else ()
     plan = [(family, config, "eager", 8) for family, config in families]
     plan += [(family, config, "compiled", 30) for family, config in compiled]
