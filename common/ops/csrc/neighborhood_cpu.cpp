@@ -87,11 +87,20 @@ inline void store_n(T* p, V v, int64_t n) {  // the first n lanes
   }
 }
 
+// the sum of a vector's lanes, pairwise (halves added until one lane is left): a few vector adds, where a
+// lane-by-lane sum is a chain of scalar adds; called per plane for each entry of d rel_pos and d window_mask
 template <typename V>
 inline auto hsum(const V& v) {
-  auto s = v[0];
-  for (size_t i = 1; i < sizeof(V) / sizeof(v[0]); ++i) s += v[i];
-  return s;
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (sizeof(V) == sizeof(T)) {
+    return v[0];
+  } else {
+    typedef T H __attribute__((vector_size(sizeof(V) / 2)));
+    H lo, hi;
+    std::memcpy(&lo, &v, sizeof(H));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hsum(lo + hi);
+  }
 }
 
 // exp of a float vector, where AVX-512 has it: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; f from
@@ -388,15 +397,10 @@ void pack_rows_as(const S* src, const Source& s, const Geo& g, int64_t p, int64_
     prefetch(c + 1);
     const S* sp = base + c * s.sc;
     T* dp = dst + c * g.plane;
-    for (int64_t row = row0; row < row1; ++row) {
-      T* out = dp + row * g.wk;
-      int64_t x = 0;
-      for (; x + L <= g.wk; x += L) storeu(out + x, V{});  // rows are short: no memset/memcpy calls
-      for (; x < g.wk; ++x) out[x] = T(0);
-      const int64_t y = row - g.r;
-      if (y < 0 || y >= g.h) continue;
+    for (int64_t y = y0; y < y1; ++y) {
       const S* in = sp + y * s.sy;
-      T* to = out + g.r;
+      T* to = dp + (y + g.r) * g.wk + g.r;
+      int64_t x;
       if constexpr (std::is_same_v<S, T>) {
         if (s.sx == 1) {
           for (x = 0; x + L <= g.w; x += L) storeu(to + x, loadu<V>(in + x));
@@ -409,8 +413,9 @@ void pack_rows_as(const S* src, const Source& s, const Geo& g, int64_t p, int64_
   }
 }
 
-// padded rows [row0, row1) (row = image row + r; zero outside the image) of every channel of plane p of s, into
-// the (C, hk, wk) plane buffer dst
+// the image rows among padded rows [row0, row1) (row = image row + r) of every channel of plane p of s, into the
+// (C, hk, wk) plane buffer dst. Only the image is written: the padding around it is zero from dst's allocation
+// (one per call and thread) and nothing writes it, so a plane of a few pixels does not pay for zeroing its halo.
 template <typename T>
 void pack_rows(const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t row1, T* dst) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "neighborhood_cpu_pack", [&] {
@@ -623,10 +628,10 @@ struct Kernel {
   struct FwdScratch {
     Window win;
     std::vector<V> s, bias;
-    std::unique_ptr<T[]> qbuf, kbuf, vbuf;  // the item's padded input rows (written by pack_rows before use)
+    std::unique_ptr<T[]> qbuf, kbuf, vbuf;  // the item's padded input rows (zeroed here, image by pack_rows)
     explicit FwdScratch(const Geo& g)
-        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(new T[g.d * g.plane]), kbuf(new T[g.d * g.plane]),
-          vbuf(new T[g.dv * g.plane]) {}
+        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()),
+          vbuf(new T[g.dv * g.plane]()) {}
   };
 
   // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
@@ -681,13 +686,13 @@ struct Kernel {
     std::vector<V> s, pw, dp, bias, dm, drel;
     Window win;
     std::vector<int64_t> soff, woff;
-    std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs (written by pack_rows)
+    std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs (zeroed here, image by pack_rows)
     const T *qp, *kp, *vp, *gp;
     Scratch(const Geo& g, bool has_gout)
         : slots(2 * g.r + 1), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
           dsring(slots * slot_size, T(0)), s(2 * g.kk), pw(2 * g.kk), dp(2 * g.kk), bias(g.k), dm(g.kk),
-          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(new T[g.d * g.plane]),
-          kbuf(new T[g.d * g.plane]), vbuf(new T[g.dv * g.plane]), gbuf(has_gout ? new T[g.dv * g.plane] : nullptr),
+          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(new T[g.d * g.plane]()),
+          kbuf(new T[g.d * g.plane]()), vbuf(new T[g.dv * g.plane]()), gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr),
           qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()), gp(gbuf.get()) {}
   };
 
