@@ -1,6 +1,7 @@
 """The fused CPU kernel ("fused_cpu"): what the shared backend tests in test_neighborhood.py do not cover --
 that it is built wherever a compiler exists, kernel sizes 1 and 13, head widths around its channel groups,
-row widths around the vector widths, a window_mask without gradient (whose zero columns the kernel skips),
+row widths around the vector widths, padding that reads as zero whatever the heap held before, a window_mask
+without gradient (whose zero columns the kernel skips),
 fp16/bf16 computed in fp32, a deterministic backward whatever the thread count, torch's thread count, fork
 safety of its threads, tracing by torch.compile, and the fallback to "tiled" (one warning) where it cannot be
 built."""
@@ -19,7 +20,7 @@ import torch
 
 from common.ops import jit_build, neighborhood_cpu
 from common.ops import neighborhood as nb
-from tests.common.ops.test_neighborhood import VARIANTS, assert_all_close, make_inputs, run
+from tests.common.ops.test_neighborhood import HEADS, VARIANTS, D, assert_all_close, make_inputs, run
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -135,6 +136,26 @@ def test_row_widths_around_the_vector_widths(fused, width):
             inputs = make_inputs(5, width, 5, "per_head", True, dtype=dtype)
             assert_all_close(run(fused, inputs, 5, border, weights_grad=True),
                              run("reference", inputs, 5, border, weights_grad=True), atol=tol, rtol=tol)
+
+
+def test_padding_reads_as_zero_after_other_calls_dirtied_the_heap(fused):
+    # The kernel copies only the image into its padded planes and relies on their halo being zeroed when they
+    # are allocated. Calls of other geometries with large values leave such values where a later call's
+    # buffers are carved from (glibc reuses the freed chunks on one thread), so a halo that is not zeroed
+    # shows up as keys and values of 1e3 for border="zeros" (forward) and in the gathers (backward).
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for _ in range(3):
+            for h, w in ((9, 9), (11, 7), (7, 11)):
+                big = torch.full((1, HEADS, h, w, D), 1e3, requires_grad=True)
+                out = nb.neighborhood_attention(big, big, big, 5, border="zeros", backend=fused)
+                torch.autograd.grad(out.sum(), big)
+            inputs = make_inputs(7, 7, 5, "shared")
+            assert_all_close(run(fused, inputs, 5, "zeros"), run("reference", inputs, 5, "zeros"),
+                             atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_backward_is_deterministic_whatever_the_thread_count(fused):
