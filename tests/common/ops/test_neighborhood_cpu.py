@@ -1,10 +1,9 @@
 """The fused CPU kernel ("fused_cpu"): what the shared backend tests in test_neighborhood.py do not cover --
 that it is built wherever a compiler exists, kernel sizes 1 and 13, head widths around its channel groups,
 row widths around the vector widths, padding that reads as zero whatever the heap held before, a window_mask
-without gradient (whose zero columns the kernel skips),
-fp16/bf16 computed in fp32, a deterministic backward whatever the thread count, torch's thread count, fork
-safety of its threads, tracing by torch.compile, and the fallback to "tiled" (one warning) where it cannot be
-built."""
+without gradient (whose zero columns the kernel skips), fp16/bf16 computed in fp32, a deterministic backward
+whatever the thread count, torch's thread count, fork safety of its threads, tracing by torch.compile, and the
+fallback to "tiled" (one warning) where it cannot be built."""
 
 from __future__ import annotations
 
