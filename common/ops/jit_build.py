@@ -22,8 +22,8 @@ processes do not pay for the same failed compile again; delete the file to retry
 signal says nothing about the source and is not remembered. The compiler runs in a session of its own, so that
 a Ctrl-C at the terminal (which signals the whole foreground process group) reaches only the Python process:
 a training that stops gracefully after its step lets the build finish, and one that raises KeyboardInterrupt
-kills the compiler on the way out (subprocess.run does). Before this, a Ctrl-C during the first-use compile of
-a training marked the kernel as failed on that machine for good.
+kills the compiler on the way out (subprocess.run does). Otherwise a Ctrl-C during a training's first-use
+compile would kill the compiler and mark the kernel as failed on that machine until the marker is deleted.
 """
 
 from __future__ import annotations

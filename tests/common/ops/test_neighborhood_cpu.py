@@ -140,21 +140,16 @@ def test_row_widths_around_the_vector_widths(fused, width):
 def test_padding_reads_as_zero_after_other_calls_dirtied_the_heap(fused):
     # The kernel copies only the image into its padded planes and relies on their halo being zeroed when they
     # are allocated. Calls of other geometries with large values leave such values where a later call's
-    # buffers are carved from (glibc reuses the freed chunks on one thread), so a halo that is not zeroed
-    # shows up as keys and values of 1e3 for border="zeros" (forward) and in the gathers (backward).
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for _ in range(3):
-            for h, w in ((9, 9), (11, 7), (7, 11)):
-                big = torch.full((1, HEADS, h, w, D), 1e3, requires_grad=True)
-                out = nb.neighborhood_attention(big, big, big, 5, border="zeros", backend=fused)
-                torch.autograd.grad(out.sum(), big)
-            inputs = make_inputs(7, 7, 5, "shared")
-            assert_all_close(run(fused, inputs, 5, "zeros"), run("reference", inputs, 5, "zeros"),
-                             atol=1e-5, rtol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    # buffers are carved from (glibc reuses the freed chunks on one thread: conftest's one_thread), so a halo
+    # that is not zeroed shows up as keys and values of 1e3 for border="zeros" (forward) and in the gathers
+    # (backward).
+    for _ in range(3):
+        for h, w in ((9, 9), (11, 7), (7, 11)):
+            big = torch.full((1, HEADS, h, w, D), 1e3, requires_grad=True)
+            out = nb.neighborhood_attention(big, big, big, 5, border="zeros", backend=fused)
+            torch.autograd.grad(out.sum(), big)
+        inputs = make_inputs(7, 7, 5, "shared")
+        assert_all_close(run(fused, inputs, 5, "zeros"), run("reference", inputs, 5, "zeros"), atol=1e-5, rtol=1e-5)
 
 
 def test_backward_is_deterministic_whatever_the_thread_count(fused):
