@@ -8,7 +8,8 @@ caller falls back to the tiled backend after one warning.
 How it computes (the math is the module docstring of common/ops/neighborhood.py):
 
 - layout: q, k, v and grad_out are copied once into channel-major planes (B, heads, C, H + 2r, W' + 2r), the
-  image zero-padded by r = k // 2 on every side and each row rounded up to whole SIMD vectors (W'); a
+  image zero-padded by r = k // 2 on every side and each row rounded up to whole SIMD vectors (W'), or to
+  half of one where the last pixels fit in it (a 56-pixel row is 3 x 16 + 8 lanes, not 4 x 16); a
   convolution output split into heads is already channel-major, so that copy is a plain memcpy of rows. One
   SIMD vector holds consecutive query pixels of one channel, so each window dot product is a vertical
   multiply-add (q[c] * (k[c] shifted by the offset + rel[o][c])) with no horizontal reduction, and the

@@ -6,9 +6,10 @@
 // Vectorisation runs along image rows: one SIMD vector holds L consecutive query pixels of one channel, so
 // every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
 // inner loops. Each work item first copies the rows it reads into channel-major planes (C, hk, wk), zero-
-// padded by r = k // 2 on every side and with rows rounded up to whole vectors, so a window read never needs
-// a bounds check. Two neighbouring vectors of a row are processed together where the row is long enough,
-// which doubles the independent accumulator chains and shares every relative-embedding broadcast.
+// padded by r = k // 2 on every side and with rows rounded up to whole vectors (or to half of one, which a
+// kernel of half the width computes), so a window read never needs a bounds check. Two neighbouring vectors
+// of a row are processed together where the row is long enough, which doubles the independent accumulator
+// chains and shares every relative-embedding broadcast.
 //
 // Threads: torch's thread count, on a pool of our own whose threads sleep while idle (see Pool); one task
 // per pass. The forward pass hands out (plane, row band) items; the backward pass hands out (batch, head)
@@ -172,16 +173,21 @@ constexpr int64_t STATS_ALIGN = 16;
 inline int64_t stats_width(int64_t w) { return (w + STATS_ALIGN - 1) / STATS_ALIGN * STATS_ALIGN; }
 
 // The geometry of one call. Padded planes are (C, hk, wk) with the image at rows [r, r + h), columns
-// [r, r + w); hk = h + 2r, wk = wq + 2r, wq = w rounded up to whole vectors.
+// [r, r + w); hk = h + 2r, wk = wq + 2r. A row is `blocks` vectors of `lanes` pixels, then, where the last few
+// pixels fit in half a vector (and the CPU has vectors half as wide), one of those (`half`): a row of 56
+// pixels is three vectors of 16 and one of 8, not four of 16 with 8 lanes of padding. wq: the pixels they cover.
 struct Geo {
-  int64_t batch, heads, bh, d, dv, h, w, k, r, kk, lanes, wq, hk, wk, plane, ws;
-  bool border_mask;
+  int64_t batch, heads, bh, d, dv, h, w, k, r, kk, lanes, blocks, wq, hk, wk, plane, ws;
+  bool half, border_mask;
 
   Geo(int64_t batch_, int64_t heads_, int64_t d_, int64_t dv_, int64_t h_, int64_t w_, int64_t k_, int64_t lanes_,
-      bool border_mask_)
+      bool half_vectors, bool border_mask_)
       : batch(batch_), heads(heads_), bh(batch_ * heads_), d(d_), dv(dv_), h(h_), w(w_), k(k_), r(k_ / 2),
         kk(k_ * k_), lanes(lanes_), border_mask(border_mask_) {
-    wq = (w + lanes - 1) / lanes * lanes;
+    const int64_t rest = w % lanes;
+    half = half_vectors && rest > 0 && 2 * rest <= lanes;
+    blocks = half ? w / lanes : (w + lanes - 1) / lanes;
+    wq = blocks * lanes + (half ? lanes / 2 : 0);
     ws = stats_width(w);
     hk = h + 2 * r;
     wk = wq + 2 * r;
@@ -424,11 +430,100 @@ void pack_rows(const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t r
   });
 }
 
+// The arguments of the two passes (both vector widths of a call share them).
+template <typename T>
+struct FwdArgs {
+  Source q, k, v;
+  const T *rel, *relt, *mask;
+  bool rel_per_head;
+  T *out, *weights, *stats;  // stats: (2, bh, h, ws): the softmax's max and 1 / sum(e m) per query
+};
+
+template <typename T>
+struct BwdArgs {
+  Source q, k, v, gout;
+  const T *gw, *stats, *rel, *relt, *mask;
+  bool rel_per_head;
+  T *dq, *dk, *dv;  // (bh, C, h, w) or null
+  T *drel, *dmask;  // per plane: (bh, kk, d), (bh, kk), or null
+};
+
+// A thread's padded input planes (zeroed here; pack_rows copies the image in), the window of the current query
+// row and, for the backward pass, P and dS of the last 2r + 1 query rows: a ring of (kk, wk) rows each (query x
+// at column x + r, zero in the r columns either side), as the key rows of the gather pass read nothing older,
+// and the ring positions and plane positions of the queries that see a key.
+template <typename T>
+struct Planes {
+  Window win;
+  int64_t slots, slot_size;
+  std::vector<T> pring, dsring;
+  std::vector<int64_t> soff, woff;
+  std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;
+  const T *qp, *kp, *vp, *gp;
+  Planes(const Geo& g, bool backward, bool has_gout)
+      : win(g.kk), slots(backward ? 2 * g.r + 1 : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
+        dsring(slots * slot_size, T(0)), soff(backward ? g.kk : 0), woff(backward ? g.kk : 0),
+        qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()), vbuf(new T[g.dv * g.plane]()),
+        gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()),
+        gp(gbuf.get()) {}
+};
+
+// A thread's vectors of one width: logits, weights and dP of up to two blocks, the border bias, and for the
+// backward pass the current plane's d window_mask (kk) and d rel (kk x d) accumulators.
+template <typename V>
+struct Lanes {
+  std::vector<V> s, pw, dp, bias, dm, drel;
+  Lanes(const Geo& g, bool backward)
+      : s(2 * g.kk), pw(backward ? 2 * g.kk : 0), dp(backward ? 2 * g.kk : 0), bias(g.k),
+        dm(backward ? g.kk : 0), drel(backward ? g.kk * g.d : 0) {}
+  void clear_sums() {
+    std::fill(dm.begin(), dm.end(), V{});
+    std::fill(drel.begin(), drel.end(), V{});
+  }
+};
+
 template <typename T, int VB>
 struct Kernel {
   using V = typename Simd<T, VB>::V;
   static constexpr int64_t L = sizeof(V) / sizeof(T);
   static constexpr int CGROUP = 8;  // channels whose accumulators stay in registers together
+  // the kernel of half the vector width, which computes the last few pixels of a row (see Geo)
+  static constexpr bool HAS_HALF = VB >= 32;
+  using Half = Kernel<T, HAS_HALF ? VB / 2 : VB>;
+  using Fwd = FwdArgs<T>;
+  using Bwd = BwdArgs<T>;
+
+  template <int XB>
+  using Blocks = std::integral_constant<int, XB>;
+
+  // f(kernel, Blocks<XB>{}, xb) for the vectors of a row, left to right: pairs, a last single one, the half-
+  // width one; kernel is Kernel or Half, whose static members compute the block(s) at column xb.
+  template <typename F>
+  static void for_row_blocks(const Geo& g, const F& f) {
+    int64_t xi = 0;
+    for (; xi + 2 <= g.blocks; xi += 2) f(Kernel{}, Blocks<2>{}, xi * L);
+    if (xi < g.blocks) f(Kernel{}, Blocks<1>{}, xi * L);
+    if constexpr (HAS_HALF) {
+      if (g.half) f(Half{}, Blocks<1>{}, g.blocks * L);
+    }
+  }
+
+  // A thread's scratch: its planes, and vectors of both widths.
+  struct Scratch {
+    Planes<T> planes;
+    Lanes<V> wide;
+    Lanes<typename Half::V> narrow;
+    Scratch(const Geo& g, bool backward, bool has_gout)
+        : planes(g, backward, has_gout), wide(g, backward), narrow(g, backward) {}
+    template <typename K>
+    auto& lanes() {
+      if constexpr (std::is_same_v<typename K::V, V>) {
+        return wide;
+      } else {
+        return narrow;
+      }
+    }
+  };
 
   // ------------------------------------------------------------------------------------------------------
   // building blocks; XB = 1 or 2 neighbouring vectors of query pixels (blocks) at once; per-entry values of
@@ -576,20 +671,15 @@ struct Kernel {
   // -------------------------------------------------------------------------------------------------------
   // forward
 
-  struct Fwd {
-    Source q, k, v;
-    const T *rel, *relt, *mask;
-    bool rel_per_head;
-    T *out, *weights, *stats;  // stats: (2, bh, h, ws): the softmax's max and 1 / sum(e m) per query
-  };
-
   template <int XB>
-  static void forward_blocks(const Geo& g, const Fwd& f, const Window& win, const T* qp, const T* kp, const T* vp,
-                             int64_t p, int64_t y, int64_t xb, V* s, V* bias) {
+  static void forward_blocks(const Geo& g, const Fwd& f, const Planes<T>& pl, Lanes<V>& ln, int64_t p, int64_t y,
+                             int64_t xb) {
+    const Window& win = pl.win;
+    V* s = ln.s.data();
     const int64_t head = p % g.heads;
     const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
     const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
-    logits<XB>(g, win, qp, kp, relt, y, xb, s, bias);
+    logits<XB>(g, win, pl.qp, pl.kp, relt, y, xb, s, ln.bias.data());
     int64_t valid[XB];
     V invs[XB];  // the normalisation is applied to the weighted sum (and to the weights only when returned)
     for (int x = 0; x < XB; ++x) {
@@ -619,82 +709,39 @@ struct Kernel {
         for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j] * inv, valid[x]);
       }
     }
-    weighted<XB>(win, s, vp + y * g.wk + xb, g.plane, g.dv, nullptr, g.d, g.kk,
+    weighted<XB>(win, s, pl.vp + y * g.wk + xb, g.plane, g.dv, nullptr, g.d, g.kk,
                  f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid, invs);
   }
-
-  // Work items are bands of rows of one plane (whole planes when there are enough of them for the threads);
-  // each copies the rows it reads into thread-local padded planes, which stay in cache while it computes.
-  struct FwdScratch {
-    Window win;
-    std::vector<V> s, bias;
-    std::unique_ptr<T[]> qbuf, kbuf, vbuf;  // the item's padded input rows (zeroed here, image by pack_rows)
-    explicit FwdScratch(const Geo& g)
-        : win(g.kk), s(2 * g.kk), bias(g.k), qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()),
-          vbuf(new T[g.dv * g.plane]()) {}
-  };
 
   // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
   // busy to the end; each copies the rows it reads into its thread's padded planes, which stay in cache while
   // it computes.
   static void forward(const Geo& g, const Fwd& f) {
     const Ranges ranges(g, f.mask, false);
-    const int64_t nxb = g.wq / L;
     const int64_t want = 8 * at::get_num_threads();
     const int64_t bands = std::min<int64_t>(g.h, std::max<int64_t>(1, (want + g.bh - 1) / g.bh));
     const int64_t band = (g.h + bands - 1) / bands;
-    parallel_items<FwdScratch>(g.bh * bands, [&] { return FwdScratch(g); }, [&](FwdScratch& sc, int64_t item) {
+    parallel_items<Scratch>(g.bh * bands, [&] { return Scratch(g, false, false); }, [&](Scratch& sc, int64_t item) {
       const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
       if (y0 >= y1) return;
-      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, sc.qbuf.get());
-      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, sc.kbuf.get());
-      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, sc.vbuf.get());
+      Planes<T>& pl = sc.planes;
+      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, pl.qbuf.get());
+      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, pl.kbuf.get());
+      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, pl.vbuf.get());
       for (int64_t y = y0; y < y1; ++y) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
-        sc.win.build(g, ranges, p % g.heads, dy0, dy1);
-        int64_t xi = 0;
-        for (; xi + 2 <= nxb; xi += 2) {
-          forward_blocks<2>(g, f, sc.win, sc.qbuf.get(), sc.kbuf.get(), sc.vbuf.get(), p, y, xi * L,
-                            sc.s.data(), sc.bias.data());
-        }
-        if (xi < nxb) {
-          forward_blocks<1>(g, f, sc.win, sc.qbuf.get(), sc.kbuf.get(), sc.vbuf.get(), p, y, xi * L,
-                            sc.s.data(), sc.bias.data());
-        }
+        pl.win.build(g, ranges, p % g.heads, dy0, dy1);
+        for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
+          using K = decltype(kernel);
+          K::template forward_blocks<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), p, y, xb);
+        });
       }
     });
   }
 
   // -------------------------------------------------------------------------------------------------------
   // backward
-
-  struct Bwd {
-    Source q, k, v, gout;
-    const T *gw, *stats, *rel, *relt, *mask;
-    bool rel_per_head;
-    T *dq, *dk, *dv;  // (bh, C, h, w) or null
-    T *drel, *dmask;  // per plane: (bh, kk, d), (bh, kk), or null
-  };
-
-  // Thread-local scratch. P and dS of the last 2r + 1 query rows, a ring of (kk, wk) rows each (query x at
-  // column x + r, zero in the r columns either side): the key rows of the gather pass read nothing older.
-  // Accumulators of d rel (kk x d vectors) and d mask (kk vectors) of the current plane.
-  struct Scratch {
-    int64_t slots, slot_size;
-    std::vector<T> pring, dsring;
-    std::vector<V> s, pw, dp, bias, dm, drel;
-    Window win;
-    std::vector<int64_t> soff, woff;
-    std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;  // the plane's padded inputs (zeroed here, image by pack_rows)
-    const T *qp, *kp, *vp, *gp;
-    Scratch(const Geo& g, bool has_gout)
-        : slots(2 * g.r + 1), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
-          dsring(slots * slot_size, T(0)), s(2 * g.kk), pw(2 * g.kk), dp(2 * g.kk), bias(g.k), dm(g.kk),
-          drel(g.kk * g.d), win(g.kk), soff(g.kk), woff(g.kk), qbuf(new T[g.d * g.plane]()),
-          kbuf(new T[g.d * g.plane]()), vbuf(new T[g.dv * g.plane]()), gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr),
-          qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()), gp(gbuf.get()) {}
-  };
 
   // d rel[o][c] += sum over the XB blocks of dS_o * q_c, N channels at a time
   template <int N, int XB>
@@ -719,8 +766,8 @@ struct Kernel {
   // dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), d mask += E (dP - sum P dP),
   // d rel += dS q, dq = sum dS (k + rel); P and dS go to the ring.
   template <int XB>
-  static void backward_queries(const Geo& g, const Bwd& f, Scratch& sc, bool need_mask, int64_t p, int64_t y,
-                               int64_t xb) {
+  static void backward_queries(const Geo& g, const Bwd& f, Planes<T>& sc, Lanes<V>& ln, bool need_mask, int64_t p,
+                               int64_t y, int64_t xb) {
     const Window& win = sc.win;
     const int64_t head = p % g.heads;
     const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
@@ -728,8 +775,8 @@ struct Kernel {
     const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
     const T *qp = sc.qp, *kp = sc.kp;
     const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
-    V *s = sc.s.data(), *pw = sc.pw.data(), *dp = sc.dp.data();
-    logits<XB>(g, win, qp, kp, relt, y, xb, s, sc.bias.data());
+    V *s = ln.s.data(), *pw = ln.pw.data(), *dp = ln.dp.data();
+    logits<XB>(g, win, qp, kp, relt, y, xb, s, ln.bias.data());
     if (sc.gp != nullptr) window_dots<XB>(g, win, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, dp);
     T* pslot = sc.pring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
     T* dsslot = sc.dsring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
@@ -762,7 +809,7 @@ struct Kernel {
       }
       for (int64_t j = 0; j < win.n; ++j) {
         const V centred = dpx[j] - dsum;
-        if (need_mask) sc.dm[win.o[j]] += sx[j] * centred;
+        if (need_mask) ln.dm[win.o[j]] += sx[j] * centred;
         dpx[j] = px[j] * centred;  // dS
         storeu(pcol + win.o[j] * g.wk, px[j]);
         storeu(dscol + win.o[j] * g.wk, dpx[j]);
@@ -771,7 +818,7 @@ struct Kernel {
     if (f.drel != nullptr) {
       for (int64_t c = 0; c < g.d; c += 4) {
         const T* qc = qp + qoff + c * g.plane;
-        V* acc = sc.drel.data() + c;
+        V* acc = ln.drel.data() + c;
         switch (std::min<int64_t>(4, g.d - c)) {
           case 1: drel_group<1, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
           case 2: drel_group<2, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
@@ -825,7 +872,7 @@ struct Kernel {
   }
 
   // (2) key row yk (its queries' rows are all in the ring): dk = sum_o dS_o q and dv = sum_o P_o grad_out
-  static void backward_keys(const Geo& g, const Bwd& f, Scratch& sc, const Ranges& active, int64_t p, int64_t yk) {
+  static void backward_keys(const Geo& g, const Bwd& f, Planes<T>& sc, const Ranges& active, int64_t p, int64_t yk) {
     const int64_t head = p % g.heads;
     // the queries (yk + r - dy, x + r - dx) that see key (yk, x); only those in the image have dS, P != 0
     const int64_t dy0 = std::max<int64_t>(0, yk + g.r - g.h + 1), dy1 = std::min<int64_t>(g.k, yk + g.r + 1);
@@ -838,26 +885,20 @@ struct Kernel {
         ++n;
       }
     }
-    const int64_t nkb = (g.w + L - 1) / L;
-    for (int64_t xi = 0; xi < nkb;) {
-      const int64_t xb = xi * L;
-      const bool two = xi + 2 <= nkb;
-      int64_t valid[2];
-      for (int x = 0; x < 2; ++x) valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
+    for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
+      using K = decltype(kernel);
+      constexpr int XB = decltype(blocks)::value;
+      int64_t valid[XB];
+      for (int x = 0; x < XB; ++x) valid[x] = std::min<int64_t>(K::L, g.w - xb - x * K::L);
       if (f.dk != nullptr) {
-        const T *w = sc.dsring.data() + xb, *src = sc.qp + xb;
-        T* dst = f.dk + (p * g.d * g.h + yk) * g.w + xb;
-        if (two) gather<2>(w, src, g.plane, g.d, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
-        else gather<1>(w, src, g.plane, g.d, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+        K::template gather<XB>(sc.dsring.data() + xb, sc.qp + xb, g.plane, g.d, sc.woff.data(), sc.soff.data(), n,
+                               f.dk + (p * g.d * g.h + yk) * g.w + xb, g.h * g.w, valid);
       }
       if (f.dv != nullptr) {
-        const T *w = sc.pring.data() + xb, *src = sc.gp + xb;
-        T* dst = f.dv + (p * g.dv * g.h + yk) * g.w + xb;
-        if (two) gather<2>(w, src, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
-        else gather<1>(w, src, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n, dst, g.h * g.w, valid);
+        K::template gather<XB>(sc.pring.data() + xb, sc.gp + xb, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n,
+                               f.dv + (p * g.dv * g.h + yk) * g.w + xb, g.h * g.w, valid);
       }
-      xi += two ? 2 : 1;
-    }
+    });
   }
 
   // Per plane, rows in order: the query pass of row y, then the key pass of row y - r, whose queries are then
@@ -866,32 +907,41 @@ struct Kernel {
     const bool need_mask = f.dmask != nullptr && f.mask != nullptr;
     const bool keys = f.dk != nullptr || f.dv != nullptr;
     const Ranges live(g, f.mask, need_mask), active(g, f.mask, false);
-    const int64_t nxb = g.wq / L;
-    parallel_items<Scratch>(g.bh, [&] { return Scratch(g, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
+    parallel_items<Scratch>(g.bh, [&] { return Scratch(g, true, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
       const int64_t head = p % g.heads;
-      pack_rows(f.q, g, p, 0, g.hk, sc.qbuf.get());
-      pack_rows(f.k, g, p, 0, g.hk, sc.kbuf.get());
-      pack_rows(f.v, g, p, 0, g.hk, sc.vbuf.get());
-      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, sc.gbuf.get());
-      std::fill(sc.dm.begin(), sc.dm.end(), V{});
-      std::fill(sc.drel.begin(), sc.drel.end(), V{});
+      Planes<T>& pl = sc.planes;
+      pack_rows(f.q, g, p, 0, g.hk, pl.qbuf.get());
+      pack_rows(f.k, g, p, 0, g.hk, pl.kbuf.get());
+      pack_rows(f.v, g, p, 0, g.hk, pl.vbuf.get());
+      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, pl.gbuf.get());
+      if (g.blocks > 0) sc.wide.clear_sums();
+      if (g.half) sc.narrow.clear_sums();
       for (int64_t y = 0; y < g.h; ++y) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
-        sc.win.build(g, live, head, dy0, dy1);
-        int64_t xi = 0;
-        for (; xi + 2 <= nxb; xi += 2) backward_queries<2>(g, f, sc, need_mask, p, y, xi * L);
-        if (xi < nxb) backward_queries<1>(g, f, sc, need_mask, p, y, xi * L);
-        if (keys && y >= g.r) backward_keys(g, f, sc, active, p, y - g.r);
+        pl.win.build(g, live, head, dy0, dy1);
+        for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
+          using K = decltype(kernel);
+          K::template backward_queries<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), need_mask, p, y,
+                                                                xb);
+        });
+        if (keys && y >= g.r) backward_keys(g, f, pl, active, p, y - g.r);
       }
       if (keys) {
-        for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, sc, active, p, yk);
+        for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, pl, active, p, yk);
       }
+      // the sums of the widths this plane's rows use
+      const auto plane_sum = [&](const auto& wide, const auto& narrow, int64_t i) {
+        if (!g.half) return hsum(wide[i]);
+        return g.blocks > 0 ? hsum(wide[i]) + hsum(narrow[i]) : hsum(narrow[i]);
+      };
       if (f.drel != nullptr) {
-        for (int64_t i = 0; i < g.kk * g.d; ++i) f.drel[p * g.kk * g.d + i] = hsum(sc.drel[i]);
+        T* drel = f.drel + p * g.kk * g.d;
+        for (int64_t i = 0; i < g.kk * g.d; ++i) drel[i] = plane_sum(sc.wide.drel, sc.narrow.drel, i);
       }
       if (f.dmask != nullptr) {
-        for (int64_t o = 0; o < g.kk; ++o) f.dmask[p * g.kk + o] = need_mask ? hsum(sc.dm[o]) : T(0);
+        T* dmask = f.dmask + p * g.kk;
+        for (int64_t o = 0; o < g.kk; ++o) dmask[o] = need_mask ? plane_sum(sc.wide.dm, sc.narrow.dm, o) : T(0);
       }
     });
   }
@@ -900,31 +950,20 @@ struct Kernel {
 // ----------------------------------------------------------------------------------------------------------
 // ATen glue
 
-// Bytes per vector for a row of `width` pixels: the CPU's widest, except half of it for floats on maps of at
-// most a quarter of the widest vector (8 pixels with AVX-512), where half the lanes would be padding.
-int vector_bytes(at::ScalarType t, int64_t width) {
-  if (t == at::kFloat && NA_VBYTES >= 32 && width * 4 <= NA_VBYTES / 2) return NA_VBYTES / 2;
-  return NA_VBYTES;
-}
-
-int64_t lanes_for(at::ScalarType t, int64_t width) {
-  return vector_bytes(t, width) / (t == at::kDouble ? 8 : 4);
-}
-
-// f(kernel) with the Kernel instance for this dtype and row width (doubles: only the widest vectors)
+// f(kernel) with the kernel for this dtype: the CPU's widest vectors (its Half computes the ends of rows)
 template <typename T, typename F>
-void with_kernel(int64_t width, const F& f) {
-  if constexpr (std::is_same_v<T, float> && NA_VBYTES >= 32) {
-    if (vector_bytes(at::kFloat, width) != NA_VBYTES) {
-      f(Kernel<T, NA_VBYTES / 2>{});
-      return;
-    }
-  }
+void with_kernel(const F& f) {
   f(Kernel<T, NA_VBYTES>{});
 }
 
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Geo geometry(const at::Tensor& q, const at::Tensor& v, at::ScalarType ct, int64_t kernel_size, bool border_mask) {
+  const int64_t lanes = NA_VBYTES / (ct == at::kDouble ? 8 : 4);
+  return Geo(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size, lanes,
+             Kernel<float, NA_VBYTES>::HAS_HALF, border_mask);
 }
 
 void read_options(const c10::optional<at::Tensor>& rel_pos, const c10::optional<at::Tensor>& window_mask,
@@ -945,8 +984,7 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
   TORCH_CHECK(at::isFloatingType(q.scalar_type()) && at::isFloatingType(k.scalar_type()) &&
               at::isFloatingType(v.scalar_type()), "q, k, v must be floating point");
   const auto ct = compute_type(q.scalar_type());
-  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
-              lanes_for(ct, q.size(3)), border_mask);
+  const Geo g = geometry(q, v, ct, kernel_size, border_mask);
   at::Tensor rel, relt, mask;
   read_options(rel_pos, window_mask, g, ct, rel, relt, mask);
   auto opts = q.options().dtype(ct);
@@ -955,7 +993,7 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
   auto weights = return_weights ? at::empty({g.batch, g.heads, g.kk, g.h, g.w}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_forward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    with_kernel<scalar_t>(g.w, [&](auto kernel) {
+    with_kernel<scalar_t>([&](auto kernel) {
       using K = decltype(kernel);
       typename K::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
                         rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
@@ -975,8 +1013,7 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
   const bool needs[5] = {bool(need_bits & 1), bool(need_bits & 2), bool(need_bits & 4), bool(need_bits & 8),
                          bool(need_bits & 16)};
   const auto ct = stats.scalar_type();
-  const Geo g(q.size(0), q.size(1), q.size(4), v.size(4), q.size(2), q.size(3), kernel_size,
-              lanes_for(ct, q.size(3)), border_mask);
+  const Geo g = geometry(q, v, ct, kernel_size, border_mask);
   TORCH_CHECK(stats.dim() == 5 && stats.size(4) == g.ws, "inconsistent saved statistics");
   const bool has_out = grad_out.has_value() && grad_out->defined();
   const bool has_w = grad_weights.has_value() && grad_weights->defined();
@@ -996,7 +1033,7 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
   auto dmask_part = need_mask ? at::empty({g.bh, g.kk}, opts) : none;
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_backward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    with_kernel<scalar_t>(g.w, [&](auto kernel) {
+    with_kernel<scalar_t>([&](auto kernel) {
       using K = decltype(kernel);
       typename K::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(), ptr(gw),
                         ptr(stats), ptr(rel), ptr(relt), ptr(mask), rel.defined() && rel.size(0) > 1, ptr(dq),

@@ -128,7 +128,9 @@ def test_half_precision_is_computed_in_float32(fused, dtype, ulp):
             assert_all_close([t.double() for t in got], want, atol=1e-5, rtol=ulp)
 
 
-@pytest.mark.parametrize("width", [4, 8, 9, 16, 17, 33])
+# with 16-float vectors: a half vector (4, 8), one vector (9, 16), one and a half (17, 24), two (25), two and a
+# half (33, 40: a pair then a half), three and a half (56: a pair, a single one, a half)
+@pytest.mark.parametrize("width", [4, 8, 9, 16, 17, 24, 25, 33, 40, 56])
 def test_row_widths_around_the_vector_widths(fused, width):
     for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
         for border in ("mask", "zeros"):
