@@ -448,24 +448,38 @@ struct BwdArgs {
   T *drel, *dmask;  // per plane: (bh, kk, d), (bh, kk), or null
 };
 
+// The queries that see a key row, as positions relative to a key block: in the P and dS ring (w) and in the
+// padded q and grad_out planes (s).
+struct KeyEntries {
+  std::vector<int64_t> w, s;
+  int64_t n = 0;
+  explicit KeyEntries(int64_t capacity) : w(capacity), s(capacity) {}
+  void add(int64_t ring_pos, int64_t plane_pos) {
+    w[n] = ring_pos;
+    s[n] = plane_pos;
+    ++n;
+  }
+};
+
 // A thread's padded input planes (zeroed here; pack_rows copies the image in), the window of the current query
-// row and, for the backward pass, P and dS of the last 2r + 1 query rows: a ring of (kk, wk) rows each (query x
-// at column x + r, zero in the r columns either side), as the key rows of the gather pass read nothing older,
-// and the ring positions and plane positions of the queries that see a key.
+// row and, for the backward pass, P and dS of the last 2r + 2 query rows: a ring of (kk, wk) rows each (query x
+// at column x + r, zero in the r columns either side), as the key rows of the gather pass (two at a time) read
+// nothing older, and the entries of those key rows: the query rows that see both, the first only, the second
+// only.
 template <typename T>
 struct Planes {
   Window win;
   int64_t slots, slot_size;
   std::vector<T> pring, dsring;
-  std::vector<int64_t> soff, woff;
+  KeyEntries both, first, second;
   std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;
   const T *qp, *kp, *vp, *gp;
   Planes(const Geo& g, bool backward, bool has_gout)
-      : win(g.kk), slots(backward ? 2 * g.r + 1 : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
-        dsring(slots * slot_size, T(0)), soff(backward ? g.kk : 0), woff(backward ? g.kk : 0),
-        qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()), vbuf(new T[g.dv * g.plane]()),
-        gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()),
-        gp(gbuf.get()) {}
+      : win(g.kk), slots(backward ? 2 * g.r + 2 : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
+        dsring(slots * slot_size, T(0)), both(backward ? g.kk : 0), first(backward ? g.kk : 0),
+        second(backward ? g.kk : 0), qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()),
+        vbuf(new T[g.dv * g.plane]()), gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()),
+        kp(kbuf.get()), vp(vbuf.get()), gp(gbuf.get()) {}
 };
 
 // A thread's vectors of one width: logits, weights and dP of up to two blocks, the border bias, and for the
@@ -833,35 +847,51 @@ struct Kernel {
     }
   }
 
-  // dst[c][x] = sum_j w[woff_j + x] * src[c][soff_j + x] for N channels: the gradient of one or two key
-  // blocks gathered from the queries that see them (w: the P or dS ring, src: grad_out or q planes)
-  template <int N, int XB>
-  static inline void gather_group(const T* w, const T* src, int64_t plane, const int64_t* woff,
-                                  const int64_t* soff, int64_t n, T* dst, int64_t dst_plane, const int64_t* valid) {
-    V acc[XB][N];
-    for (int x = 0; x < XB; ++x)
-      for (int c = 0; c < N; ++c) acc[x][c] = V{};
-    for (int64_t j = 0; j < n; ++j) {
-      V wj[XB];
-      for (int x = 0; x < XB; ++x) wj[x] = loadu<V>(w + woff[j] + x * L);
-      const T* sj = src + soff[j];
-      for (int c = 0; c < N; ++c)
-        for (int x = 0; x < XB; ++x) acc[x][c] += wj[x] * loadu<V>(sj + c * plane + x * L);
+  // The gradient of one block of key rows A and A + 1 for N channels, gathered from the queries that see them:
+  // dst[c][x] (row A) = sum_j w[a_j + x] * src[c][s_j + x] over the entries of both rows and of the first only,
+  // row A + 1 likewise with w[a_j + step + x] (the same query row, one window row further down) over both and
+  // the second only. Each src vector read for an entry of both serves both rows. (w: the P or dS ring, src:
+  // the grad_out or q plane.)
+  template <int N>
+  static inline void gather_group(const T* w, const T* src, int64_t plane, const KeyEntries& both,
+                                  const KeyEntries& first, const KeyEntries& second, int64_t step, T* dst,
+                                  int64_t next_row, int64_t dst_plane, int64_t valid) {
+    V a[N], b[N];
+    for (int c = 0; c < N; ++c) a[c] = b[c] = V{};
+    for (int64_t j = 0; j < both.n; ++j) {
+      const V wa = loadu<V>(w + both.w[j]), wb = loadu<V>(w + both.w[j] + step);
+      const T* sj = src + both.s[j];
+      for (int c = 0; c < N; ++c) {
+        V sv = loadu<V>(sj + c * plane);
+        asm("" : "+v"(sv));  // one load for both rows (the compiler would fold it into each multiply-add)
+        a[c] += wa * sv;
+        b[c] += wb * sv;
+      }
     }
-    for (int x = 0; x < XB; ++x)
-      for (int c = 0; c < N; ++c) store_n(dst + c * dst_plane + x * L, acc[x][c], valid[x]);
+    const auto one_row = [&](const KeyEntries& e, V* acc) {
+      for (int64_t j = 0; j < e.n; ++j) {
+        const V wj = loadu<V>(w + e.w[j]);
+        const T* sj = src + e.s[j];
+        for (int c = 0; c < N; ++c) acc[c] += wj * loadu<V>(sj + c * plane);
+      }
+    };
+    one_row(first, a);
+    one_row(second, b);
+    for (int c = 0; c < N; ++c) {
+      store_n(dst + c * dst_plane, a[c], valid);
+      if (next_row != 0) store_n(dst + c * dst_plane + next_row, b[c], valid);
+    }
   }
 
-  template <int XB>
-  static void gather(const T* w, const T* src, int64_t plane, int64_t channels, const int64_t* woff,
-                     const int64_t* soff, int64_t n, T* dst, int64_t dst_plane, const int64_t* valid) {
+  static void gather(const T* w, const T* src, int64_t plane, int64_t channels, const Planes<T>& sc, int64_t step,
+                     T* dst, int64_t next_row, int64_t dst_plane, int64_t valid) {
     for (int64_t c = 0; c < channels; c += CGROUP) {
-      const T* sc = src + c * plane;
-      T* dc = dst + c * dst_plane;
+      const T* src_c = src + c * plane;
+      T* dst_c = dst + c * dst_plane;
       switch (std::min<int64_t>(CGROUP, channels - c)) {
-#define NA_CASE(N)                                                              \
-  case N:                                                                       \
-    gather_group<N, XB>(w, sc, plane, woff, soff, n, dc, dst_plane, valid);     \
+#define NA_CASE(N)                                                                                              \
+  case N:                                                                                                       \
+    gather_group<N>(w, src_c, plane, sc.both, sc.first, sc.second, step, dst_c, next_row, dst_plane, valid);    \
     break;
         NA_CASE(1) NA_CASE(2) NA_CASE(3) NA_CASE(4) NA_CASE(5) NA_CASE(6) NA_CASE(7) NA_CASE(8)
 #undef NA_CASE
@@ -871,38 +901,52 @@ struct Kernel {
     }
   }
 
-  // (2) key row yk (its queries' rows are all in the ring): dk = sum_o dS_o q and dv = sum_o P_o grad_out
-  static void backward_keys(const Geo& g, const Bwd& f, Planes<T>& sc, const Ranges& active, int64_t p, int64_t yk) {
+  // (2) key rows yk and yk + 1 (or yk alone, the last row of an odd count), whose queries' rows are all in the
+  // ring: dk = sum_o dS_o q and dv = sum_o P_o grad_out. Query row yq sees key row yk through window row
+  // dy = yk + r - yq and key row yk + 1 through dy + 1; the rows that see both are read once for both.
+  static void backward_keys(const Geo& g, const Bwd& f, Planes<T>& sc, const Ranges& active, int64_t p, int64_t yk,
+                            bool pair) {
     const int64_t head = p % g.heads;
-    // the queries (yk + r - dy, x + r - dx) that see key (yk, x); only those in the image have dS, P != 0
-    const int64_t dy0 = std::max<int64_t>(0, yk + g.r - g.h + 1), dy1 = std::min<int64_t>(g.k, yk + g.r + 1);
-    int64_t n = 0;
-    for (int64_t dy = dy0; dy < dy1; ++dy) {
-      const int64_t yq = yk + g.r - dy;
-      for (int64_t dx = active.lo[head * g.k + dy]; dx < active.hi[head * g.k + dy]; ++dx) {
-        sc.woff[n] = (yq % sc.slots) * sc.slot_size + (dy * g.k + dx) * g.wk + 2 * g.r - dx;
-        sc.soff[n] = (yq + g.r) * g.wk + 2 * g.r - dx;
-        ++n;
+    sc.both.n = sc.first.n = sc.second.n = 0;
+    // only the queries in the image have dS, P != 0; in the ring, offsets outside a query's window or with a
+    // zero window_mask are 0, so the dx of both rows can be the union of the two rows' ranges
+    const int64_t last = pair ? yk + 1 : yk;
+    for (int64_t yq = std::max<int64_t>(0, yk - g.r); yq <= std::min<int64_t>(g.h - 1, last + g.r); ++yq) {
+      const int64_t dy = yk + g.r - yq;
+      const bool sees_first = dy >= 0, sees_second = pair && dy + 1 < g.k;
+      const int64_t row = sees_first ? dy : dy + 1;  // the window row of the entry's ring position
+      int64_t lo = g.k, hi = 0;
+      for (const int64_t wy : {dy, dy + 1}) {
+        if ((wy == dy && sees_first) || (wy == dy + 1 && sees_second)) {
+          lo = std::min(lo, active.lo[head * g.k + wy]);
+          hi = std::max(hi, active.hi[head * g.k + wy]);
+        }
+      }
+      KeyEntries& to = sees_first && sees_second ? sc.both : sees_first ? sc.first : sc.second;
+      for (int64_t dx = lo; dx < hi; ++dx) {
+        to.add((yq % sc.slots) * sc.slot_size + (row * g.k + dx) * g.wk + 2 * g.r - dx,
+               (yq + g.r) * g.wk + 2 * g.r - dx);
       }
     }
+    const int64_t step = g.k * g.wk, next_row = pair ? g.w : 0;
     for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
       using K = decltype(kernel);
-      constexpr int XB = decltype(blocks)::value;
-      int64_t valid[XB];
-      for (int x = 0; x < XB; ++x) valid[x] = std::min<int64_t>(K::L, g.w - xb - x * K::L);
-      if (f.dk != nullptr) {
-        K::template gather<XB>(sc.dsring.data() + xb, sc.qp + xb, g.plane, g.d, sc.woff.data(), sc.soff.data(), n,
-                               f.dk + (p * g.d * g.h + yk) * g.w + xb, g.h * g.w, valid);
-      }
-      if (f.dv != nullptr) {
-        K::template gather<XB>(sc.pring.data() + xb, sc.gp + xb, g.plane, g.dv, sc.woff.data(), sc.soff.data(), n,
-                               f.dv + (p * g.dv * g.h + yk) * g.w + xb, g.h * g.w, valid);
+      for (int x = 0; x < decltype(blocks)::value; ++x) {
+        const int64_t xv = xb + x * K::L, valid = std::min<int64_t>(K::L, g.w - xv);
+        if (f.dk != nullptr) {
+          K::gather(sc.dsring.data() + xv, sc.qp + xv, g.plane, g.d, sc, step,
+                    f.dk + (p * g.d * g.h + yk) * g.w + xv, next_row, g.h * g.w, valid);
+        }
+        if (f.dv != nullptr) {
+          K::gather(sc.pring.data() + xv, sc.gp + xv, g.plane, g.dv, sc, step,
+                    f.dv + (p * g.dv * g.h + yk) * g.w + xv, next_row, g.h * g.w, valid);
+        }
       }
     });
   }
 
-  // Per plane, rows in order: the query pass of row y, then the key pass of row y - r, whose queries are then
-  // all done; the last r key rows after the last query row.
+  // Per plane, rows in order: the query pass of row y, then the key pass of rows y - r - 1 and y - r once both
+  // rows' queries are done; the last key rows after the last query row.
   static void backward(const Geo& g, const Bwd& f) {
     const bool need_mask = f.dmask != nullptr && f.mask != nullptr;
     const bool keys = f.dk != nullptr || f.dv != nullptr;
@@ -916,6 +960,7 @@ struct Kernel {
       if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, pl.gbuf.get());
       if (g.blocks > 0) sc.wide.clear_sums();
       if (g.half) sc.narrow.clear_sums();
+      int64_t next_key = 0;  // the first key row not yet computed; computed two at a time once their queries are
       for (int64_t y = 0; y < g.h; ++y) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
@@ -925,11 +970,9 @@ struct Kernel {
           K::template backward_queries<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), need_mask, p, y,
                                                                 xb);
         });
-        if (keys && y >= g.r) backward_keys(g, f, pl, active, p, y - g.r);
+        for (; keys && next_key + 1 <= y - g.r; next_key += 2) backward_keys(g, f, pl, active, p, next_key, true);
       }
-      if (keys) {
-        for (int64_t yk = std::max<int64_t>(0, g.h - g.r); yk < g.h; ++yk) backward_keys(g, f, pl, active, p, yk);
-      }
+      for (; keys && next_key < g.h; next_key += 2) backward_keys(g, f, pl, active, p, next_key, next_key + 1 < g.h);
       // the sums of the widths this plane's rows use
       const auto plane_sum = [&](const auto& wide, const auto& narrow, int64_t i) {
         if (!g.half) return hsum(wide[i]);
