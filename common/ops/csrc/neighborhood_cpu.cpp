@@ -797,13 +797,11 @@ struct Kernel {
     int64_t valid[XB];
     for (int x = 0; x < XB; ++x) {
       valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
-      V *sx = s + x * g.kk, *px = pw + x * g.kk, *dpx = dp + x * g.kk;
+      // E and dP of each entry are in s and dp; P = E m (E itself without a mask). Values are kept in locals
+      // between the stores: a store to the ring may alias these arrays for the compiler, which would reload.
+      V *sx = s + x * g.kk, *dpx = dp + x * g.kk, *px = maskh == nullptr ? sx : pw + x * g.kk;
       const T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
       const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.ws);
-      for (int64_t j = 0; j < win.n; ++j) {
-        sx[j] = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
-        px[j] = maskh == nullptr ? sx[j] : sx[j] * maskh[win.o[j]];
-      }
       if (sc.gp == nullptr) {
         for (int64_t j = 0; j < win.n; ++j) dpx[j] = V{};
       }
@@ -811,8 +809,14 @@ struct Kernel {
         const T* gwrow = f.gw + (p * g.kk * g.h + y) * g.wq + xb + x * L;
         for (int64_t j = 0; j < win.n; ++j) dpx[j] += loadu<V>(gwrow + win.o[j] * g.h * g.wq);
       }
-      V dsum = V{};
-      for (int64_t j = 0; j < win.n; ++j) dsum += px[j] * dpx[j];
+      V dsum = V{};  // sum P dP
+      for (int64_t j = 0; j < win.n; ++j) {
+        const V e = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
+        sx[j] = e;
+        const V pj = maskh == nullptr ? e : e * maskh[win.o[j]];
+        if (maskh != nullptr) px[j] = pj;
+        dsum += pj * dpx[j];
+      }
       T* pcol = pslot + x * L;
       T* dscol = dsslot + x * L;
       if (win.n < g.kk) {
@@ -822,11 +826,11 @@ struct Kernel {
         }
       }
       for (int64_t j = 0; j < win.n; ++j) {
-        const V centred = dpx[j] - dsum;
+        const V pj = px[j], centred = dpx[j] - dsum, ds = pj * centred;
         if (need_mask) ln.dm[win.o[j]] += sx[j] * centred;
-        dpx[j] = px[j] * centred;  // dS
-        storeu(pcol + win.o[j] * g.wk, px[j]);
-        storeu(dscol + win.o[j] * g.wk, dpx[j]);
+        dpx[j] = ds;
+        storeu(pcol + win.o[j] * g.wk, pj);
+        storeu(dscol + win.o[j] * g.wk, ds);
       }
     }
     if (f.drel != nullptr) {
