@@ -79,6 +79,15 @@ inline void storeu(T* p, const V& v) {
   *reinterpret_cast<U*>(p) = v;
 }
 
+// Keeps v in a register, so that one load serves several multiply-adds (a compiler folds the load into each
+// of them as a memory operand, which reads the memory again).
+template <typename V>
+inline void in_register(V& v) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v));
+#endif
+}
+
 template <typename V, typename T>
 inline void store_n(T* p, V v, int64_t n) {  // the first n lanes
   if (n * static_cast<int64_t>(sizeof(T)) >= static_cast<int64_t>(sizeof(V))) {
@@ -867,7 +876,7 @@ struct Kernel {
       const T* sj = src + both.s[j];
       for (int c = 0; c < N; ++c) {
         V sv = loadu<V>(sj + c * plane);
-        asm("" : "+v"(sv));  // one load for both rows (the compiler would fold it into each multiply-add)
+        in_register(sv);
         a[c] += wa * sv;
         b[c] += wb * sv;
       }
@@ -918,19 +927,17 @@ struct Kernel {
     for (int64_t yq = std::max<int64_t>(0, yk - g.r); yq <= std::min<int64_t>(g.h - 1, last + g.r); ++yq) {
       const int64_t dy = yk + g.r - yq;
       const bool sees_first = dy >= 0, sees_second = pair && dy + 1 < g.k;
-      const int64_t row = sees_first ? dy : dy + 1;  // the window row of the entry's ring position
-      int64_t lo = g.k, hi = 0;
-      for (const int64_t wy : {dy, dy + 1}) {
-        if ((wy == dy && sees_first) || (wy == dy + 1 && sees_second)) {
-          lo = std::min(lo, active.lo[head * g.k + wy]);
-          hi = std::max(hi, active.hi[head * g.k + wy]);
-        }
-      }
+      int64_t lo = g.k, hi = 0;  // the window columns through which it sees either row
+      const auto widen = [&](int64_t wy) {
+        const int64_t a = active.lo[head * g.k + wy], b = active.hi[head * g.k + wy];
+        if (a < b) lo = std::min(lo, a), hi = std::max(hi, b);
+      };
+      if (sees_first) widen(dy);
+      if (sees_second) widen(dy + 1);
       KeyEntries& to = sees_first && sees_second ? sc.both : sees_first ? sc.first : sc.second;
-      for (int64_t dx = lo; dx < hi; ++dx) {
-        to.add((yq % sc.slots) * sc.slot_size + (row * g.k + dx) * g.wk + 2 * g.r - dx,
-               (yq + g.r) * g.wk + 2 * g.r - dx);
-      }
+      // ring position: the query row's slot, the window row through which it sees the first row it sees
+      const int64_t ring = (yq % sc.slots) * sc.slot_size + (sees_first ? dy : dy + 1) * g.k * g.wk;
+      for (int64_t dx = lo; dx < hi; ++dx) to.add(ring + dx * g.wk + 2 * g.r - dx, (yq + g.r) * g.wk + 2 * g.r - dx);
     }
     const int64_t step = g.k * g.wk, next_row = pair ? g.w : 0;
     for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
