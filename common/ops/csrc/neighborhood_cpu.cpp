@@ -58,8 +58,8 @@ namespace {
 #endif
 #endif
 
-// Simd<T, VB>::V: a vector of VB bytes of T. Rows are processed VB / sizeof(T) pixels at a time; the widest
-// vectors the CPU has (NA_VBYTES) except on maps so narrow that half a vector would be padding.
+// Simd<T, VB>::V: a vector of VB bytes of T. Rows are processed VB / sizeof(T) pixels at a time: the widest
+// vectors the CPU has (NA_VBYTES), and half of one for the last pixels of a row where they fit in it (Geo).
 template <typename T, int VB>
 struct Simd {
   typedef T V __attribute__((vector_size(VB)));
@@ -492,13 +492,14 @@ struct Planes {
 };
 
 // A thread's vectors of one width: logits, weights and dP of up to two blocks, the border bias, and for the
-// backward pass the current plane's d window_mask (kk) and d rel (kk x d) accumulators.
+// backward pass the current plane's d window_mask (kk) and d rel (kk x d) accumulators; empty where the call's
+// rows have no vector of this width.
 template <typename V>
 struct Lanes {
   std::vector<V> s, pw, dp, bias, dm, drel;
-  Lanes(const Geo& g, bool backward)
-      : s(2 * g.kk), pw(backward ? 2 * g.kk : 0), dp(backward ? 2 * g.kk : 0), bias(g.k),
-        dm(backward ? g.kk : 0), drel(backward ? g.kk * g.d : 0) {}
+  Lanes(const Geo& g, bool used, bool backward)
+      : s(used ? 2 * g.kk : 0), pw(used && backward ? 2 * g.kk : 0), dp(used && backward ? 2 * g.kk : 0),
+        bias(used ? g.k : 0), dm(used && backward ? g.kk : 0), drel(used && backward ? g.kk * g.d : 0) {}
   void clear_sums() {
     std::fill(dm.begin(), dm.end(), V{});
     std::fill(drel.begin(), drel.end(), V{});
@@ -537,7 +538,7 @@ struct Kernel {
     Lanes<V> wide;
     Lanes<typename Half::V> narrow;
     Scratch(const Geo& g, bool backward, bool has_gout)
-        : planes(g, backward, has_gout), wide(g, backward), narrow(g, backward) {}
+        : planes(g, backward, has_gout), wide(g, g.blocks > 0, backward), narrow(g, g.half, backward) {}
     template <typename K>
     auto& lanes() {
       if constexpr (std::is_same_v<typename K::V, V>) {
@@ -930,7 +931,10 @@ struct Kernel {
       int64_t lo = g.k, hi = 0;  // the window columns through which it sees either row
       const auto widen = [&](int64_t wy) {
         const int64_t a = active.lo[head * g.k + wy], b = active.hi[head * g.k + wy];
-        if (a < b) lo = std::min(lo, a), hi = std::max(hi, b);
+        if (a < b) {
+          lo = std::min(lo, a);
+          hi = std::max(hi, b);
+        }
       };
       if (sees_first) widen(dy);
       if (sees_second) widen(dy + 1);
@@ -969,9 +973,9 @@ struct Kernel {
       pack_rows(f.k, g, p, 0, g.hk, pl.kbuf.get());
       pack_rows(f.v, g, p, 0, g.hk, pl.vbuf.get());
       if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, pl.gbuf.get());
-      if (g.blocks > 0) sc.wide.clear_sums();
-      if (g.half) sc.narrow.clear_sums();
-      int64_t next_key = 0;  // the first key row not yet computed; computed two at a time once their queries are
+      sc.wide.clear_sums();
+      sc.narrow.clear_sums();
+      int64_t next_key = 0;  // the first key row not yet computed (two at a time, once their queries are done)
       for (int64_t y = 0; y < g.h; ++y) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
@@ -1003,12 +1007,6 @@ struct Kernel {
 
 // ----------------------------------------------------------------------------------------------------------
 // ATen glue
-
-// f(kernel) with the kernel for this dtype: the CPU's widest vectors (its Half computes the ends of rows)
-template <typename T, typename F>
-void with_kernel(const F& f) {
-  f(Kernel<T, NA_VBYTES>{});
-}
 
 at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -1047,12 +1045,10 @@ std::vector<at::Tensor> na_forward(const at::Tensor& q, const at::Tensor& k, con
   auto weights = return_weights ? at::empty({g.batch, g.heads, g.kk, g.h, g.w}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_forward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    with_kernel<scalar_t>([&](auto kernel) {
-      using K = decltype(kernel);
-      typename K::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
-                        rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
-      K::forward(g, f);
-    });
+    using K = Kernel<scalar_t, NA_VBYTES>;  // the CPU's widest vectors (its Half computes the ends of rows)
+    typename K::Fwd f{Source(q), Source(k), Source(v), ptr(rel), ptr(relt), ptr(mask),
+                      rel.defined() && rel.size(0) > 1, ptr(out), ptr(weights), ptr(stats)};
+    K::forward(g, f);
   });
   return {out, weights, stats};
 }
@@ -1087,13 +1083,11 @@ std::vector<at::Tensor> na_backward(const c10::optional<at::Tensor>& grad_out,
   auto dmask_part = need_mask ? at::empty({g.bh, g.kk}, opts) : none;
   AT_DISPATCH_FLOATING_TYPES(ct, "neighborhood_cpu_backward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<scalar_t>() : nullptr; };
-    with_kernel<scalar_t>([&](auto kernel) {
-      using K = decltype(kernel);
-      typename K::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(), ptr(gw),
-                        ptr(stats), ptr(rel), ptr(relt), ptr(mask), rel.defined() && rel.size(0) > 1, ptr(dq),
-                        ptr(dk), ptr(dv), ptr(drel_part), ptr(dmask_part)};
-      K::backward(g, f);
-    });
+    using K = Kernel<scalar_t, NA_VBYTES>;
+    typename K::Bwd f{Source(q), Source(k), Source(v), has_out ? Source(*grad_out) : Source(), ptr(gw),
+                      ptr(stats), ptr(rel), ptr(relt), ptr(mask), rel.defined() && rel.size(0) > 1, ptr(dq),
+                      ptr(dk), ptr(dv), ptr(drel_part), ptr(dmask_part)};
+    K::backward(g, f);
   });
   // per-plane partial sums -> per head (or shared), added in plane order: deterministic
   at::Tensor drel = none, dmask = none;
