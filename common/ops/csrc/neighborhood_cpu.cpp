@@ -379,6 +379,23 @@ void parallel_items(int64_t n, const std::function<State()>& make_state, const I
   }
 }
 
+// Output rows are requested for writing a few query rows before the stores that fill them. Outputs are fresh
+// memory, rarely in the cache, and a store that misses holds up the stores behind it: asked for early, the lines
+// arrive while the rows before them compute (fwd+bwd 0.94-0.97x on 32x32 maps, 0.91x at k=3). Rows shorter than
+// a cache line are left to the hardware, as neighbouring rows share lines.
+constexpr int64_t WRITE_AHEAD = 2;
+
+template <typename T>
+inline void prefetch_for_write(T* row, int64_t channels, int64_t channel_stride, int64_t w) {
+  const int64_t bytes = w * static_cast<int64_t>(sizeof(T));
+  if (bytes < 64) return;
+  for (int64_t c = 0; c < channels; ++c) {
+    const char* line = reinterpret_cast<const char*>(row + c * channel_stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(line + b, 1, 3);
+    __builtin_prefetch(line + bytes - 1, 1, 3);
+  }
+}
+
 // A (B, heads, H, W, C) input, any strides and floating dtype; read plane by plane into padded buffers.
 struct Source {
   const void* data = nullptr;
@@ -752,7 +769,10 @@ struct Kernel {
       pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, pl.qbuf.get());
       pack_rows(f.k, g, p, y0, y1 + 2 * g.r, pl.kbuf.get());
       pack_rows(f.v, g, p, y0, y1 + 2 * g.r, pl.vbuf.get());
+      T* out = f.out + p * g.dv * g.h * g.w;
       for (int64_t y = y0; y < y1; ++y) {
+        for (int64_t ya = y == y0 ? y : y + WRITE_AHEAD; ya <= y + WRITE_AHEAD && ya < y1; ++ya)
+          prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w);
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
         pl.win.build(g, ranges, p % g.heads, dy0, dy1);
@@ -977,6 +997,14 @@ struct Kernel {
       sc.narrow.clear_sums();
       int64_t next_key = 0;  // the first key row not yet computed (two at a time, once their queries are done)
       for (int64_t y = 0; y < g.h; ++y) {
+        // dq row y is written by its query pass, dk and dv rows about one per query row, r rows behind
+        for (int64_t ya = y == 0 ? 0 : y + WRITE_AHEAD; ya <= y + WRITE_AHEAD && ya < g.h; ++ya) {
+          if (f.dq != nullptr) prefetch_for_write(f.dq + (p * g.d * g.h + ya) * g.w, g.d, g.h * g.w, g.w);
+        }
+        if (const int64_t yk = y - g.r + WRITE_AHEAD; keys && yk >= 0 && yk < g.h) {
+          if (f.dk != nullptr) prefetch_for_write(f.dk + (p * g.d * g.h + yk) * g.w, g.d, g.h * g.w, g.w);
+          if (f.dv != nullptr) prefetch_for_write(f.dv + (p * g.dv * g.h + yk) * g.w, g.dv, g.h * g.w, g.w);
+        }
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
         pl.win.build(g, live, head, dy0, dy1);
