@@ -788,28 +788,59 @@ struct Kernel {
   // -------------------------------------------------------------------------------------------------------
   // backward
 
-  // d rel[o][c] += sum over the XB blocks of dS_o * q_c, N channels at a time
-  template <int N, int XB>
-  static inline void drel_group(const Window& win, const V* ds, int64_t kk, const T* q, int64_t plane, V* acc,
-                                int64_t d) {
-    V qv[XB][N];
-    for (int x = 0; x < XB; ++x)
-      for (int c = 0; c < N; ++c) qv[x][c] = loadu<V>(q + c * plane + x * L);
-    for (int64_t j = 0; j < win.n; ++j) {
-      V* a = acc + win.o[j] * d;
-      V sum[N];
-      for (int c = 0; c < N; ++c) sum[c] = a[c];
-      for (int x = 0; x < XB; ++x) {
-        const V dsx = ds[x * kk + j];
-        for (int c = 0; c < N; ++c) sum[c] += dsx * qv[x][c];
+  // d rel[o][c] += sum of dS_o * q_c over query rows [y0, y1), read back from the dS ring (which holds every
+  // offset of those rows, 0 outside their windows) for the row vectors of this width: nvec vectors from column
+  // x0. A tile of NO offsets x NC channels keeps its sums in registers over all of them and adds them to the
+  // plane's accumulators (acc, kk x d) once: per batch of rows, where adding per block moved the whole
+  // accumulator table (kk x d vectors) through the cache for every block.
+  template <int NO, int NC>
+  static inline void drel_tile(const Geo& g, const Planes<T>& sc, int64_t y0, int64_t y1, int64_t x0, int64_t nvec,
+                               int64_t o0, int64_t c0, V* acc) {
+    V sum[NO][NC];
+    for (int i = 0; i < NO; ++i)
+      for (int c = 0; c < NC; ++c) sum[i][c] = V{};
+    for (int64_t y = y0; y < y1; ++y) {
+      const T* ds = sc.dsring.data() + (y % sc.slots) * sc.slot_size + o0 * g.wk + g.r + x0;
+      const T* q = sc.qp + (y + g.r) * g.wk + g.r + x0 + c0 * g.plane;
+      for (int64_t v = 0; v < nvec; ++v) {
+        V dsv[NO];
+        for (int i = 0; i < NO; ++i) dsv[i] = loadu<V>(ds + i * g.wk + v * L);
+        for (int c = 0; c < NC; ++c) {
+          V qv = loadu<V>(q + c * g.plane + v * L);
+          if constexpr (NO > 1) in_register(qv);
+          for (int i = 0; i < NO; ++i) sum[i][c] += dsv[i] * qv;
+        }
       }
-      for (int c = 0; c < N; ++c) a[c] = sum[c];
+    }
+    for (int i = 0; i < NO; ++i)
+      for (int c = 0; c < NC; ++c) acc[(o0 + i) * g.d + c0 + c] += sum[i][c];
+  }
+
+  static void drel_rows(const Geo& g, const Planes<T>& sc, int64_t y0, int64_t y1, int64_t x0, int64_t nvec,
+                        V* acc) {
+    constexpr int64_t OFFSETS = 3;  // 3 offsets x 8 channels: 24 sums, 3 dS vectors and a q vector in registers
+    for (int64_t o = 0; o < g.kk; o += OFFSETS) {
+      for (int64_t c = 0; c < g.d; c += CGROUP) {
+        switch (std::min<int64_t>(OFFSETS, g.kk - o) * 16 + std::min<int64_t>(CGROUP, g.d - c)) {
+#define NA_CASE(NO, NC)                                           \
+  case NO * 16 + NC:                                              \
+    drel_tile<NO, NC>(g, sc, y0, y1, x0, nvec, o, c, acc);        \
+    break;
+#define NA_CASES(NO) \
+  NA_CASE(NO, 1) NA_CASE(NO, 2) NA_CASE(NO, 3) NA_CASE(NO, 4) NA_CASE(NO, 5) NA_CASE(NO, 6) NA_CASE(NO, 7) NA_CASE(NO, 8)
+          NA_CASES(1) NA_CASES(2) NA_CASES(3)
+#undef NA_CASES
+#undef NA_CASE
+          default:
+            break;
+        }
+      }
     }
   }
 
   // (1) one or two query blocks of row y: logits again, E = exp(S - max) / sum(e m), P = E m,
   // dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), d mask += E (dP - sum P dP),
-  // d rel += dS q, dq = sum dS (k + rel); P and dS go to the ring.
+  // dq = sum dS (k + rel); P and dS go to the ring (d rel is summed from there, drel_rows).
   template <int XB>
   static void backward_queries(const Geo& g, const Bwd& f, Planes<T>& sc, Lanes<V>& ln, bool need_mask, int64_t p,
                                int64_t y, int64_t xb) {
@@ -862,18 +893,6 @@ struct Kernel {
         dpx[j] = ds;
         storeu(pcol + win.o[j] * g.wk, pj);
         storeu(dscol + win.o[j] * g.wk, ds);
-      }
-    }
-    if (f.drel != nullptr) {
-      for (int64_t c = 0; c < g.d; c += 4) {
-        const T* qc = qp + qoff + c * g.plane;
-        V* acc = ln.drel.data() + c;
-        switch (std::min<int64_t>(4, g.d - c)) {
-          case 1: drel_group<1, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
-          case 2: drel_group<2, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
-          case 3: drel_group<3, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
-          default: drel_group<4, XB>(win, dp, g.kk, qc, g.plane, acc, g.d); break;
-        }
       }
     }
     if (f.dq != nullptr) {
@@ -997,6 +1016,7 @@ struct Kernel {
       sc.wide.clear_sums();
       sc.narrow.clear_sums();
       int64_t next_key = 0;  // the first key row not yet computed (two at a time, once their queries are done)
+      int64_t drel_from = 0;  // the first query row whose dS is not yet in d rel
       for (int64_t y = 0; y < g.h; ++y) {
         // dq row y is written by its query pass, dk and dv rows about one per query row, r rows behind
         for (int64_t ya = y == 0 ? 0 : y + WRITE_AHEAD; ya <= y + WRITE_AHEAD && ya < g.h; ++ya) {
@@ -1014,6 +1034,14 @@ struct Kernel {
           K::template backward_queries<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), need_mask, p, y,
                                                                 xb);
         });
+        // d rel of the rows the ring holds, before the next row overwrites the oldest
+        if (f.drel != nullptr && (y + 1 - drel_from == pl.slots || y == g.h - 1)) {
+          if (g.blocks > 0) drel_rows(g, pl, drel_from, y + 1, 0, g.blocks, sc.wide.drel.data());
+          if constexpr (HAS_HALF) {
+            if (g.half) Half::drel_rows(g, pl, drel_from, y + 1, g.blocks * L, 1, sc.narrow.drel.data());
+          }
+          drel_from = y + 1;
+        }
         for (; keys && next_key + 1 <= y - g.r; next_key += 2) backward_keys(g, f, pl, active, p, next_key, true);
       }
       for (; keys && next_key < g.h; next_key += 2) backward_keys(g, f, pl, active, p, next_key, next_key + 1 < g.h);
