@@ -491,8 +491,8 @@ struct KeyEntries {
 // A thread's padded input planes (zeroed here; pack_rows copies the image in), the window of the current query
 // row and, for the backward pass, P and dS of the last 2r + 2 query rows: a ring of (kk, wk) rows each (query x
 // at column x + r, zero in the r columns either side), as the key rows of the gather pass (two at a time) read
-// nothing older, and the entries of those key rows: the query rows that see both, the first only, the second
-// only.
+// nothing older (nor does d rel, summed from the dS ring each time it has filled), and the entries of those
+// key rows: the query rows that see both, the first only, the second only.
 template <typename T>
 struct Planes {
   Window win;
