@@ -386,6 +386,13 @@ void parallel_items(int64_t n, const std::function<State()>& make_state, const I
 // neighbouring rows share lines.
 constexpr int64_t WRITE_AHEAD = 2;
 
+// f(row) for the output rows to request at query row y of the rows [first, end) an item computes: at its first
+// row, that row and the WRITE_AHEAD after it; at each later row, the one WRITE_AHEAD rows on.
+template <typename F>
+inline void rows_ahead(int64_t y, int64_t first, int64_t end, const F& f) {
+  for (int64_t ya = y == first ? y : y + WRITE_AHEAD; ya <= y + WRITE_AHEAD && ya < end; ++ya) f(ya);
+}
+
 template <typename T>
 inline void prefetch_for_write(T* row, int64_t channels, int64_t channel_stride, int64_t w) {
   const int64_t bytes = w * static_cast<int64_t>(sizeof(T));
@@ -772,8 +779,7 @@ struct Kernel {
       pack_rows(f.v, g, p, y0, y1 + 2 * g.r, pl.vbuf.get());
       T* out = f.out + p * g.dv * g.h * g.w;
       for (int64_t y = y0; y < y1; ++y) {
-        for (int64_t ya = y == y0 ? y : y + WRITE_AHEAD; ya <= y + WRITE_AHEAD && ya < y1; ++ya)
-          prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w);
+        rows_ahead(y, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
         pl.win.build(g, ranges, p % g.heads, dy0, dy1);
@@ -1019,8 +1025,10 @@ struct Kernel {
       int64_t drel_from = 0;  // the first query row whose dS is not yet in d rel
       for (int64_t y = 0; y < g.h; ++y) {
         // dq row y is written by its query pass, dk and dv rows about one per query row, r rows behind
-        for (int64_t ya = y == 0 ? 0 : y + WRITE_AHEAD; ya <= y + WRITE_AHEAD && ya < g.h; ++ya) {
-          if (f.dq != nullptr) prefetch_for_write(f.dq + (p * g.d * g.h + ya) * g.w, g.d, g.h * g.w, g.w);
+        if (f.dq != nullptr) {
+          rows_ahead(y, 0, g.h, [&](int64_t ya) {
+            prefetch_for_write(f.dq + (p * g.d * g.h + ya) * g.w, g.d, g.h * g.w, g.w);
+          });
         }
         if (const int64_t yk = y - g.r + WRITE_AHEAD; keys && yk >= 0 && yk < g.h) {
           if (f.dk != nullptr) prefetch_for_write(f.dk + (p * g.d * g.h + yk) * g.w, g.d, g.h * g.w, g.w);
