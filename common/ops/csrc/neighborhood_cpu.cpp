@@ -7,9 +7,11 @@
 // every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
 // inner loops. Each work item first copies the rows it reads into channel-major planes (C, hk, wk), zero-
 // padded by r = k // 2 on every side and with rows rounded up to whole vectors (or to half of one, which a
-// kernel of half the width computes), so a window read never needs a bounds check. Two neighbouring vectors
-// of a row are processed together where the row is long enough, which doubles the independent accumulator
-// chains and shares every relative-embedding broadcast.
+// kernel of half the width computes), so a window read never needs a bounds check. Where the windows of
+// three (or two) consecutive query rows are whole, one vector of each is computed at once, and each key and
+// value vector read serves all of them (see rows_dots). Elsewhere two neighbouring vectors of one row are
+// processed together where the row is long enough, which doubles the independent accumulator chains and
+// shares every relative-embedding broadcast.
 //
 // Threads: torch's thread count, on a pool of our own whose threads sleep while idle (see Pool); one task
 // per pass. The forward pass hands out (plane, row band) items; the backward pass hands out (batch, head)
@@ -225,12 +227,20 @@ struct Ranges {
       }
     }
   }
+  bool whole(const Geo& g) const {  // every column of every window row
+    for (size_t i = 0; i < lo.size(); ++i)
+      if (lo[i] != 0 || hi[i] != g.k) return false;
+    return true;
+  }
 };
 
 // The window entries of one query row: runs of at most MAX_RUN consecutive offsets of one window row, or of
 // the same short columns of up to 3 consecutive rows (so that a run's keys and embeddings sit at constant
 // distances from one pointer, and a run has enough independent accumulators), and the entries one by one.
 constexpr int MAX_RUN = 8, MAX_RUN_AREA = 9;
+// The most query rows computed at once where their windows are whole (see rows_dots): three share each key and
+// value vector they read. Four would need more accumulators than there are vector registers.
+constexpr int ROWS = 3;
 
 struct Window {
   struct Run {
@@ -280,6 +290,13 @@ inline void window_rows(const Geo& g, int64_t y, int64_t& dy0, int64_t& dy1) {
     dy0 = 0;
     dy1 = g.k;
   }
+}
+
+// how many rows from y (at most ROWS, all before `end`) have whole windows: every window row in the image
+inline int64_t whole_rows(const Geo& g, int64_t y, int64_t end) {
+  int64_t n = 0;
+  while (n < ROWS && y + n < end && (!g.border_mask || (y + n >= g.r && y + n + g.r < g.h))) ++n;
+  return n;
 }
 
 // Worker threads of our own, which wait on a condition variable between tasks (never spin): with OpenMP's
@@ -496,10 +513,11 @@ struct KeyEntries {
 };
 
 // A thread's padded input planes (zeroed here; pack_rows copies the image in), the window of the current query
-// row and, for the backward pass, P and dS of the last 2r + 2 query rows: a ring of (kk, wk) rows each (query x
-// at column x + r, zero in the r columns either side), as the key rows of the gather pass (two at a time) read
-// nothing older (nor does d rel, summed from the dS ring each time it has filled), and the entries of those
-// key rows: the query rows that see both, the first only, the second only.
+// row and, for the backward pass, P and dS of the last 2r + 1 + ROWS query rows: a ring of (kk, wk) rows each
+// (query x at column x + r, zero in the r columns either side). The key rows of the gather pass (two at a time)
+// read nothing older while the query pass runs up to ROWS rows ahead, nor does d rel, summed from the dS ring
+// each time it has filled. Last, the entries of those key rows: the query rows that see both, the first only,
+// the second only.
 template <typename T>
 struct Planes {
   Window win;
@@ -509,7 +527,7 @@ struct Planes {
   std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;
   const T *qp, *kp, *vp, *gp;
   Planes(const Geo& g, bool backward, bool has_gout)
-      : win(g.kk), slots(backward ? 2 * g.r + 2 : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
+      : win(g.kk), slots(backward ? 2 * g.r + 1 + ROWS : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
         dsring(slots * slot_size, T(0)), both(backward ? g.kk : 0), first(backward ? g.kk : 0),
         second(backward ? g.kk : 0), qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()),
         vbuf(new T[g.dv * g.plane]()), gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()),
@@ -523,7 +541,7 @@ template <typename V>
 struct Lanes {
   std::vector<V> s, pw, dp, bias, dm, drel;
   Lanes(const Geo& g, bool used, bool backward)
-      : s(used ? 2 * g.kk : 0), pw(used && backward ? 2 * g.kk : 0), dp(used && backward ? 2 * g.kk : 0),
+      : s(used ? ROWS * g.kk : 0), pw(used && backward ? ROWS * g.kk : 0), dp(used && backward ? ROWS * g.kk : 0),
         bias(used ? g.k : 0), dm(used && backward ? g.kk : 0), drel(used && backward ? g.kk * g.d : 0) {}
   void clear_sums() {
     std::fill(dm.begin(), dm.end(), V{});
@@ -554,6 +572,31 @@ struct Kernel {
     if (xi < g.blocks) f(Kernel{}, Blocks<1>{}, xi * L);
     if constexpr (HAS_HALF) {
       if (g.half) f(Half{}, Blocks<1>{}, g.blocks * L);
+    }
+  }
+
+  // f(kernel, xb) for each vector of a row, left to right (the half-width one last)
+  template <typename F>
+  static void for_row_vectors(const Geo& g, const F& f) {
+    for (int64_t xi = 0; xi < g.blocks; ++xi) f(Kernel{}, xi * L);
+    if constexpr (HAS_HALF) {
+      if (g.half) f(Half{}, g.blocks * L);
+    }
+  }
+
+  // f(std::integral_constant<int, n>{}) for a run length n in [1, MAX_RUN]
+  template <typename F>
+  static void with_length(int64_t n, const F& f) {
+    switch (n) {
+      case 1: f(std::integral_constant<int, 1>{}); break;
+      case 2: f(std::integral_constant<int, 2>{}); break;
+      case 3: f(std::integral_constant<int, 3>{}); break;
+      case 4: f(std::integral_constant<int, 4>{}); break;
+      case 5: f(std::integral_constant<int, 5>{}); break;
+      case 6: f(std::integral_constant<int, 6>{}); break;
+      case 7: f(std::integral_constant<int, 7>{}); break;
+      case 8: f(std::integral_constant<int, 8>{}); break;
+      default: break;
     }
   }
 
@@ -717,8 +760,172 @@ struct Kernel {
     }
   }
 
+  // G query rows at once (y .. y + G - 1), where all their windows are whole. Key row y + t is window row t - i of
+  // query row y + i, so one key vector serves every row that sees its key row: a load per G multiply-adds where
+  // one row alone needs one per multiply-add (the loads, not the arithmetic, bound these loops on Zen 4: a load,
+  // an add of the embedding and a multiply-add per multiply-add take 2 cycles, 1.3 with three rows sharing the
+  // load). The per-row arrays (logits, weights, dP) of the G rows are kk vectors apart.
+
+  // NG rows from row i0 of the group and one window row of key row t (b: its first column): out[i][j] for query
+  // row i0 + i, whose window row is t - i0 - i; a: row i0's query vector; rel: channel 0 of window row t - i0,
+  // column j0 of the transposed (d, kk) embedding
+  template <int N, int NG, bool REL>
+  static inline void rows_dots(const T* a, int64_t row, const T* b, int64_t plane, int64_t channels, const T* rel,
+                               int64_t k, int64_t kk, V* out) {
+    V acc[NG][N];
+    for (int i = 0; i < NG; ++i)
+      for (int j = 0; j < N; ++j) acc[i][j] = V{};
+    for (int64_t c = 0; c < channels; ++c) {
+      V av[NG];
+      for (int i = 0; i < NG; ++i) av[i] = loadu<V>(a + i * row + c * plane);
+      const T* bc = b + c * plane;
+      for (int j = 0; j < N; ++j) {
+        V kv = loadu<V>(bc + j);
+        if constexpr (NG > 1) in_register(kv);
+        for (int i = 0; i < NG; ++i) {
+          if constexpr (REL) {
+            acc[i][j] += av[i] * (kv + rel[c * kk + j - i * k]);
+          } else {
+            acc[i][j] += av[i] * kv;
+          }
+        }
+      }
+    }
+    for (int i = 0; i < NG; ++i)
+      for (int j = 0; j < N; ++j) out[i * (kk - k) + j] = acc[i][j];
+  }
+
+  // the logits (or dP) of one vector of G query rows with whole windows: s[i * kk + o]; a: the first row's query
+  // vector, b: the first row's window corner
+  template <int G, bool REL>
+  static void rows_window_dots(const Geo& g, const T* a, const T* b, int64_t channels, const T* relt, V* s) {
+    const int64_t pieces = (g.k + MAX_RUN - 1) / MAX_RUN;
+    for (int64_t piece = 0, j0 = 0; piece < pieces; ++piece) {
+      const int64_t n = (g.k - j0 + (pieces - piece) - 1) / (pieces - piece);
+      with_length(n, [&](auto len) {
+        constexpr int N = decltype(len)::value;
+        for (int64_t t = 0; t < g.k + G - 1; ++t) {
+          const int64_t i0 = std::max<int64_t>(0, t - g.k + 1), rows = std::min<int64_t>(G - 1, t) - i0 + 1;
+          const T* at = a + i0 * g.wk;
+          const T* bt = b + t * g.wk + j0;
+          const T* rel = REL ? relt + (t - i0) * g.k + j0 : nullptr;
+          V* out = s + i0 * g.kk + (t - i0) * g.k + j0;
+          switch (rows) {
+            case 1: rows_dots<N, 1, REL>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); break;
+            case 2: rows_dots<N, G >= 2 ? 2 : 1, REL>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); break;
+            case 3: rows_dots<N, G >= 3 ? 3 : 1, REL>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); break;
+            default: break;
+          }
+        }
+      });
+      j0 += n;
+    }
+  }
+
+  // acc[i][c] += w[i][o] (b[c] + rel[o][c]) over the columns of key row t for the NG rows from I0 of the group that
+  // see it (window row o / k = t - i); b: key row t's first column
+  template <int N, int G, int I0, int NG, bool REL>
+  __attribute__((always_inline)) static inline void rows_weighted_row(const Geo& g, const V* w, const T* b,
+                                                                      const T* rel, int64_t t, V (&acc)[G][N]) {
+    for (int64_t dx = 0; dx < g.k; ++dx) {
+      const T* bj = b + dx;
+      V wi[NG];
+      const T* ri[NG];
+      for (int i = 0; i < NG; ++i) {
+        const int64_t o = (t - I0 - i) * g.k + dx;
+        wi[i] = w[(I0 + i) * g.kk + o];
+        ri[i] = REL ? rel + o * g.d : nullptr;
+      }
+      for (int c = 0; c < N; ++c) {
+        V vv = loadu<V>(bj + c * g.plane);
+        if constexpr (NG > 1) in_register(vv);
+        for (int i = 0; i < NG; ++i) {
+          if constexpr (REL) {
+            acc[I0 + i][c] += wi[i] * (vv + ri[i][c]);
+          } else {
+            acc[I0 + i][c] += wi[i] * vv;
+          }
+        }
+      }
+    }
+  }
+
+  // dst[i][c] = scale[i] sum_o w[i][o] (b[c][o] + rel[o][c]) for G rows with whole windows (N channels; rel: (kk, d)
+  // layout at the group's first channel, or none; scale: none if null); row i's output is dst + i * dst_row
+  template <int N, int G, bool REL>
+  static void rows_weighted_group(const Geo& g, const V* w, const T* b, const T* rel, T* dst, int64_t dst_row,
+                                  int64_t dst_plane, int64_t valid, const V* scale) {
+    V acc[G][N];
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < N; ++c) acc[i][c] = V{};
+    for (int64_t t = 0; t < g.k + G - 1; ++t) {
+      const T* bt = b + t * g.wk;
+      const int64_t i0 = std::max<int64_t>(0, t - g.k + 1), i1 = std::min<int64_t>(G - 1, t);
+      switch (i0 * 4 + i1) {  // the rows that see key row t: [i0, i1]
+#define NA_CASE(A, B)                                                                        \
+  case A * 4 + B:                                                                            \
+    if constexpr (B < G) rows_weighted_row<N, G, A, B - A + 1, REL>(g, w, bt, rel, t, acc);  \
+    break;
+        NA_CASE(0, 0) NA_CASE(0, 1) NA_CASE(0, 2) NA_CASE(1, 1) NA_CASE(1, 2) NA_CASE(2, 2)
+#undef NA_CASE
+        default:
+          break;
+      }
+    }
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < N; ++c)
+        store_n(dst + i * dst_row + c * dst_plane, scale == nullptr ? acc[i][c] : acc[i][c] * scale[i], valid);
+  }
+
+  template <int G>
+  static void rows_weighted(const Geo& g, const V* w, const T* b, int64_t channels, const T* rel, T* dst,
+                            int64_t dst_row, int64_t dst_plane, int64_t valid, const V* scale = nullptr) {
+    for (int64_t c = 0; c < channels; c += CGROUP) {
+      with_length(std::min<int64_t>(CGROUP, channels - c), [&](auto len) {
+        constexpr int N = decltype(len)::value;
+        if (rel != nullptr) {
+          rows_weighted_group<N, G, true>(g, w, b + c * g.plane, rel + c, dst + c * dst_plane, dst_row, dst_plane,
+                                          valid, scale);
+        } else {
+          rows_weighted_group<N, G, false>(g, w, b + c * g.plane, nullptr, dst + c * dst_plane, dst_row, dst_plane,
+                                           valid, scale);
+        }
+      });
+    }
+  }
+
   // -------------------------------------------------------------------------------------------------------
   // forward
+
+  // the softmax of one vector of row y at column xb (logits in sx[j], replaced by e m), its statistics and the
+  // returned weights; returns 1 / sum(e m)
+  __attribute__((always_inline)) static inline V softmax_row(const Geo& g, const Fwd& f, const Window& win,
+                                                              const T* maskh, V* sx, int64_t p, int64_t y, int64_t xb,
+                                                              int64_t valid) {
+    // softmax over the window, times the mask, renormalised: P_j = e_j m_j / sum e m
+    V mx = V{} - std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < win.n; ++j) mx = sx[j] > mx ? sx[j] : mx;
+    mx = mx == -std::numeric_limits<T>::infinity() ? V{} : mx;  // nothing left: all weights 0
+    V total = V{};
+    for (int64_t j = 0; j < win.n; ++j) {
+      V e = vexp(sx[j] - mx);
+      if (maskh != nullptr) e *= maskh[win.o[j]];
+      sx[j] = e;
+      total += e;
+    }
+    const V inv = total > 0 ? T(1) / total : V{};
+    T* st = f.stats + (p * g.h + y) * g.ws + xb;
+    storeu(st, mx);
+    storeu(st + g.bh * g.h * g.ws, inv);
+    if (f.weights != nullptr) {
+      T* wrow = f.weights + (p * g.kk * g.h + y) * g.w + xb;
+      if (win.n < g.kk) {
+        for (int64_t o = 0; o < g.kk; ++o) store_n(wrow + o * g.h * g.w, V{}, valid);
+      }
+      for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j] * inv, valid);
+    }
+    return inv;
+  }
 
   template <int XB>
   static void forward_blocks(const Geo& g, const Fwd& f, const Planes<T>& pl, Lanes<V>& ln, int64_t p, int64_t y,
@@ -733,33 +940,38 @@ struct Kernel {
     V invs[XB];  // the normalisation is applied to the weighted sum (and to the weights only when returned)
     for (int x = 0; x < XB; ++x) {
       valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
-      // softmax over the window, times the mask, renormalised: P_j = e_j m_j / sum e m
-      V* sx = s + x * g.kk;
-      V mx = V{} - std::numeric_limits<T>::infinity();
-      for (int64_t j = 0; j < win.n; ++j) mx = sx[j] > mx ? sx[j] : mx;
-      mx = mx == -std::numeric_limits<T>::infinity() ? V{} : mx;  // nothing left: all weights 0
-      V total = V{};
-      for (int64_t j = 0; j < win.n; ++j) {
-        V e = vexp(sx[j] - mx);
-        if (maskh != nullptr) e *= maskh[win.o[j]];
-        sx[j] = e;
-        total += e;
-      }
-      const V inv = total > 0 ? T(1) / total : V{};
-      invs[x] = inv;
-      T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
-      storeu(st, mx);
-      storeu(st + g.bh * g.h * g.ws, inv);
-      if (f.weights != nullptr) {
-        T* wrow = f.weights + (p * g.kk * g.h + y) * g.w + xb + x * L;
-        if (win.n < g.kk) {
-          for (int64_t o = 0; o < g.kk; ++o) store_n(wrow + o * g.h * g.w, V{}, valid[x]);
-        }
-        for (int64_t j = 0; j < win.n; ++j) store_n(wrow + win.o[j] * g.h * g.w, sx[j] * inv, valid[x]);
-      }
+      invs[x] = softmax_row(g, f, win, maskh, s + x * g.kk, p, y, xb + x * L, valid[x]);
     }
     weighted<XB>(win, s, pl.vp + y * g.wk + xb, g.plane, g.dv, nullptr, g.d, g.kk,
                  f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid, invs);
+  }
+
+  // one vector of G query rows from y, whose windows are whole (pl.win: every offset)
+  template <int G>
+  static void forward_rows(const Geo& g, const Fwd& f, const Planes<T>& pl, Lanes<V>& ln, int64_t p, int64_t y,
+                           int64_t xb) {
+    const Window& win = pl.win;
+    V* s = ln.s.data();
+    const int64_t head = p % g.heads;
+    const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
+    const T* a = pl.qp + (y + g.r) * g.wk + xb + g.r;
+    const T* b = pl.kp + y * g.wk + xb;
+    if (relt != nullptr) {
+      rows_window_dots<G, true>(g, a, b, g.d, relt, s);
+    } else {
+      rows_window_dots<G, false>(g, a, b, g.d, nullptr, s);
+    }
+    V* bias = ln.bias.data();
+    if (column_bias(g, xb, bias)) {
+      for (int i = 0; i < G; ++i)
+        for (int64_t j = 0; j < g.kk; ++j) s[i * g.kk + j] += bias[win.dx[j]];
+    }
+    const int64_t valid = std::min<int64_t>(L, g.w - xb);
+    V invs[G];
+    for (int i = 0; i < G; ++i) invs[i] = softmax_row(g, f, win, maskh, s + i * g.kk, p, y + i, xb, valid);
+    rows_weighted<G>(g, s, pl.vp + y * g.wk + xb, g.dv, nullptr, f.out + (p * g.dv * g.h + y) * g.w + xb, g.w,
+                     g.h * g.w, valid, invs);
   }
 
   // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
@@ -767,6 +979,7 @@ struct Kernel {
   // it computes.
   static void forward(const Geo& g, const Fwd& f) {
     const Ranges ranges(g, f.mask, false);
+    const bool grouped = ranges.whole(g);
     const int64_t want = 8 * at::get_num_threads();
     const int64_t bands = std::min<int64_t>(g.h, std::max<int64_t>(1, (want + g.bh - 1) / g.bh));
     const int64_t band = (g.h + bands - 1) / bands;
@@ -778,15 +991,32 @@ struct Kernel {
       pack_rows(f.k, g, p, y0, y1 + 2 * g.r, pl.kbuf.get());
       pack_rows(f.v, g, p, y0, y1 + 2 * g.r, pl.vbuf.get());
       T* out = f.out + p * g.dv * g.h * g.w;
-      for (int64_t y = y0; y < y1; ++y) {
-        rows_ahead(y, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
+      for (int64_t y = y0; y < y1;) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
+        if (const int64_t rows = grouped ? whole_rows(g, y, y1) : 0; rows >= 2) {
+          for (int64_t yy = y; yy < y + rows; ++yy) {
+            rows_ahead(yy, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
+          }
+          pl.win.build(g, ranges, p % g.heads, 0, g.k);
+          for_row_vectors(g, [&](auto kernel, int64_t xb) {
+            using K = decltype(kernel);
+            if (rows == 3) {
+              K::template forward_rows<3>(g, f, pl, sc.template lanes<K>(), p, y, xb);
+            } else {
+              K::template forward_rows<2>(g, f, pl, sc.template lanes<K>(), p, y, xb);
+            }
+          });
+          y += rows;
+          continue;
+        }
+        rows_ahead(y, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
         pl.win.build(g, ranges, p % g.heads, dy0, dy1);
         for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
           using K = decltype(kernel);
           K::template forward_blocks<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), p, y, xb);
         });
+        ++y;
       }
     });
   }
@@ -847,9 +1077,56 @@ struct Kernel {
   // (1) one or two query blocks of row y: logits again, E = exp(S - max) / sum(e m), P = E m,
   // dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), d mask += E (dP - sum P dP),
   // dq = sum dS (k + rel); P and dS go to the ring (d rel is summed from there, drel_rows).
+
+  // the softmax's gradient for one vector of row y at column xb: E and dP of each entry are in sx and dpx on entry,
+  // dS in dpx on return; P (= E m, E itself without a mask: px = sx) and dS go to row y's ring slot.
+  __attribute__((always_inline)) static inline void softmax_grad(const Geo& g, const Bwd& f, Planes<T>& sc,
+                                                                 Lanes<V>& ln, bool need_mask, const T* maskh,
+                                                                 int64_t p, int64_t y, int64_t xb, V* sx, V* dpx,
+                                                                 V* pwx) {
+    const Window& win = sc.win;
+    // Values are kept in locals between the stores: a store to the ring may alias these arrays for the compiler,
+    // which would reload.
+    V* px = maskh == nullptr ? sx : pwx;
+    const T* st = f.stats + (p * g.h + y) * g.ws + xb;
+    const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.ws);
+    if (sc.gp == nullptr) {
+      for (int64_t j = 0; j < win.n; ++j) dpx[j] = V{};
+    }
+    if (f.gw != nullptr) {
+      const T* gwrow = f.gw + (p * g.kk * g.h + y) * g.wq + xb;
+      for (int64_t j = 0; j < win.n; ++j) dpx[j] += loadu<V>(gwrow + win.o[j] * g.h * g.wq);
+    }
+    V dsum = V{};  // sum P dP
+    for (int64_t j = 0; j < win.n; ++j) {
+      const V e = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
+      sx[j] = e;
+      const V pj = maskh == nullptr ? e : e * maskh[win.o[j]];
+      if (maskh != nullptr) px[j] = pj;
+      dsum += pj * dpx[j];
+    }
+    T* pcol = sc.pring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
+    T* dscol = sc.dsring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
+    if (win.n < g.kk) {
+      for (int64_t o = 0; o < g.kk; ++o) {
+        storeu(pcol + o * g.wk, V{});
+        storeu(dscol + o * g.wk, V{});
+      }
+    }
+    for (int64_t j = 0; j < win.n; ++j) {
+      const V pj = px[j], centred = dpx[j] - dsum, ds = pj * centred;
+      if (need_mask) ln.dm[win.o[j]] += sx[j] * centred;
+      dpx[j] = ds;
+      storeu(pcol + win.o[j] * g.wk, pj);
+      storeu(dscol + win.o[j] * g.wk, ds);
+    }
+  }
+
+  // (out of line, as is backward_rows: inlined into the plane's loop, they made the compiler's code for the loop
+  // slower, the backward 4-8% on 4x4 to 8x8 maps)
   template <int XB>
-  static void backward_queries(const Geo& g, const Bwd& f, Planes<T>& sc, Lanes<V>& ln, bool need_mask, int64_t p,
-                               int64_t y, int64_t xb) {
+  __attribute__((noinline)) static void backward_queries(const Geo& g, const Bwd& f, Planes<T>& sc, Lanes<V>& ln,
+                                                         bool need_mask, int64_t p, int64_t y, int64_t xb) {
     const Window& win = sc.win;
     const int64_t head = p % g.heads;
     const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
@@ -860,50 +1137,45 @@ struct Kernel {
     V *s = ln.s.data(), *pw = ln.pw.data(), *dp = ln.dp.data();
     logits<XB>(g, win, qp, kp, relt, y, xb, s, ln.bias.data());
     if (sc.gp != nullptr) window_dots<XB>(g, win, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, dp);
-    T* pslot = sc.pring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
-    T* dsslot = sc.dsring.data() + (y % sc.slots) * sc.slot_size + xb + g.r;
     int64_t valid[XB];
     for (int x = 0; x < XB; ++x) {
       valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
-      // E and dP of each entry are in s and dp; P = E m (E itself without a mask). Values are kept in locals
-      // between the stores: a store to the ring may alias these arrays for the compiler, which would reload.
-      V *sx = s + x * g.kk, *dpx = dp + x * g.kk, *px = maskh == nullptr ? sx : pw + x * g.kk;
-      const T* st = f.stats + (p * g.h + y) * g.ws + xb + x * L;
-      const V mx = loadu<V>(st), inv = loadu<V>(st + g.bh * g.h * g.ws);
-      if (sc.gp == nullptr) {
-        for (int64_t j = 0; j < win.n; ++j) dpx[j] = V{};
-      }
-      if (f.gw != nullptr) {
-        const T* gwrow = f.gw + (p * g.kk * g.h + y) * g.wq + xb + x * L;
-        for (int64_t j = 0; j < win.n; ++j) dpx[j] += loadu<V>(gwrow + win.o[j] * g.h * g.wq);
-      }
-      V dsum = V{};  // sum P dP
-      for (int64_t j = 0; j < win.n; ++j) {
-        const V e = vexp(sx[j] - mx) * inv;  // E = e / sum(e m)
-        sx[j] = e;
-        const V pj = maskh == nullptr ? e : e * maskh[win.o[j]];
-        if (maskh != nullptr) px[j] = pj;
-        dsum += pj * dpx[j];
-      }
-      T* pcol = pslot + x * L;
-      T* dscol = dsslot + x * L;
-      if (win.n < g.kk) {
-        for (int64_t o = 0; o < g.kk; ++o) {
-          storeu(pcol + o * g.wk, V{});
-          storeu(dscol + o * g.wk, V{});
-        }
-      }
-      for (int64_t j = 0; j < win.n; ++j) {
-        const V pj = px[j], centred = dpx[j] - dsum, ds = pj * centred;
-        if (need_mask) ln.dm[win.o[j]] += sx[j] * centred;
-        dpx[j] = ds;
-        storeu(pcol + win.o[j] * g.wk, pj);
-        storeu(dscol + win.o[j] * g.wk, ds);
-      }
+      softmax_grad(g, f, sc, ln, need_mask, maskh, p, y, xb + x * L, s + x * g.kk, dp + x * g.kk, pw + x * g.kk);
     }
     if (f.dq != nullptr) {
       weighted<XB>(win, dp, kp + koff, g.plane, g.d, rel, g.d, g.kk, f.dq + (p * g.d * g.h + y) * g.w + xb,
                    g.h * g.w, valid);
+    }
+  }
+
+  // one vector of G query rows from y, whose windows are whole (sc.win: every offset)
+  template <int G>
+  __attribute__((noinline)) static void backward_rows(const Geo& g, const Bwd& f, Planes<T>& sc, Lanes<V>& ln,
+                                                      bool need_mask, int64_t p, int64_t y, int64_t xb) {
+    const Window& win = sc.win;
+    const int64_t head = p % g.heads;
+    const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* rel = f.rel == nullptr ? nullptr : f.rel + (f.rel_per_head ? head : 0) * g.kk * g.d;
+    const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
+    const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
+    V *s = ln.s.data(), *dp = ln.dp.data(), *pw = ln.pw.data();
+    if (relt != nullptr) {
+      rows_window_dots<G, true>(g, sc.qp + qoff, sc.kp + koff, g.d, relt, s);
+    } else {
+      rows_window_dots<G, false>(g, sc.qp + qoff, sc.kp + koff, g.d, nullptr, s);
+    }
+    V* bias = ln.bias.data();
+    if (column_bias(g, xb, bias)) {
+      for (int i = 0; i < G; ++i)
+        for (int64_t j = 0; j < g.kk; ++j) s[i * g.kk + j] += bias[win.dx[j]];
+    }
+    if (sc.gp != nullptr) rows_window_dots<G, false>(g, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, dp);
+    for (int i = 0; i < G; ++i) {
+      softmax_grad(g, f, sc, ln, need_mask, maskh, p, y + i, xb, s + i * g.kk, dp + i * g.kk, pw + i * g.kk);
+    }
+    if (f.dq != nullptr) {
+      rows_weighted<G>(g, dp, sc.kp + koff, g.d, rel, f.dq + (p * g.d * g.h + y) * g.w + xb, g.w, g.h * g.w,
+                       std::min<int64_t>(L, g.w - xb));
     }
   }
 
@@ -1006,12 +1278,13 @@ struct Kernel {
     });
   }
 
-  // Per plane, rows in order: the query pass of row y, then the key pass of rows y - r - 1 and y - r once both
-  // rows' queries are done; the last key rows after the last query row.
+  // Per plane, rows in order: the query pass of row y (or of up to ROWS rows from y), then the key pass of rows
+  // A and A + 1 once both rows' queries are done (query row A + 1 + r); the last key rows after the last query row.
   static void backward(const Geo& g, const Bwd& f) {
     const bool need_mask = f.dmask != nullptr && f.mask != nullptr;
     const bool keys = f.dk != nullptr || f.dv != nullptr;
     const Ranges live(g, f.mask, need_mask), active(g, f.mask, false);
+    const bool grouped = live.whole(g);
     parallel_items<Scratch>(g.bh, [&] { return Scratch(g, true, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
       const int64_t head = p % g.heads;
       Planes<T>& pl = sc.planes;
@@ -1023,34 +1296,51 @@ struct Kernel {
       sc.narrow.clear_sums();
       int64_t next_key = 0;  // the first key row not yet computed (two at a time, once their queries are done)
       int64_t drel_from = 0;  // the first query row whose dS is not yet in d rel
-      for (int64_t y = 0; y < g.h; ++y) {
-        // dq row y is written by its query pass, dk and dv rows about one per query row, r rows behind
-        if (f.dq != nullptr) {
-          rows_ahead(y, 0, g.h, [&](int64_t ya) {
-            prefetch_for_write(f.dq + (p * g.d * g.h + ya) * g.w, g.d, g.h * g.w, g.w);
+      for (int64_t y = 0; y < g.h;) {
+        // up to ROWS rows at once where their windows are whole (see rows_dots)
+        const int64_t rows = grouped ? std::max<int64_t>(1, whole_rows(g, y, g.h)) : 1;
+        for (int64_t yy = y; yy < y + rows; ++yy) {
+          // dq row yy is written by its query pass, dk and dv rows about one per query row, r rows behind
+          if (f.dq != nullptr) {
+            rows_ahead(yy, 0, g.h, [&](int64_t ya) {
+              prefetch_for_write(f.dq + (p * g.d * g.h + ya) * g.w, g.d, g.h * g.w, g.w);
+            });
+          }
+          if (const int64_t yk = yy - g.r + WRITE_AHEAD; keys && yk >= 0 && yk < g.h) {
+            if (f.dk != nullptr) prefetch_for_write(f.dk + (p * g.d * g.h + yk) * g.w, g.d, g.h * g.w, g.w);
+            if (f.dv != nullptr) prefetch_for_write(f.dv + (p * g.dv * g.h + yk) * g.w, g.dv, g.h * g.w, g.w);
+          }
+        }
+        if (rows >= 2) {
+          pl.win.build(g, live, head, 0, g.k);
+          for_row_vectors(g, [&](auto kernel, int64_t xb) {
+            using K = decltype(kernel);
+            if (rows == 3) {
+              K::template backward_rows<3>(g, f, pl, sc.template lanes<K>(), need_mask, p, y, xb);
+            } else {
+              K::template backward_rows<2>(g, f, pl, sc.template lanes<K>(), need_mask, p, y, xb);
+            }
+          });
+        } else {
+          int64_t dy0, dy1;
+          window_rows(g, y, dy0, dy1);
+          pl.win.build(g, live, head, dy0, dy1);
+          for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
+            using K = decltype(kernel);
+            K::template backward_queries<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), need_mask, p,
+                                                                  y, xb);
           });
         }
-        if (const int64_t yk = y - g.r + WRITE_AHEAD; keys && yk >= 0 && yk < g.h) {
-          if (f.dk != nullptr) prefetch_for_write(f.dk + (p * g.d * g.h + yk) * g.w, g.d, g.h * g.w, g.w);
-          if (f.dv != nullptr) prefetch_for_write(f.dv + (p * g.dv * g.h + yk) * g.w, g.dv, g.h * g.w, g.w);
-        }
-        int64_t dy0, dy1;
-        window_rows(g, y, dy0, dy1);
-        pl.win.build(g, live, head, dy0, dy1);
-        for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
-          using K = decltype(kernel);
-          K::template backward_queries<decltype(blocks)::value>(g, f, pl, sc.template lanes<K>(), need_mask, p, y,
-                                                                xb);
-        });
-        // d rel of the rows the ring holds, before the next row overwrites the oldest
-        if (f.drel != nullptr && (y + 1 - drel_from == pl.slots || y == g.h - 1)) {
-          if (g.blocks > 0) drel_rows(g, pl, drel_from, y + 1, 0, g.blocks, sc.wide.drel.data());
+        y += rows;
+        // d rel of the rows the ring holds, before the next step (up to ROWS rows) overwrites the oldest
+        if (f.drel != nullptr && (y + ROWS - drel_from > pl.slots || y == g.h)) {
+          if (g.blocks > 0) drel_rows(g, pl, drel_from, y, 0, g.blocks, sc.wide.drel.data());
           if constexpr (HAS_HALF) {
-            if (g.half) Half::drel_rows(g, pl, drel_from, y + 1, g.blocks * L, 1, sc.narrow.drel.data());
+            if (g.half) Half::drel_rows(g, pl, drel_from, y, g.blocks * L, 1, sc.narrow.drel.data());
           }
-          drel_from = y + 1;
+          drel_from = y;
         }
-        for (; keys && next_key + 1 <= y - g.r; next_key += 2) backward_keys(g, f, pl, active, p, next_key, true);
+        for (; keys && next_key + 1 <= y - 1 - g.r; next_key += 2) backward_keys(g, f, pl, active, p, next_key, true);
       }
       for (; keys && next_key < g.h; next_key += 2) backward_keys(g, f, pl, active, p, next_key, next_key + 1 < g.h);
       // the sums of the widths this plane's rows use

@@ -1,9 +1,9 @@
 """The fused CPU kernel ("fused_cpu"): what the shared backend tests in test_neighborhood.py do not cover --
 that it is built wherever a compiler exists, kernel sizes 1 and 13, head widths around its channel groups,
-row widths around the vector widths, padding that reads as zero whatever the heap held before, a window_mask
-without gradient (whose zero columns the kernel skips), fp16/bf16 computed in fp32, a deterministic backward
-whatever the thread count, torch's thread count, fork safety of its threads, tracing by torch.compile, and the
-fallback to "tiled" (one warning) where it cannot be built."""
+row widths around the vector widths, query rows computed together, padding that reads as zero whatever the
+heap held before, a window_mask without gradient (whose zero columns the kernel skips), fp16/bf16 computed in
+fp32, a deterministic backward whatever the thread count, torch's thread count, fork safety of its threads,
+tracing by torch.compile, and the fallback to "tiled" (one warning) where it cannot be built."""
 
 from __future__ import annotations
 
@@ -140,6 +140,33 @@ def test_row_widths_around_the_vector_widths(fused, width):
             inputs = make_inputs(5, width, 5, "per_head", True, dtype=dtype)
             assert_all_close(run(fused, inputs, 5, border, weights_grad=True),
                              run("reference", inputs, 5, border, weights_grad=True), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kernel", [3, 7, 11])
+def test_rows_computed_together(fused, kernel):
+    """Where the windows of consecutive query rows are whole, the kernel computes up to three rows at once, and its
+    backward ring holds one more row for each. Heights that leave no such rows, one, two, three and more under
+    border="mask" (every row under "zeros"); a window_mask with its gradient, and a fixed one without zeros, with
+    which the rows are grouped too (a fixed mask with zero columns is test_window_mask_without_gradient's)."""
+
+    def fixed_mask(backend, inputs, border):
+        q, k, v, rel_pos, mask = inputs
+        out, weights = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel_pos, window_mask=mask, border=border,
+                                                 backend=backend, return_weights=True)
+        gen = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + (
+            weights * torch.randn(weights.shape, generator=gen, dtype=out.dtype)).sum()
+        return [out, weights, *torch.autograd.grad(loss, (q, k, v, rel_pos))]
+
+    r = kernel // 2
+    for height in (2 * r, 2 * r + 1, 2 * r + 2, 2 * r + 3, 2 * r + 4, 2 * r + 9):
+        inputs = make_inputs(height, 19, kernel, "per_head", True, dtype=torch.float64)
+        fixed = [*inputs[:4], (inputs[4].detach() + 0.1).clamp_max(1.0)]
+        for border in ("mask", "zeros"):
+            assert_all_close(run(fused, inputs, kernel, border, weights_grad=True),
+                             run("reference", inputs, kernel, border, weights_grad=True), atol=1e-10, rtol=1e-10)
+            assert_all_close(fixed_mask(fused, fixed, border), fixed_mask("reference", fixed, border), atol=1e-10,
+                             rtol=1e-10)
 
 
 def test_padding_reads_as_zero_after_other_calls_dirtied_the_heap(fused):
