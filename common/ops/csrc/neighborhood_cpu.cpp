@@ -90,6 +90,49 @@ inline void in_register(V& v) {
 #endif
 }
 
+// acc + a * b with one rounding where the CPU has fused multiply-adds. Every dot-product loop uses it, so that the
+// loops that can compute the same logits (one query row alone, or rows together; the backward pass recomputes the
+// forward's, whichever loop each used) give bitwise the same sums: left to the compiler's contraction of a * b + c,
+// one loop was fused and another not in an AVX2 build, and P = 1 of a one-offset window came back as 1 + 1e-7,
+// whose dS should be exactly 0.
+template <typename V>
+inline V madd(const V& acc, const V& a, const V& b) {
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
+  constexpr bool F = std::is_same_v<T, float>;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    if constexpr (F) {
+      return __builtin_bit_cast(V, _mm512_fmadd_ps(__builtin_bit_cast(__m512, a), __builtin_bit_cast(__m512, b),
+                                                   __builtin_bit_cast(__m512, acc)));
+    } else {
+      return __builtin_bit_cast(V, _mm512_fmadd_pd(__builtin_bit_cast(__m512d, a), __builtin_bit_cast(__m512d, b),
+                                                   __builtin_bit_cast(__m512d, acc)));
+    }
+  }
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32) {
+    if constexpr (F) {
+      return __builtin_bit_cast(V, _mm256_fmadd_ps(__builtin_bit_cast(__m256, a), __builtin_bit_cast(__m256, b),
+                                                   __builtin_bit_cast(__m256, acc)));
+    } else {
+      return __builtin_bit_cast(V, _mm256_fmadd_pd(__builtin_bit_cast(__m256d, a), __builtin_bit_cast(__m256d, b),
+                                                   __builtin_bit_cast(__m256d, acc)));
+    }
+  }
+  if constexpr (sizeof(V) == 16) {
+    if constexpr (F) {
+      return __builtin_bit_cast(V, _mm_fmadd_ps(__builtin_bit_cast(__m128, a), __builtin_bit_cast(__m128, b),
+                                                __builtin_bit_cast(__m128, acc)));
+    } else {
+      return __builtin_bit_cast(V, _mm_fmadd_pd(__builtin_bit_cast(__m128d, a), __builtin_bit_cast(__m128d, b),
+                                                __builtin_bit_cast(__m128d, acc)));
+    }
+  }
+#endif
+  return acc + a * b;  // no fused multiply-add on this CPU: nothing to contract either
+}
+
 template <typename V, typename T>
 inline void store_n(T* p, V v, int64_t n) {  // the first n lanes
   if (n * static_cast<int64_t>(sizeof(T)) >= static_cast<int64_t>(sizeof(V))) {
@@ -640,9 +683,9 @@ struct Kernel {
           const T rv = REL ? rc[j] : T(0);
           for (int x = 0; x < XB; ++x) {
             if (REL) {
-              acc[x][i * N + j] += av[x] * (loadu<V>(bc + x * L + j) + rv);
+              acc[x][i * N + j] = madd(acc[x][i * N + j], av[x], loadu<V>(bc + x * L + j) + rv);
             } else {
-              acc[x][i * N + j] += av[x] * loadu<V>(bc + x * L + j);
+              acc[x][i * N + j] = madd(acc[x][i * N + j], av[x], loadu<V>(bc + x * L + j));
             }
           }
         }
@@ -697,9 +740,9 @@ struct Kernel {
       for (int c = 0; c < N; ++c) {
         for (int x = 0; x < XB; ++x) {
           if (REL) {
-            acc[x][c] += wj[x] * (loadu<V>(bj + c * plane + x * L) + rj[c]);
+            acc[x][c] = madd(acc[x][c], wj[x], loadu<V>(bj + c * plane + x * L) + rj[c]);
           } else {
-            acc[x][c] += wj[x] * loadu<V>(bj + c * plane + x * L);
+            acc[x][c] = madd(acc[x][c], wj[x], loadu<V>(bj + c * plane + x * L));
           }
         }
       }
@@ -784,9 +827,9 @@ struct Kernel {
         if constexpr (NG > 1) in_register(kv);
         for (int i = 0; i < NG; ++i) {
           if constexpr (REL) {
-            acc[i][j] += av[i] * (kv + rel[c * kk + j - i * k]);
+            acc[i][j] = madd(acc[i][j], av[i], kv + rel[c * kk + j - i * k]);
           } else {
-            acc[i][j] += av[i] * kv;
+            acc[i][j] = madd(acc[i][j], av[i], kv);
           }
         }
       }
@@ -841,9 +884,9 @@ struct Kernel {
         if constexpr (NG > 1) in_register(vv);
         for (int i = 0; i < NG; ++i) {
           if constexpr (REL) {
-            acc[I0 + i][c] += wi[i] * (vv + ri[i][c]);
+            acc[I0 + i][c] = madd(acc[I0 + i][c], wi[i], vv + ri[i][c]);
           } else {
-            acc[I0 + i][c] += wi[i] * vv;
+            acc[I0 + i][c] = madd(acc[I0 + i][c], wi[i], vv);
           }
         }
       }
@@ -1044,7 +1087,7 @@ struct Kernel {
         for (int c = 0; c < NC; ++c) {
           V qv = loadu<V>(q + c * g.plane + v * L);
           if constexpr (NO > 1) in_register(qv);
-          for (int i = 0; i < NO; ++i) sum[i][c] += dsv[i] * qv;
+          for (int i = 0; i < NO; ++i) sum[i][c] = madd(sum[i][c], dsv[i], qv);
         }
       }
     }
@@ -1196,15 +1239,15 @@ struct Kernel {
       for (int c = 0; c < N; ++c) {
         V sv = loadu<V>(sj + c * plane);
         in_register(sv);
-        a[c] += wa * sv;
-        b[c] += wb * sv;
+        a[c] = madd(a[c], wa, sv);
+        b[c] = madd(b[c], wb, sv);
       }
     }
     const auto one_row = [&](const KeyEntries& e, V* acc) {
       for (int64_t j = 0; j < e.n; ++j) {
         const V wj = loadu<V>(w + e.w[j]);
         const T* sj = src + e.s[j];
-        for (int c = 0; c < N; ++c) acc[c] += wj * loadu<V>(sj + c * plane);
+        for (int c = 0; c < N; ++c) acc[c] = madd(acc[c], wj, loadu<V>(sj + c * plane));
       }
     };
     one_row(first, a);

@@ -61,6 +61,21 @@ def test_kernel_sizes_1_and_13(fused, kernel, border):
         assert_all_close(run(fused, inputs, kernel, border, weights_grad=True), want, atol=1e-5, rtol=1e-5)
 
 
+def test_forward_and_backward_agree_bitwise_on_the_logits(fused):
+    """With one window offset the weight is 1 (or 0 under a zero mask), so the gradients of q, k, rel_pos and the
+    mask are exactly 0 -- if the backward pass recomputes the forward's logits bitwise, as P = exp(s - max) then
+    is exactly 1, whichever of its loops (one row, rows together) computed them in either pass: a single plane
+    (the forward splits it into bands of rows), and a mask with a zero head (the forward skips its columns)."""
+    gen = torch.Generator().manual_seed(0)
+    for batch, mask in ((1, torch.tensor([0.5, 0.7])), (3, torch.tensor([0.0, 0.7]))):
+        q, k, v = (torch.randn(batch, 2, 9, 16, 8, generator=gen, requires_grad=True) for _ in range(3))
+        rel_pos = torch.randn(2, 1, 1, 8, generator=gen, requires_grad=True)
+        window_mask = mask.view(2, 1, 1).requires_grad_()
+        out = nb.neighborhood_attention(q, k, v, 1, rel_pos=rel_pos, window_mask=window_mask, backend=fused)
+        grads = torch.autograd.grad(out, (q, k, rel_pos, window_mask), torch.randn(out.shape, generator=gen))
+        assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
 def head_inputs(d, dv, kernel=5):
     """q, k (logits of order 1 whatever d), v, a per-head rel_pos and a window_mask, all requiring grad."""
     gen = torch.Generator().manual_seed(d)
