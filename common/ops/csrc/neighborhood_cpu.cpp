@@ -158,25 +158,26 @@ inline auto hsum(const V& v) {
   }
 }
 
-// exp of a float vector, where AVX-512 has it: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; f from
-// a two-part log2 e (accurate for large |x|), 2^f from a degree-6 polynomial (relative error 1e-7), 2^n
-// applied by scalef (which also gives 0 for exp(-inf) and inf on overflow).
+// exp of a float vector, where AVX-512 (with DQ) has it: 2^y = 2^floor(y) 2^f for y = x log2 e, f = y - floor(y)
+// in [0, 1) from one vreduceps; 2^f from a degree-6 polynomial (relative error 2e-9 before rounding), 2^floor(y)
+// applied by scalef (which also gives 0 for exp(-inf), clamped to exp(-120), and inf on overflow). y is rounded
+// once, which costs e^x a relative error of about 6e-8 |y|; for the x <= 0 the softmax takes, that is at most
+// 8e-8 absolute over [-100, 0] (measured, against 6e-8 for a two-part reduction, which takes two more operations:
+// fwd+bwd 0.98-0.99x with this one).
 #define NA_EXP_AVX512(W, VT)                                                                           \
   do {                                                                                                 \
     const VT x = _mm##W##_max_ps(reinterpret_cast<const VT&>(v), _mm##W##_set1_ps(-120.0f));           \
-    const VT n = _mm##W##_roundscale_ps(_mm##W##_mul_ps(x, _mm##W##_set1_ps(1.44269504088896341f)),    \
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);                \
-    VT f = _mm##W##_fmsub_ps(x, _mm##W##_set1_ps(1.44269502162933349609375f), n);                      \
-    f = _mm##W##_fmadd_ps(x, _mm##W##_set1_ps(1.925963033500011e-08f), f);                             \
-    VT p = _mm##W##_set1_ps(1.5054538380354643e-04f);                                                  \
-    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.3395266141742468e-03f));                            \
-    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(9.619487449526787e-03f));                             \
-    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(5.550341680645943e-02f));                             \
-    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(2.402263879776001e-01f));                             \
-    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(6.931471824645996e-01f));                             \
+    const VT y = _mm##W##_mul_ps(x, _mm##W##_set1_ps(1.44269504088896341f));                           \
+    const VT f = _mm##W##_reduce_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);                     \
+    VT p = _mm##W##_set1_ps(2.1612919226754457e-04f);                                                  \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.2467845808714628e-03f));                            \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(9.675451554358006e-03f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(5.5485282093286514e-02f));                            \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(2.402293086051941e-01f));                             \
+    p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(6.931470632553101e-01f));                             \
     p = _mm##W##_fmadd_ps(p, f, _mm##W##_set1_ps(1.0f));                                               \
-    const VT y = _mm##W##_scalef_ps(p, n);                                                             \
-    return reinterpret_cast<const V&>(y);                                                              \
+    const VT e = _mm##W##_scalef_ps(p, y);                                                             \
+    return reinterpret_cast<const V&>(e);                                                              \
   } while (0)
 
 // exp of a vector: the above where it applies; otherwise for floats the Cephes expf polynomial (about 1 ulp,
@@ -189,10 +190,10 @@ inline V vexp(V v) {
     for (size_t i = 0; i < sizeof(V) / sizeof(double); ++i) v[i] = std::exp(v[i]);
     return v;
   } else {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
     if constexpr (sizeof(V) == 64) NA_EXP_AVX512(512, __m512);
 #endif
-#if defined(__AVX512F__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
     if constexpr (sizeof(V) == 32) NA_EXP_AVX512(256, __m256);
 #endif
     typedef int32_t I __attribute__((vector_size(sizeof(V))));
