@@ -11,6 +11,10 @@
 //   - "32-byte steps":  at a 32-byte step per offset, as a layout with 8 heads of one pixel in the lanes would
 //                       read them (2 pixels x 8 heads per 16-lane vector).
 // Needs AVX-512 (the kernel's build on this machine); prints ns per run and channel (median of 5 passes).
+//
+// Then the loop the kernel runs where the windows of consecutive query rows are whole (rows_dots): 1, 2 or 3 query
+// rows of one 16-query block, each key vector read once for all of them (key row y + t is window row t - i of
+// query row y + i, each row adding its own embedding entry), against the one-row loop above; ns per multiply-add.
 
 #include <immintrin.h>
 
@@ -72,6 +76,45 @@ double ns_per_run(const float* buf, float* sink) {
   return ns / iterations;
 }
 
+// one pass of `iterations` runs of 7 offsets for ROWS query rows of one block sharing each key vector, q . (k + rel)
+template <int ROWS>
+double ns_per_run_rows(const float* buf, float* sink) {
+  __m512 acc[ROWS][7];
+  for (int i = 0; i < ROWS; ++i)
+    for (int dx = 0; dx < 7; ++dx) acc[i][dx] = _mm512_setzero_ps();
+  const long iterations = 10000000;
+  const auto start = std::chrono::steady_clock::now();
+  for (long it = 0; it < iterations; ++it) {
+    const float* k = buf + (it & 63) * 48;
+    const float* rel = buf + 8192 + (it & 7);
+    const float* q = buf + 4096 + (it & 63) * 48;
+    __m512 qv[ROWS];
+#pragma GCC unroll 3
+    for (int i = 0; i < ROWS; ++i) qv[i] = _mm512_load_ps(q + 16 * i);
+#pragma GCC unroll 7
+    for (int dx = 0; dx < 7; ++dx) {
+      __m512 kv = _mm512_loadu_ps(k + dx);
+      asm("" : "+v"(kv));  // one load for all rows (the compiler would fold it into each add)
+#pragma GCC unroll 3
+      for (int i = 0; i < ROWS; ++i) {
+        acc[i][dx] = _mm512_fmadd_ps(qv[i], _mm512_add_ps(kv, _mm512_set1_ps(rel[dx + 8 * i])), acc[i][dx]);
+      }
+    }
+  }
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+  for (int i = 0; i < ROWS; ++i)
+    for (int dx = 0; dx < 7; ++dx) sink[dx] += _mm512_reduce_add_ps(acc[i][dx]);
+  return ns / iterations;
+}
+
+template <int ROWS>
+double median_of_5_rows(const float* buf, float* sink) {
+  std::vector<double> times;
+  for (int pass = 0; pass < 5; ++pass) times.push_back(ns_per_run_rows<ROWS>(buf, sink));
+  std::sort(times.begin(), times.end());
+  return times[2];
+}
+
 template <Read READ, bool REL>
 double median_of_5(const float* buf, float* sink) {
   std::vector<double> times;
@@ -94,6 +137,11 @@ int main() {
               median_of_5<Read::shifted, true>(buf, sink));
   std::printf("%-16s %8.2f %12.2f\n", "32-byte steps", median_of_5<Read::step32, false>(buf, sink),
               median_of_5<Read::step32, true>(buf, sink));
+  std::printf("\nq . (k+rel), ns per multiply-add: query rows sharing each key vector (one block), or one row of\n"
+              "two blocks (the loop above)\n");
+  std::printf("%-16s %8.3f\n", "1 row x 2 blocks", median_of_5<Read::unaligned, true>(buf, sink) / 14);
+  std::printf("%-16s %8.3f\n", "2 rows", median_of_5_rows<2>(buf, sink) / 14);
+  std::printf("%-16s %8.3f\n", "3 rows", median_of_5_rows<3>(buf, sink) / 21);
   float total = 0;
   for (float v : sink) total += v;
   std::printf("(checksum %.3g)\n", total);

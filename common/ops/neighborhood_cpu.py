@@ -19,12 +19,13 @@ How it computes (the math is the module docstring of common/ops/neighborhood.py)
   weighted sum of values, all in registers and a few KiB of stack; saved for backward are the inputs and
   each query's softmax maximum and inverse normaliser (8 bytes per pixel and head), nothing per window
   offset.
-- rows together: where the windows of consecutive query rows are whole (in the image, and no zero column of
-  a window_mask to skip), a block of three rows (or two) is computed at once. Key row y + t is window row
-  t - i of query row y + i, so each key and value vector read serves every row that sees it: on Zen 4 a load,
-  the embedding's add and a multiply-add per multiply-add take two cycles, against 1.3 with three rows
-  sharing the load (fwd+bwd, 2 threads: 0.91-0.92x on the bench's 32x32 and 56x56 shapes at k=7, 0.85-0.90x
-  at k=11, 0.95-0.96x at d=32 and at k=3).
+- rows together: unless a window_mask has zero columns to skip, three query rows (or two) are computed at
+  once, one vector of each. Key row y + t is window row t - i of query row y + i, so each key and value
+  vector read serves every row that sees it: on Zen 4 a load, the embedding's add and a multiply-add per
+  multiply-add take 2.1 times a multiply-add's time, against 1.2 times with three rows sharing the load
+  (bench/window_loads.cpp). fwd+bwd, 2 threads: 0.91-0.92x on the bench's 32x32 and 56x56 shapes at k=7,
+  0.85-0.90x at k=11, 0.95-0.96x at d=32 and at k=3; rows at the image's top and bottom too: 0.90-0.95x on
+  4x4 to 16x16 maps.
 - backward, per (batch, head) plane: the logits and weights recomputed from those statistics,
   dP = grad_out . v (+ the weights' own gradient), dS = P (dP - sum P dP), dq = sum dS (k + rel); P and dS
   go to two per-thread planes, from which dk = sum dS q and dv = sum P grad_out are gathered per key (the

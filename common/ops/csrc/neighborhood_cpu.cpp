@@ -7,11 +7,11 @@
 // every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
 // inner loops. Each work item first copies the rows it reads into channel-major planes (C, hk, wk), zero-
 // padded by r = k // 2 on every side and with rows rounded up to whole vectors (or to half of one, which a
-// kernel of half the width computes), so a window read never needs a bounds check. Where the windows of
-// three (or two) consecutive query rows are whole, one vector of each is computed at once, and each key and
-// value vector read serves all of them (see rows_dots). Elsewhere two neighbouring vectors of one row are
-// processed together where the row is long enough, which doubles the independent accumulator chains and
-// shares every relative-embedding broadcast.
+// kernel of half the width computes), so a window read never needs a bounds check. Unless a window_mask has
+// zero columns to skip, three (or two) consecutive query rows are computed at once, one vector of each, and
+// each key and value vector read serves all of them (see rows_dots). Otherwise two neighbouring vectors of one
+// row are processed together where the row is long enough, which doubles the independent accumulator chains
+// and shares every relative-embedding broadcast.
 //
 // Threads: torch's thread count, on a pool of our own whose threads sleep while idle (see Pool); one task
 // per pass. The forward pass hands out (plane, row band) items; the backward pass hands out (batch, head)
@@ -282,8 +282,8 @@ struct Ranges {
 // the same short columns of up to 3 consecutive rows (so that a run's keys and embeddings sit at constant
 // distances from one pointer, and a run has enough independent accumulators), and the entries one by one.
 constexpr int MAX_RUN = 8, MAX_RUN_AREA = 9;
-// The most query rows computed at once where their windows are whole (see rows_dots): three share each key and
-// value vector they read. Four would need more accumulators than there are vector registers.
+// The most query rows computed at once (see rows_dots): three share each key and value vector they read. Four
+// would need more accumulators than there are vector registers.
 constexpr int ROWS = 3;
 
 struct Window {
@@ -336,11 +336,15 @@ inline void window_rows(const Geo& g, int64_t y, int64_t& dy0, int64_t& dy1) {
   }
 }
 
-// how many rows from y (at most ROWS, all before `end`) have whole windows: every window row in the image
-inline int64_t whole_rows(const Geo& g, int64_t y, int64_t end) {
-  int64_t n = 0;
-  while (n < ROWS && y + n < end && (!g.border_mask || (y + n >= g.r && y + n + g.r < g.h))) ++n;
-  return n;
+// the key rows y + t, t in [t0, t1), that the windows of `rows` query rows from y take: those in the image for
+// border="mask" (the others are the planes' zero padding, outside every window), all of them for "zeros"
+inline void key_rows(const Geo& g, int64_t y, int64_t rows, int64_t& t0, int64_t& t1) {
+  t0 = 0;
+  t1 = g.k + rows - 1;
+  if (g.border_mask) {
+    t0 = std::max<int64_t>(t0, g.r - y);
+    t1 = std::min<int64_t>(t1, g.h + g.r - y);
+  }
 }
 
 // Worker threads of our own, which wait on a condition variable between tasks (never spin): with OpenMP's
@@ -565,13 +569,14 @@ struct KeyEntries {
 template <typename T>
 struct Planes {
   Window win;
+  std::vector<Window> rows;  // the windows of the rows computed together
   int64_t slots, slot_size;
   std::vector<T> pring, dsring;
   KeyEntries both, first, second;
   std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;
   const T *qp, *kp, *vp, *gp;
   Planes(const Geo& g, bool backward, bool has_gout)
-      : win(g.kk), slots(backward ? 2 * g.r + 1 + ROWS : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
+      : win(g.kk), rows(ROWS, Window(g.kk)), slots(backward ? 2 * g.r + 1 + ROWS : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
         dsring(slots * slot_size, T(0)), both(backward ? g.kk : 0), first(backward ? g.kk : 0),
         second(backward ? g.kk : 0), qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()),
         vbuf(new T[g.dv * g.plane]()), gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()),
@@ -804,11 +809,13 @@ struct Kernel {
     }
   }
 
-  // G query rows at once (y .. y + G - 1), where all their windows are whole. Key row y + t is window row t - i of
-  // query row y + i, so one key vector serves every row that sees its key row: a load per G multiply-adds where
-  // one row alone needs one per multiply-add (the loads, not the arithmetic, bound these loops on Zen 4: a load,
-  // an add of the embedding and a multiply-add per multiply-add take 2 cycles, 1.3 with three rows sharing the
-  // load). The per-row arrays (logits, weights, dP) of the G rows are kk vectors apart.
+  // G query rows at once (y .. y + G - 1), where every window row takes all its columns (no window_mask column is
+  // skipped). Key row y + t is window row t - i of query row y + i, so one key vector serves every row that sees
+  // its key row: a load per G multiply-adds where one row alone needs one per multiply-add (the loads, not the
+  // arithmetic, bound these loops on Zen 4: a load, an add of the embedding and a multiply-add per multiply-add
+  // take 2.1 times a multiply-add's time, 1.2 times with three rows sharing the load; bench/window_loads.cpp).
+  // Key rows outside the image (border="mask") are skipped. The per-row arrays (logits, weights, dP) of the G
+  // rows are kk vectors apart, each indexed by window offset.
 
   // NG rows from row i0 of the group and one window row of key row t (b: its first column): out[i][j] for query
   // row i0 + i, whose window row is t - i0 - i; a: row i0's query vector; rel: channel 0 of window row t - i0,
@@ -839,16 +846,17 @@ struct Kernel {
       for (int j = 0; j < N; ++j) out[i * (kk - k) + j] = acc[i][j];
   }
 
-  // the logits (or dP) of one vector of G query rows with whole windows: s[i * kk + o]; a: the first row's query
-  // vector, b: the first row's window corner
+  // the logits (or dP) of one vector of G query rows over key rows y + t, t in [t0, t1): s[i * kk + o]; a: the first
+  // row's query vector, b: the first row's window corner
   template <int G, bool REL>
-  static void rows_window_dots(const Geo& g, const T* a, const T* b, int64_t channels, const T* relt, V* s) {
+  static void rows_window_dots(const Geo& g, const T* a, const T* b, int64_t channels, const T* relt, int64_t t0,
+                               int64_t t1, V* s) {
     const int64_t pieces = (g.k + MAX_RUN - 1) / MAX_RUN;
     for (int64_t piece = 0, j0 = 0; piece < pieces; ++piece) {
       const int64_t n = (g.k - j0 + (pieces - piece) - 1) / (pieces - piece);
       with_length(n, [&](auto len) {
         constexpr int N = decltype(len)::value;
-        for (int64_t t = 0; t < g.k + G - 1; ++t) {
+        for (int64_t t = t0; t < t1; ++t) {
           const int64_t i0 = std::max<int64_t>(0, t - g.k + 1), rows = std::min<int64_t>(G - 1, t) - i0 + 1;
           const T* at = a + i0 * g.wk;
           const T* bt = b + t * g.wk + j0;
@@ -894,15 +902,16 @@ struct Kernel {
     }
   }
 
-  // dst[i][c] = scale[i] sum_o w[i][o] (b[c][o] + rel[o][c]) for G rows with whole windows (N channels; rel: (kk, d)
-  // layout at the group's first channel, or none; scale: none if null); row i's output is dst + i * dst_row
+  // dst[i][c] = scale[i] sum_o w[i][o] (b[c][o] + rel[o][c]) for G rows over key rows y + t, t in [t0, t1) (N
+  // channels; rel: (kk, d) layout at the group's first channel, or none; scale: none if null); row i's output is
+  // dst + i * dst_row
   template <int N, int G, bool REL>
-  static void rows_weighted_group(const Geo& g, const V* w, const T* b, const T* rel, T* dst, int64_t dst_row,
-                                  int64_t dst_plane, int64_t valid, const V* scale) {
+  static void rows_weighted_group(const Geo& g, const V* w, const T* b, const T* rel, int64_t t0, int64_t t1, T* dst,
+                                  int64_t dst_row, int64_t dst_plane, int64_t valid, const V* scale) {
     V acc[G][N];
     for (int i = 0; i < G; ++i)
       for (int c = 0; c < N; ++c) acc[i][c] = V{};
-    for (int64_t t = 0; t < g.k + G - 1; ++t) {
+    for (int64_t t = t0; t < t1; ++t) {
       const T* bt = b + t * g.wk;
       const int64_t i0 = std::max<int64_t>(0, t - g.k + 1), i1 = std::min<int64_t>(G - 1, t);
       switch (i0 * 4 + i1) {  // the rows that see key row t: [i0, i1]
@@ -922,17 +931,18 @@ struct Kernel {
   }
 
   template <int G>
-  static void rows_weighted(const Geo& g, const V* w, const T* b, int64_t channels, const T* rel, T* dst,
-                            int64_t dst_row, int64_t dst_plane, int64_t valid, const V* scale = nullptr) {
+  static void rows_weighted(const Geo& g, const V* w, const T* b, int64_t channels, const T* rel, int64_t t0,
+                            int64_t t1, T* dst, int64_t dst_row, int64_t dst_plane, int64_t valid,
+                            const V* scale = nullptr) {
     for (int64_t c = 0; c < channels; c += CGROUP) {
       with_length(std::min<int64_t>(CGROUP, channels - c), [&](auto len) {
         constexpr int N = decltype(len)::value;
         if (rel != nullptr) {
-          rows_weighted_group<N, G, true>(g, w, b + c * g.plane, rel + c, dst + c * dst_plane, dst_row, dst_plane,
-                                          valid, scale);
+          rows_weighted_group<N, G, true>(g, w, b + c * g.plane, rel + c, t0, t1, dst + c * dst_plane, dst_row,
+                                          dst_plane, valid, scale);
         } else {
-          rows_weighted_group<N, G, false>(g, w, b + c * g.plane, nullptr, dst + c * dst_plane, dst_row, dst_plane,
-                                           valid, scale);
+          rows_weighted_group<N, G, false>(g, w, b + c * g.plane, nullptr, t0, t1, dst + c * dst_plane, dst_row,
+                                           dst_plane, valid, scale);
         }
       });
     }
@@ -990,32 +1000,37 @@ struct Kernel {
                  f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid, invs);
   }
 
-  // one vector of G query rows from y, whose windows are whole (pl.win: every offset)
+  // one vector of G query rows from y (pl.rows: their windows, every column of each window row)
   template <int G>
   static void forward_rows(const Geo& g, const Fwd& f, const Planes<T>& pl, Lanes<V>& ln, int64_t p, int64_t y,
                            int64_t xb) {
-    const Window& win = pl.win;
     V* s = ln.s.data();
     const int64_t head = p % g.heads;
     const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
     const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
     const T* a = pl.qp + (y + g.r) * g.wk + xb + g.r;
     const T* b = pl.kp + y * g.wk + xb;
+    int64_t t0, t1;
+    key_rows(g, y, G, t0, t1);
     if (relt != nullptr) {
-      rows_window_dots<G, true>(g, a, b, g.d, relt, s);
+      rows_window_dots<G, true>(g, a, b, g.d, relt, t0, t1, s);
     } else {
-      rows_window_dots<G, false>(g, a, b, g.d, nullptr, s);
+      rows_window_dots<G, false>(g, a, b, g.d, nullptr, t0, t1, s);
     }
     V* bias = ln.bias.data();
-    if (column_bias(g, xb, bias)) {
-      for (int i = 0; i < G; ++i)
-        for (int64_t j = 0; j < g.kk; ++j) s[i * g.kk + j] += bias[win.dx[j]];
-    }
+    const bool biased = column_bias(g, xb, bias);
     const int64_t valid = std::min<int64_t>(L, g.w - xb);
     V invs[G];
-    for (int i = 0; i < G; ++i) invs[i] = softmax_row(g, f, win, maskh, s + i * g.kk, p, y + i, xb, valid);
-    rows_weighted<G>(g, s, pl.vp + y * g.wk + xb, g.dv, nullptr, f.out + (p * g.dv * g.h + y) * g.w + xb, g.w,
-                     g.h * g.w, valid, invs);
+    for (int i = 0; i < G; ++i) {
+      const Window& win = pl.rows[i];
+      V* si = s + i * g.kk + win.o[0];  // the row's entries: whole window rows, from its first offset on
+      if (biased) {
+        for (int64_t j = 0; j < win.n; ++j) si[j] += bias[win.dx[j]];
+      }
+      invs[i] = softmax_row(g, f, win, maskh, si, p, y + i, xb, valid);
+    }
+    rows_weighted<G>(g, s, pl.vp + y * g.wk + xb, g.dv, nullptr, t0, t1, f.out + (p * g.dv * g.h + y) * g.w + xb,
+                     g.w, g.h * g.w, valid, invs);
   }
 
   // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
@@ -1038,11 +1053,12 @@ struct Kernel {
       for (int64_t y = y0; y < y1;) {
         int64_t dy0, dy1;
         window_rows(g, y, dy0, dy1);
-        if (const int64_t rows = grouped ? whole_rows(g, y, y1) : 0; rows >= 2) {
-          for (int64_t yy = y; yy < y + rows; ++yy) {
-            rows_ahead(yy, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
+        if (const int64_t rows = grouped ? std::min<int64_t>(ROWS, y1 - y) : 0; rows >= 2) {
+          for (int64_t i = 0; i < rows; ++i) {
+            rows_ahead(y + i, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
+            window_rows(g, y + i, dy0, dy1);
+            pl.rows[i].build(g, ranges, p % g.heads, dy0, dy1);
           }
-          pl.win.build(g, ranges, p % g.heads, 0, g.k);
           for_row_vectors(g, [&](auto kernel, int64_t xb) {
             using K = decltype(kernel);
             if (rows == 3) {
@@ -1125,10 +1141,9 @@ struct Kernel {
   // the softmax's gradient for one vector of row y at column xb: E and dP of each entry are in sx and dpx on entry,
   // dS in dpx on return; P (= E m, E itself without a mask: px = sx) and dS go to row y's ring slot.
   __attribute__((always_inline)) static inline void softmax_grad(const Geo& g, const Bwd& f, Planes<T>& sc,
-                                                                 Lanes<V>& ln, bool need_mask, const T* maskh,
-                                                                 int64_t p, int64_t y, int64_t xb, V* sx, V* dpx,
-                                                                 V* pwx) {
-    const Window& win = sc.win;
+                                                                 const Window& win, Lanes<V>& ln, bool need_mask,
+                                                                 const T* maskh, int64_t p, int64_t y, int64_t xb,
+                                                                 V* sx, V* dpx, V* pwx) {
     // Values are kept in locals between the stores: a store to the ring may alias these arrays for the compiler,
     // which would reload.
     V* px = maskh == nullptr ? sx : pwx;
@@ -1184,7 +1199,7 @@ struct Kernel {
     int64_t valid[XB];
     for (int x = 0; x < XB; ++x) {
       valid[x] = std::min<int64_t>(L, g.w - xb - x * L);
-      softmax_grad(g, f, sc, ln, need_mask, maskh, p, y, xb + x * L, s + x * g.kk, dp + x * g.kk, pw + x * g.kk);
+      softmax_grad(g, f, sc, win, ln, need_mask, maskh, p, y, xb + x * L, s + x * g.kk, dp + x * g.kk, pw + x * g.kk);
     }
     if (f.dq != nullptr) {
       weighted<XB>(win, dp, kp + koff, g.plane, g.d, rel, g.d, g.kk, f.dq + (p * g.d * g.h + y) * g.w + xb,
@@ -1192,34 +1207,37 @@ struct Kernel {
     }
   }
 
-  // one vector of G query rows from y, whose windows are whole (sc.win: every offset)
+  // one vector of G query rows from y (sc.rows: their windows, every column of each window row)
   template <int G>
   __attribute__((noinline)) static void backward_rows(const Geo& g, const Bwd& f, Planes<T>& sc, Lanes<V>& ln,
                                                       bool need_mask, int64_t p, int64_t y, int64_t xb) {
-    const Window& win = sc.win;
     const int64_t head = p % g.heads;
     const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
     const T* rel = f.rel == nullptr ? nullptr : f.rel + (f.rel_per_head ? head : 0) * g.kk * g.d;
     const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
     const int64_t qoff = (y + g.r) * g.wk + xb + g.r, koff = y * g.wk + xb;
     V *s = ln.s.data(), *dp = ln.dp.data(), *pw = ln.pw.data();
+    int64_t t0, t1;
+    key_rows(g, y, G, t0, t1);
     if (relt != nullptr) {
-      rows_window_dots<G, true>(g, sc.qp + qoff, sc.kp + koff, g.d, relt, s);
+      rows_window_dots<G, true>(g, sc.qp + qoff, sc.kp + koff, g.d, relt, t0, t1, s);
     } else {
-      rows_window_dots<G, false>(g, sc.qp + qoff, sc.kp + koff, g.d, nullptr, s);
+      rows_window_dots<G, false>(g, sc.qp + qoff, sc.kp + koff, g.d, nullptr, t0, t1, s);
     }
+    if (sc.gp != nullptr) rows_window_dots<G, false>(g, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, t0, t1, dp);
     V* bias = ln.bias.data();
-    if (column_bias(g, xb, bias)) {
-      for (int i = 0; i < G; ++i)
-        for (int64_t j = 0; j < g.kk; ++j) s[i * g.kk + j] += bias[win.dx[j]];
-    }
-    if (sc.gp != nullptr) rows_window_dots<G, false>(g, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, dp);
+    const bool biased = column_bias(g, xb, bias);
     for (int i = 0; i < G; ++i) {
-      softmax_grad(g, f, sc, ln, need_mask, maskh, p, y + i, xb, s + i * g.kk, dp + i * g.kk, pw + i * g.kk);
+      const Window& win = sc.rows[i];
+      const int64_t first = i * g.kk + win.o[0];  // the row's entries: whole window rows, from its first offset on
+      if (biased) {
+        for (int64_t j = 0; j < win.n; ++j) s[first + j] += bias[win.dx[j]];
+      }
+      softmax_grad(g, f, sc, win, ln, need_mask, maskh, p, y + i, xb, s + first, dp + first, pw + first);
     }
     if (f.dq != nullptr) {
-      rows_weighted<G>(g, dp, sc.kp + koff, g.d, rel, f.dq + (p * g.d * g.h + y) * g.w + xb, g.w, g.h * g.w,
-                       std::min<int64_t>(L, g.w - xb));
+      rows_weighted<G>(g, dp, sc.kp + koff, g.d, rel, t0, t1, f.dq + (p * g.d * g.h + y) * g.w + xb, g.w,
+                       g.h * g.w, std::min<int64_t>(L, g.w - xb));
     }
   }
 
@@ -1341,8 +1359,8 @@ struct Kernel {
       int64_t next_key = 0;  // the first key row not yet computed (two at a time, once their queries are done)
       int64_t drel_from = 0;  // the first query row whose dS is not yet in d rel
       for (int64_t y = 0; y < g.h;) {
-        // up to ROWS rows at once where their windows are whole (see rows_dots)
-        const int64_t rows = grouped ? std::max<int64_t>(1, whole_rows(g, y, g.h)) : 1;
+        // up to ROWS rows at once where no window_mask column is skipped (see rows_dots)
+        const int64_t rows = grouped ? std::min<int64_t>(ROWS, g.h - y) : 1;
         for (int64_t yy = y; yy < y + rows; ++yy) {
           // dq row yy is written by its query pass, dk and dv rows about one per query row, r rows behind
           if (f.dq != nullptr) {
@@ -1356,7 +1374,11 @@ struct Kernel {
           }
         }
         if (rows >= 2) {
-          pl.win.build(g, live, head, 0, g.k);
+          for (int64_t i = 0; i < rows; ++i) {
+            int64_t dy0, dy1;
+            window_rows(g, y + i, dy0, dy1);
+            pl.rows[i].build(g, live, head, dy0, dy1);
+          }
           for_row_vectors(g, [&](auto kernel, int64_t xb) {
             using K = decltype(kernel);
             if (rows == 3) {

@@ -159,10 +159,11 @@ def test_row_widths_around_the_vector_widths(fused, width):
 
 @pytest.mark.parametrize("kernel", [3, 7, 11])
 def test_rows_computed_together(fused, kernel):
-    """Where the windows of consecutive query rows are whole, the kernel computes up to three rows at once, and its
-    backward ring holds one more row for each. Heights that leave no such rows, one, two, three and more under
-    border="mask" (every row under "zeros"); a window_mask with its gradient, and a fixed one without zeros, with
-    which the rows are grouped too (a fixed mask with zero columns is test_window_mask_without_gradient's)."""
+    """The kernel computes up to three query rows at once (the windows of rows at the top and bottom cut short for
+    border="mask"), and its backward ring holds one more row for each. Heights whose rows end in a group of three,
+    two or one, and windows taller than the image; a window_mask with its gradient, and a fixed one without
+    zeros, with which the rows are grouped too (a fixed mask with zero columns is
+    test_window_mask_without_gradient's)."""
 
     def fixed_mask(backend, inputs, border):
         q, k, v, rel_pos, mask = inputs
@@ -174,7 +175,7 @@ def test_rows_computed_together(fused, kernel):
         return [out, weights, *torch.autograd.grad(loss, (q, k, v, rel_pos))]
 
     r = kernel // 2
-    for height in (2 * r, 2 * r + 1, 2 * r + 2, 2 * r + 3, 2 * r + 4, 2 * r + 9):
+    for height in sorted({1, 2, 2 * r, 2 * r + 1, 2 * r + 2, 2 * r + 3, 2 * r + 4, 2 * r + 9}):
         inputs = make_inputs(height, 19, kernel, "per_head", True, dtype=torch.float64)
         fixed = [*inputs[:4], (inputs[4].detach() + 0.1).clamp_max(1.0)]
         for border in ("mask", "zeros"):
