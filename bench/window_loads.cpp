@@ -9,7 +9,8 @@
 //                       two cache lines;
 //   - "shifted":        as three aligned vectors per channel, shifted in registers (valignd) per offset;
 //   - "32-byte steps":  at a 32-byte step per offset, as a layout with 8 heads of one pixel in the lanes would
-//                       read them (2 pixels x 8 heads per 16-lane vector).
+//                       read them (2 pixels x 8 heads per 16-lane vector);
+//   - "none":           not read (a vector kept in a register): the multiply-adds' own rate.
 // Needs AVX-512 (the kernel's build on this machine); prints ns per run and channel (median of 5 passes).
 //
 // Then the loop the kernel runs where the windows of consecutive query rows are whole (rows_dots): 1, 2 or 3 query
@@ -26,7 +27,7 @@
 
 namespace {
 
-enum class Read { unaligned, shifted, step32 };
+enum class Read { unaligned, shifted, step32, none };
 
 #define NA_SHIFT(lo, hi, dx) \
   _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(hi), _mm512_castps_si512(lo), dx))
@@ -57,6 +58,18 @@ double ns_per_run(const float* buf, float* sink) {
   }
       NA_STEP(0) NA_STEP(1) NA_STEP(2) NA_STEP(3) NA_STEP(4) NA_STEP(5) NA_STEP(6)
 #undef NA_STEP
+    } else if constexpr (READ == Read::none) {
+#pragma GCC unroll 7
+      for (int dx = 0; dx < 7; ++dx) {
+        __m512 k0 = q1, k1 = q0;
+        asm("" : "+v"(k0), "+v"(k1));
+        if constexpr (REL) {
+          const __m512 r = _mm512_set1_ps(rel[dx]);
+          k0 = _mm512_add_ps(k0, r), k1 = _mm512_add_ps(k1, r);
+        }
+        acc[dx] = _mm512_fmadd_ps(q0, k0, acc[dx]);
+        acc[7 + dx] = _mm512_fmadd_ps(q1, k1, acc[7 + dx]);
+      }
     } else {
       constexpr int step = READ == Read::unaligned ? 1 : 8, second = READ == Read::unaligned ? 16 : 64;
 #pragma GCC unroll 7
@@ -137,6 +150,8 @@ int main() {
               median_of_5<Read::shifted, true>(buf, sink));
   std::printf("%-16s %8.2f %12.2f\n", "32-byte steps", median_of_5<Read::step32, false>(buf, sink),
               median_of_5<Read::step32, true>(buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "none", median_of_5<Read::none, false>(buf, sink),
+              median_of_5<Read::none, true>(buf, sink));
   std::printf("\nq . (k+rel), ns per multiply-add: query rows sharing each key vector (one block), or one row of\n"
               "two blocks (the loop above)\n");
   std::printf("%-16s %8.3f\n", "1 row x 2 blocks", median_of_5<Read::unaligned, true>(buf, sink) / 14);

@@ -21,8 +21,8 @@ How it computes (the math is the module docstring of common/ops/neighborhood.py)
   offset.
 - rows together: unless a window_mask has zero columns to skip, three query rows (or two) are computed at
   once, one vector of each. Key row y + t is window row t - i of query row y + i, so each key and value
-  vector read serves every row that sees it: on Zen 4 a load, the embedding's add and a multiply-add per
-  multiply-add take 2.1 times a multiply-add's time, against 1.2 times with three rows sharing the load
+  vector read serves every row that sees it: on Zen 4, with a key load and the embedding's add per
+  multiply-add, one row takes 2.2 times the multiply-adds' own time, three rows sharing each load 1.2 times
   (bench/window_loads.cpp). fwd+bwd, 2 threads: 0.91-0.92x on the bench's 32x32 and 56x56 shapes at k=7,
   0.85-0.90x at k=11, 0.95-0.96x at d=32 and at k=3; rows at the image's top and bottom too: 0.90-0.95x on
   4x4 to 16x16 maps.

@@ -811,9 +811,10 @@ struct Kernel {
 
   // G query rows at once (y .. y + G - 1), where every window row takes all its columns (no window_mask column is
   // skipped). Key row y + t is window row t - i of query row y + i, so one key vector serves every row that sees
-  // its key row: a load per G multiply-adds where one row alone needs one per multiply-add (the loads, not the
-  // arithmetic, bound these loops on Zen 4: a load, an add of the embedding and a multiply-add per multiply-add
-  // take 2.1 times a multiply-add's time, 1.2 times with three rows sharing the load; bench/window_loads.cpp).
+  // its key row: a load per G multiply-adds where one row alone needs one per multiply-add. The loads, not the
+  // arithmetic, bound these loops on Zen 4: with a key load (unaligned, most straddle two cache lines) and the
+  // embedding's add per multiply-add, one row takes 2.2 times the multiply-adds' own time, three rows sharing
+  // each load 1.2 times (bench/window_loads.cpp).
   // Key rows outside the image (border="mask") are skipped. The per-row arrays (logits, weights, dP) of the G
   // rows are kk vectors apart, each indexed by window offset.
 
