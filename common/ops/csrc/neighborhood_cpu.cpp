@@ -576,11 +576,12 @@ struct Planes {
   std::unique_ptr<T[]> qbuf, kbuf, vbuf, gbuf;
   const T *qp, *kp, *vp, *gp;
   Planes(const Geo& g, bool backward, bool has_gout)
-      : win(g.kk), rows(ROWS, Window(g.kk)), slots(backward ? 2 * g.r + 1 + ROWS : 0), slot_size(g.kk * g.wk), pring(slots * slot_size, T(0)),
-        dsring(slots * slot_size, T(0)), both(backward ? g.kk : 0), first(backward ? g.kk : 0),
-        second(backward ? g.kk : 0), qbuf(new T[g.d * g.plane]()), kbuf(new T[g.d * g.plane]()),
-        vbuf(new T[g.dv * g.plane]()), gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()),
-        kp(kbuf.get()), vp(vbuf.get()), gp(gbuf.get()) {}
+      : win(g.kk), rows(ROWS, Window(g.kk)), slots(backward ? 2 * g.r + 1 + ROWS : 0), slot_size(g.kk * g.wk),
+        pring(slots * slot_size, T(0)), dsring(slots * slot_size, T(0)), both(backward ? g.kk : 0),
+        first(backward ? g.kk : 0), second(backward ? g.kk : 0), qbuf(new T[g.d * g.plane]()),
+        kbuf(new T[g.d * g.plane]()), vbuf(new T[g.dv * g.plane]()),
+        gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()),
+        gp(gbuf.get()) {}
 };
 
 // A thread's vectors of one width: logits, weights and dP of up to two blocks, the border bias, and for the
@@ -814,9 +815,8 @@ struct Kernel {
   // its key row: a load per G multiply-adds where one row alone needs one per multiply-add. The loads, not the
   // arithmetic, bound these loops on Zen 4: with a key load (unaligned, most straddle two cache lines) and the
   // embedding's add per multiply-add, one row takes 2.2 times the multiply-adds' own time, three rows sharing
-  // each load 1.2 times (bench/window_loads.cpp).
-  // Key rows outside the image (border="mask") are skipped. The per-row arrays (logits, weights, dP) of the G
-  // rows are kk vectors apart, each indexed by window offset.
+  // each load 1.2 times (bench/window_loads.cpp). Key rows outside the image (border="mask") are skipped. The
+  // per-row arrays (logits, weights, dP) of the G rows are kk vectors apart, each indexed by window offset.
 
   // NG rows from row i0 of the group and one window row of key row t (b: its first column): out[i][j] for query
   // row i0 + i, whose window row is t - i0 - i; a: row i0's query vector; rel: channel 0 of window row t - i0,
