@@ -95,43 +95,29 @@ inline void in_register(V& v) {
 // forward's, whichever loop each used) give bitwise the same sums: left to the compiler's contraction of a * b + c,
 // one loop was fused and another not in an AVX2 build, and P = 1 of a one-offset window came back as 1 + 1e-7,
 // whose dS should be exactly 0.
+#define NA_FMADD(PREFIX, VF, VD)                                                                         \
+  {                                                                                                      \
+    if constexpr (std::is_same_v<std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>, float>) {    \
+      return __builtin_bit_cast(V, PREFIX##_fmadd_ps(__builtin_bit_cast(VF, a), __builtin_bit_cast(VF, b), \
+                                                     __builtin_bit_cast(VF, acc)));                      \
+    } else {                                                                                             \
+      return __builtin_bit_cast(V, PREFIX##_fmadd_pd(__builtin_bit_cast(VD, a), __builtin_bit_cast(VD, b), \
+                                                     __builtin_bit_cast(VD, acc)));                      \
+    }                                                                                                    \
+  }
+
 template <typename V>
 inline V madd(const V& acc, const V& a, const V& b) {
-  using T = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
-  constexpr bool F = std::is_same_v<T, float>;
 #if defined(__AVX512F__)
-  if constexpr (sizeof(V) == 64) {
-    if constexpr (F) {
-      return __builtin_bit_cast(V, _mm512_fmadd_ps(__builtin_bit_cast(__m512, a), __builtin_bit_cast(__m512, b),
-                                                   __builtin_bit_cast(__m512, acc)));
-    } else {
-      return __builtin_bit_cast(V, _mm512_fmadd_pd(__builtin_bit_cast(__m512d, a), __builtin_bit_cast(__m512d, b),
-                                                   __builtin_bit_cast(__m512d, acc)));
-    }
-  }
+  if constexpr (sizeof(V) == 64) NA_FMADD(_mm512, __m512, __m512d)
 #endif
 #if defined(__FMA__)
-  if constexpr (sizeof(V) == 32) {
-    if constexpr (F) {
-      return __builtin_bit_cast(V, _mm256_fmadd_ps(__builtin_bit_cast(__m256, a), __builtin_bit_cast(__m256, b),
-                                                   __builtin_bit_cast(__m256, acc)));
-    } else {
-      return __builtin_bit_cast(V, _mm256_fmadd_pd(__builtin_bit_cast(__m256d, a), __builtin_bit_cast(__m256d, b),
-                                                   __builtin_bit_cast(__m256d, acc)));
-    }
-  }
-  if constexpr (sizeof(V) == 16) {
-    if constexpr (F) {
-      return __builtin_bit_cast(V, _mm_fmadd_ps(__builtin_bit_cast(__m128, a), __builtin_bit_cast(__m128, b),
-                                                __builtin_bit_cast(__m128, acc)));
-    } else {
-      return __builtin_bit_cast(V, _mm_fmadd_pd(__builtin_bit_cast(__m128d, a), __builtin_bit_cast(__m128d, b),
-                                                __builtin_bit_cast(__m128d, acc)));
-    }
-  }
+  if constexpr (sizeof(V) == 32) NA_FMADD(_mm256, __m256, __m256d)
+  if constexpr (sizeof(V) == 16) NA_FMADD(_mm, __m128, __m128d)
 #endif
   return acc + a * b;  // no fused multiply-add on this CPU: nothing to contract either
 }
+#undef NA_FMADD
 
 template <typename V, typename T>
 inline void store_n(T* p, V v, int64_t n) {  // the first n lanes
