@@ -268,9 +268,11 @@ struct Ranges {
 // the same short columns of up to 3 consecutive rows (so that a run's keys and embeddings sit at constant
 // distances from one pointer, and a run has enough independent accumulators), and the entries one by one.
 constexpr int MAX_RUN = 8, MAX_RUN_AREA = 9;
-// The most query rows computed at once (see rows_dots): three share each key and value vector they read. Four
-// would need more accumulators than there are vector registers.
-constexpr int ROWS = 3;
+// The most query rows computed at once (see rows_dots), each key and value vector read serving all of them: three
+// with AVX-512's 32 vector registers (four would need more accumulators than that), two with the 16 of AVX2 or
+// SSE, where three rows' accumulators spill (in an AVX2 build on this CPU, two rows took 0.93-0.99x the time of
+// three).
+constexpr int ROWS = NA_VBYTES >= 64 ? 3 : 2;
 
 struct Window {
   struct Run {
