@@ -557,7 +557,7 @@ struct KeyEntries {
 template <typename T>
 struct Planes {
   Window win;
-  std::vector<Window> rows;  // the windows of the rows computed together
+  std::vector<Window> rows;  // the windows of the rows computed together (build_rows)
   int64_t slots, slot_size;
   std::vector<T> pring, dsring;
   KeyEntries both, first, second;
@@ -570,6 +570,13 @@ struct Planes {
         kbuf(new T[g.d * g.plane]()), vbuf(new T[g.dv * g.plane]()),
         gbuf(has_gout ? new T[g.dv * g.plane]() : nullptr), qp(qbuf.get()), kp(kbuf.get()), vp(vbuf.get()),
         gp(gbuf.get()) {}
+  void build_rows(const Geo& g, const Ranges& ranges, int64_t head, int64_t y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t dy0, dy1;
+      window_rows(g, y + i, dy0, dy1);
+      rows[i].build(g, ranges, head, dy0, dy1);
+    }
+  }
 };
 
 // A thread's vectors of one width: logits, weights and dP of up to two blocks, the border bias, and for the
@@ -835,9 +842,9 @@ struct Kernel {
       for (int j = 0; j < N; ++j) out[i * (kk - k) + j] = acc[i][j];
   }
 
-  // the logits (or dP) of one vector of G query rows over key rows y + t, t in [t0, t1): s[i * kk + o]; a: the first
-  // row's query vector, b: the first row's window corner
-  template <int G, bool REL>
+  // the logits (or dP, without relt) of one vector of G query rows over key rows y + t, t in [t0, t1):
+  // s[i * kk + o]; a: the first row's query vector, b: the first row's window corner
+  template <int G>
   static void rows_window_dots(const Geo& g, const T* a, const T* b, int64_t channels, const T* relt, int64_t t0,
                                int64_t t1, V* s) {
     const int64_t pieces = (g.k + MAX_RUN - 1) / MAX_RUN;
@@ -849,13 +856,20 @@ struct Kernel {
           const int64_t i0 = std::max<int64_t>(0, t - g.k + 1), rows = std::min<int64_t>(G - 1, t) - i0 + 1;
           const T* at = a + i0 * g.wk;
           const T* bt = b + t * g.wk + j0;
-          const T* rel = REL ? relt + (t - i0) * g.k + j0 : nullptr;
+          const T* rel = relt == nullptr ? nullptr : relt + (t - i0) * g.k + j0;
           V* out = s + i0 * g.kk + (t - i0) * g.k + j0;
-          switch (rows) {
-            case 1: rows_dots<N, 1, REL>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); break;
-            case 2: rows_dots<N, G >= 2 ? 2 : 1, REL>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); break;
-            case 3: rows_dots<N, G >= 3 ? 3 : 1, REL>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); break;
-            default: break;
+          switch (rows * 2 + (relt != nullptr)) {
+#define NA_CASE(NG)                                                                                       \
+  case NG * 2:                                                                                            \
+    if constexpr (NG <= G) rows_dots<N, NG, false>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out); \
+    break;                                                                                                \
+  case NG * 2 + 1:                                                                                        \
+    if constexpr (NG <= G) rows_dots<N, NG, true>(at, g.wk, bt, g.plane, channels, rel, g.k, g.kk, out);  \
+    break;
+            NA_CASE(1) NA_CASE(2) NA_CASE(3)
+#undef NA_CASE
+            default:
+              break;
           }
         }
       });
@@ -989,6 +1003,19 @@ struct Kernel {
                  f.out + (p * g.dv * g.h + y) * g.w + xb, g.h * g.w, valid, invs);
   }
 
+  // the logits of one vector of G query rows from y, at s[i * kk + o], -inf where masked; windows: the rows'
+  template <int G>
+  static void rows_logits(const Geo& g, const Window* windows, const T* qp, const T* kp, const T* relt, int64_t y,
+                          int64_t xb, int64_t t0, int64_t t1, V* s, V* bias) {
+    rows_window_dots<G>(g, qp + (y + g.r) * g.wk + xb + g.r, kp + y * g.wk + xb, g.d, relt, t0, t1, s);
+    if (column_bias(g, xb, bias)) {
+      for (int i = 0; i < G; ++i) {
+        V* si = s + i * g.kk + windows[i].o[0];
+        for (int64_t j = 0; j < windows[i].n; ++j) si[j] += bias[windows[i].dx[j]];
+      }
+    }
+  }
+
   // one vector of G query rows from y (pl.rows: their windows, every column of each window row)
   template <int G>
   static void forward_rows(const Geo& g, const Fwd& f, const Planes<T>& pl, Lanes<V>& ln, int64_t p, int64_t y,
@@ -997,26 +1024,14 @@ struct Kernel {
     const int64_t head = p % g.heads;
     const T* relt = f.relt == nullptr ? nullptr : f.relt + (f.rel_per_head ? head : 0) * g.kk * g.d;
     const T* maskh = f.mask == nullptr ? nullptr : f.mask + head * g.kk;
-    const T* a = pl.qp + (y + g.r) * g.wk + xb + g.r;
-    const T* b = pl.kp + y * g.wk + xb;
     int64_t t0, t1;
     key_rows(g, y, G, t0, t1);
-    if (relt != nullptr) {
-      rows_window_dots<G, true>(g, a, b, g.d, relt, t0, t1, s);
-    } else {
-      rows_window_dots<G, false>(g, a, b, g.d, nullptr, t0, t1, s);
-    }
-    V* bias = ln.bias.data();
-    const bool biased = column_bias(g, xb, bias);
+    rows_logits<G>(g, pl.rows.data(), pl.qp, pl.kp, relt, y, xb, t0, t1, s, ln.bias.data());
     const int64_t valid = std::min<int64_t>(L, g.w - xb);
     V invs[G];
     for (int i = 0; i < G; ++i) {
-      const Window& win = pl.rows[i];
-      V* si = s + i * g.kk + win.o[0];  // the row's entries: whole window rows, from its first offset on
-      if (biased) {
-        for (int64_t j = 0; j < win.n; ++j) si[j] += bias[win.dx[j]];
-      }
-      invs[i] = softmax_row(g, f, win, maskh, si, p, y + i, xb, valid);
+      const Window& win = pl.rows[i];  // whole window rows: its entries are the offsets from its first on
+      invs[i] = softmax_row(g, f, win, maskh, s + i * g.kk + win.o[0], p, y + i, xb, valid);
     }
     rows_weighted<G>(g, s, pl.vp + y * g.wk + xb, g.dv, nullptr, t0, t1, f.out + (p * g.dv * g.h + y) * g.w + xb,
                      g.w, g.h * g.w, valid, invs);
@@ -1040,14 +1055,11 @@ struct Kernel {
       pack_rows(f.v, g, p, y0, y1 + 2 * g.r, pl.vbuf.get());
       T* out = f.out + p * g.dv * g.h * g.w;
       for (int64_t y = y0; y < y1;) {
-        int64_t dy0, dy1;
-        window_rows(g, y, dy0, dy1);
         if (const int64_t rows = grouped ? std::min<int64_t>(ROWS, y1 - y) : 0; rows >= 2) {
           for (int64_t i = 0; i < rows; ++i) {
             rows_ahead(y + i, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
-            window_rows(g, y + i, dy0, dy1);
-            pl.rows[i].build(g, ranges, p % g.heads, dy0, dy1);
           }
+          pl.build_rows(g, ranges, p % g.heads, y, rows);
           for_row_vectors(g, [&](auto kernel, int64_t xb) {
             using K = decltype(kernel);
             if (rows == 3) {
@@ -1060,6 +1072,8 @@ struct Kernel {
           continue;
         }
         rows_ahead(y, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
+        int64_t dy0, dy1;
+        window_rows(g, y, dy0, dy1);
         pl.win.build(g, ranges, p % g.heads, dy0, dy1);
         for_row_blocks(g, [&](auto kernel, auto blocks, int64_t xb) {
           using K = decltype(kernel);
@@ -1208,20 +1222,11 @@ struct Kernel {
     V *s = ln.s.data(), *dp = ln.dp.data(), *pw = ln.pw.data();
     int64_t t0, t1;
     key_rows(g, y, G, t0, t1);
-    if (relt != nullptr) {
-      rows_window_dots<G, true>(g, sc.qp + qoff, sc.kp + koff, g.d, relt, t0, t1, s);
-    } else {
-      rows_window_dots<G, false>(g, sc.qp + qoff, sc.kp + koff, g.d, nullptr, t0, t1, s);
-    }
-    if (sc.gp != nullptr) rows_window_dots<G, false>(g, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, t0, t1, dp);
-    V* bias = ln.bias.data();
-    const bool biased = column_bias(g, xb, bias);
+    rows_logits<G>(g, sc.rows.data(), sc.qp, sc.kp, relt, y, xb, t0, t1, s, ln.bias.data());
+    if (sc.gp != nullptr) rows_window_dots<G>(g, sc.gp + qoff, sc.vp + koff, g.dv, nullptr, t0, t1, dp);
     for (int i = 0; i < G; ++i) {
       const Window& win = sc.rows[i];
-      const int64_t first = i * g.kk + win.o[0];  // the row's entries: whole window rows, from its first offset on
-      if (biased) {
-        for (int64_t j = 0; j < win.n; ++j) s[first + j] += bias[win.dx[j]];
-      }
+      const int64_t first = i * g.kk + win.o[0];  // whole window rows: its entries are the offsets from its first on
       softmax_grad(g, f, sc, win, ln, need_mask, maskh, p, y + i, xb, s + first, dp + first, pw + first);
     }
     if (f.dq != nullptr) {
@@ -1363,11 +1368,7 @@ struct Kernel {
           }
         }
         if (rows >= 2) {
-          for (int64_t i = 0; i < rows; ++i) {
-            int64_t dy0, dy1;
-            window_rows(g, y + i, dy0, dy1);
-            pl.rows[i].build(g, live, head, dy0, dy1);
-          }
+          pl.build_rows(g, live, head, y, rows);
           for_row_vectors(g, [&](auto kernel, int64_t xb) {
             using K = decltype(kernel);
             if (rows == 3) {

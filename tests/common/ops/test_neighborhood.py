@@ -46,7 +46,7 @@ def make_inputs(h, w, kernel, rel=None, mask=False, dtype=torch.float32, seed=0,
 
 def run(backend, inputs, kernel, border, weights_grad=False, seed=1):
     """Forward with return_weights, then the gradients of a random linear loss of the output (and of the
-    weights with weights_grad) with respect to every input. Returns [out, weights, grads...]."""
+    weights with weights_grad) with respect to every input that requires grad. Returns [out, weights, grads...]."""
     q, k, v, rel_pos, window_mask = inputs
     out, weights = neighborhood_attention(q, k, v, kernel, rel_pos=rel_pos, window_mask=window_mask, border=border,
                                           backend=backend, return_weights=True)
@@ -54,7 +54,7 @@ def run(backend, inputs, kernel, border, weights_grad=False, seed=1):
     loss = (out * torch.randn(out.shape, generator=gen).to(out.dtype)).sum()
     if weights_grad:
         loss = loss + (weights * torch.randn(weights.shape, generator=gen).to(out.dtype)).sum()
-    wrt = [t for t in inputs if t is not None]
+    wrt = [t for t in inputs if t is not None and t.requires_grad]
     return [out, weights, *torch.autograd.grad(loss, wrt)]
 
 
