@@ -120,18 +120,10 @@ double ns_per_run_rows(const float* buf, float* sink) {
   return ns / iterations;
 }
 
-template <int ROWS>
-double median_of_5_rows(const float* buf, float* sink) {
+// the median of 5 passes of one of the loops above
+double median_of_5(double (*pass)(const float*, float*), const float* buf, float* sink) {
   std::vector<double> times;
-  for (int pass = 0; pass < 5; ++pass) times.push_back(ns_per_run_rows<ROWS>(buf, sink));
-  std::sort(times.begin(), times.end());
-  return times[2];
-}
-
-template <Read READ, bool REL>
-double median_of_5(const float* buf, float* sink) {
-  std::vector<double> times;
-  for (int pass = 0; pass < 5; ++pass) times.push_back(ns_per_run<READ, REL>(buf, sink));
+  for (int i = 0; i < 5; ++i) times.push_back(pass(buf, sink));
   std::sort(times.begin(), times.end());
   return times[2];
 }
@@ -144,19 +136,19 @@ int main() {
   float sink[14] = {};
   std::printf("ns per run of 7 offsets x 2 blocks (14 multiply-adds), one channel, data in L1, median of 5\n");
   std::printf("%-16s %8s %12s\n", "key read", "q . k", "q . (k+rel)");
-  std::printf("%-16s %8.2f %12.2f\n", "unaligned", median_of_5<Read::unaligned, false>(buf, sink),
-              median_of_5<Read::unaligned, true>(buf, sink));
-  std::printf("%-16s %8.2f %12.2f\n", "shifted", median_of_5<Read::shifted, false>(buf, sink),
-              median_of_5<Read::shifted, true>(buf, sink));
-  std::printf("%-16s %8.2f %12.2f\n", "32-byte steps", median_of_5<Read::step32, false>(buf, sink),
-              median_of_5<Read::step32, true>(buf, sink));
-  std::printf("%-16s %8.2f %12.2f\n", "none", median_of_5<Read::none, false>(buf, sink),
-              median_of_5<Read::none, true>(buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "unaligned", median_of_5(ns_per_run<Read::unaligned, false>, buf, sink),
+              median_of_5(ns_per_run<Read::unaligned, true>, buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "shifted", median_of_5(ns_per_run<Read::shifted, false>, buf, sink),
+              median_of_5(ns_per_run<Read::shifted, true>, buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "32-byte steps", median_of_5(ns_per_run<Read::step32, false>, buf, sink),
+              median_of_5(ns_per_run<Read::step32, true>, buf, sink));
+  std::printf("%-16s %8.2f %12.2f\n", "none", median_of_5(ns_per_run<Read::none, false>, buf, sink),
+              median_of_5(ns_per_run<Read::none, true>, buf, sink));
   std::printf("\nq . (k+rel), ns per multiply-add: query rows sharing each key vector (one block), or one row of\n"
               "two blocks (the loop above)\n");
-  std::printf("%-16s %8.3f\n", "1 row x 2 blocks", median_of_5<Read::unaligned, true>(buf, sink) / 14);
-  std::printf("%-16s %8.3f\n", "2 rows", median_of_5_rows<2>(buf, sink) / 14);
-  std::printf("%-16s %8.3f\n", "3 rows", median_of_5_rows<3>(buf, sink) / 21);
+  std::printf("%-16s %8.3f\n", "1 row x 2 blocks", median_of_5(ns_per_run<Read::unaligned, true>, buf, sink) / 14);
+  std::printf("%-16s %8.3f\n", "2 rows", median_of_5(ns_per_run_rows<2>, buf, sink) / 14);
+  std::printf("%-16s %8.3f\n", "3 rows", median_of_5(ns_per_run_rows<3>, buf, sink) / 21);
   float total = 0;
   for (float v : sink) total += v;
   std::printf("(checksum %.3g)\n", total);
