@@ -5,9 +5,9 @@
 //
 // Vectorisation runs along image rows: one SIMD vector holds L consecutive query pixels of one channel, so
 // every dot product of the window is a vertical multiply-add and no horizontal reduction is needed in the
-// inner loops. Each work item copies the rows it reads, as it reaches them (Feed), into channel-major planes
-// (C, hk, wk), zero-padded by r = k // 2 on every side and with rows rounded up to whole vectors (or to half of
-// one, which a kernel of half the width computes), so a window read never needs a bounds check. Unless a window_mask has
+// inner loops. Each work item first copies the rows it reads into channel-major planes (C, hk, wk), zero-
+// padded by r = k // 2 on every side and with rows rounded up to whole vectors (or to half of one, which a
+// kernel of half the width computes), so a window read never needs a bounds check. Unless a window_mask has
 // zero columns to skip, three (or two) consecutive query rows are computed at once, one vector of each, and
 // each key and value vector read serves all of them (see rows_dots). Otherwise two neighbouring vectors of one
 // row are processed together where the row is long enough, which doubles the independent accumulator chains
@@ -516,39 +516,6 @@ void pack_rows(const Source& s, const Geo& g, int64_t p, int64_t row0, int64_t r
                  std::min<int64_t>(row1, g.hk), dst);
   });
 }
-
-// Copies a work item's input rows into its padded planes as its pass reaches them (to(row): every padded row before
-// `row`), a step of query rows ahead, not whole planes first: a row copied just before the rows that read it is
-// still in L1 or L2 when they do, where a plane copied whole had partly left L2 by then (at 56x56, four planes of
-// 123 KB and the backward's two rings of 146 KB per thread), and the copy's reads from memory overlap the
-// computation of the rows before (fwd+bwd 0.93-0.95x on the 32x32 headline and at 56x56, 0.87-0.91x at k=3).
-template <typename T>
-class Feed {
- public:
-  Feed(const Geo& g, int64_t p, int64_t first_row) : g_(g), p_(p), done_(first_row) {}
-  // the item's padded rows [lo, hi) of s, into dst
-  void add(const Source& s, T* dst, int64_t lo, int64_t hi) { inputs_[n_++] = {&s, dst, lo, hi}; }
-  void to(int64_t row) {
-    if (row <= done_) return;
-    for (int i = 0; i < n_; ++i) {
-      const Input& in = inputs_[i];
-      const int64_t a = std::max(done_, in.lo), b = std::min(row, in.hi);
-      if (a < b) pack_rows(*in.s, g_, p_, a, b, in.dst);
-    }
-    done_ = row;
-  }
-
- private:
-  struct Input {
-    const Source* s;
-    T* dst;
-    int64_t lo, hi;
-  };
-  const Geo& g_;
-  int64_t p_, done_;
-  Input inputs_[4];
-  int n_ = 0;
-};
 
 // The arguments of the two passes (both vector widths of a call share them).
 template <typename T>
@@ -1071,8 +1038,8 @@ struct Kernel {
   }
 
   // Items are whole planes, or bands of rows of one plane when there are too few planes to keep every thread
-  // busy to the end; each copies the rows it reads into its thread's padded planes a step ahead of the rows that
-  // read them.
+  // busy to the end; each copies the rows it reads into its thread's padded planes, which stay in cache while
+  // it computes.
   static void forward(const Geo& g, const Fwd& f) {
     const Ranges ranges(g, f.mask, false);
     const bool grouped = ranges.whole(g);
@@ -1083,15 +1050,12 @@ struct Kernel {
       const int64_t p = item / bands, y0 = (item % bands) * band, y1 = std::min(g.h, y0 + band);
       if (y0 >= y1) return;
       Planes<T>& pl = sc.planes;
-      Feed<T> feed(g, p, y0);
-      feed.add(f.q, pl.qbuf.get(), y0 + g.r, y1 + g.r);
-      feed.add(f.k, pl.kbuf.get(), y0, y1 + 2 * g.r);
-      feed.add(f.v, pl.vbuf.get(), y0, y1 + 2 * g.r);
+      pack_rows(f.q, g, p, y0 + g.r, y1 + g.r, pl.qbuf.get());
+      pack_rows(f.k, g, p, y0, y1 + 2 * g.r, pl.kbuf.get());
+      pack_rows(f.v, g, p, y0, y1 + 2 * g.r, pl.vbuf.get());
       T* out = f.out + p * g.dv * g.h * g.w;
       for (int64_t y = y0; y < y1;) {
-        const int64_t rows = grouped ? std::min<int64_t>(ROWS, y1 - y) : 1;
-        feed.to(y + rows + 2 * g.r);  // the key and value rows of query rows [y, y + rows)
-        if (rows >= 2) {
+        if (const int64_t rows = grouped ? std::min<int64_t>(ROWS, y1 - y) : 0; rows >= 2) {
           for (int64_t i = 0; i < rows; ++i) {
             rows_ahead(y + i, y0, y1, [&](int64_t ya) { prefetch_for_write(out + ya * g.w, g.dv, g.h * g.w, g.w); });
           }
@@ -1380,11 +1344,10 @@ struct Kernel {
     parallel_items<Scratch>(g.bh, [&] { return Scratch(g, true, f.gout.defined()); }, [&](Scratch& sc, int64_t p) {
       const int64_t head = p % g.heads;
       Planes<T>& pl = sc.planes;
-      Feed<T> feed(g, p, 0);
-      feed.add(f.q, pl.qbuf.get(), 0, g.hk);
-      feed.add(f.k, pl.kbuf.get(), 0, g.hk);
-      feed.add(f.v, pl.vbuf.get(), 0, g.hk);
-      if (f.gout.defined()) feed.add(f.gout, pl.gbuf.get(), 0, g.hk);
+      pack_rows(f.q, g, p, 0, g.hk, pl.qbuf.get());
+      pack_rows(f.k, g, p, 0, g.hk, pl.kbuf.get());
+      pack_rows(f.v, g, p, 0, g.hk, pl.vbuf.get());
+      if (f.gout.defined()) pack_rows(f.gout, g, p, 0, g.hk, pl.gbuf.get());
       sc.wide.clear_sums();
       sc.narrow.clear_sums();
       int64_t next_key = 0;  // the first key row not yet computed (two at a time, once their queries are done)
@@ -1392,7 +1355,6 @@ struct Kernel {
       for (int64_t y = 0; y < g.h;) {
         // up to ROWS rows at once where no window_mask column is skipped (see rows_dots)
         const int64_t rows = grouped ? std::min<int64_t>(ROWS, g.h - y) : 1;
-        feed.to(y + rows + 2 * g.r);  // the rows query rows [y, y + rows) read (the key pass reads older ones)
         for (int64_t yy = y; yy < y + rows; ++yy) {
           // dq row yy is written by its query pass, dk and dv rows about one per query row, r rows behind
           if (f.dq != nullptr) {
