@@ -121,7 +121,8 @@ def run_shape(name: str, builds: dict, rounds: int, forward_only: bool) -> dict:
 
     results = {role: step(ops) for role, ops in builds.items()}
     scale = max(t.abs().max().item() for t in results["base"] if t.numel())
-    diff = max((x - y).abs().max().item() for x, y in zip(results["base"], results["variant"]) if x.numel())
+    diff = max(((x - y).abs().max().item() if x.shape == y.shape else float("inf"))  # inf: a shape differs
+               for x, y in zip(results["base"], results["variant"]) if x.numel())
     times = {role: [] for role in builds}
     for round_ in range(rounds + WARMUP):
         for role, ops in builds.items():
