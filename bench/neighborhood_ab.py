@@ -41,15 +41,14 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.neighborhood import GEMM_N, make_problem  # noqa: E402
 from bench.neighborhood import SHAPES as BENCH_SHAPES  # noqa: E402
-from bench.neighborhood import make_problem  # noqa: E402
 from common.inspect.timing import threads_label  # noqa: E402
 from common.ops import jit_build, neighborhood_cpu  # noqa: E402
 
 SHAPES = {**BENCH_SHAPES, "B=16, 4x4, d=16": (16, 8, 16, 4, 7)}  # (batch, heads, head_dim, size, kernel)
 KERNEL_PATH = "common/ops/csrc/neighborhood_cpu.cpp"
 NAMESPACE = "neighborhood_cpu"  # the op namespace in the source, renamed per build
-GEMM_N = 1024
 WARMUP = 2
 _LOADED: set[str] = set()
 
