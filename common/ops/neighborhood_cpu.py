@@ -1,9 +1,11 @@
 """The "fused_cpu" backend of neighbourhood attention: one C++ kernel per direction (csrc/neighborhood_cpu.cpp).
 
 Built on first use by `jit_build` (one compiler call, about a minute, then cached per machine) and loaded as
-torch ops (torch.ops.neighborhood_cpu.forward/backward). `ensure_built()` says whether it is usable; when it
-cannot be built (no compiler, a failed compile) or does not match the reference on a small problem, the
-caller falls back to the tiled backend after one warning.
+torch ops: torch.ops.neighborhood_cpu.forward and .backward, and .attention, the two with autograd (a C++
+torch::autograd::Function: as a Python torch.autograd.Function it cost 0.1-0.2 ms more per forward+backward, 1-6%
+of the bench's steps and 7-9% on 4x4 and 8x8 maps). `ensure_built()` says whether it is usable; when it cannot
+be built (no compiler, a failed compile) or does not match the reference on a small problem, the caller falls
+back to the tiled backend after one warning.
 
 How it computes (the math is the module docstring of common/ops/neighborhood.py):
 
@@ -139,41 +141,8 @@ def _self_check() -> str | None:
     return "it disagrees with the reference on a self-check"
 
 
-def _from_planes(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, heads, C, H, W) -> a (B, heads, H, W, C) view (channel-major, like a conv output split into heads)."""
-    return t.permute(0, 1, 3, 4, 2).to(dtype)
-
-
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, rel_pos, window_mask, kernel_size, border, return_weights):
-        out, weights, stats = torch.ops.neighborhood_cpu.forward(q, k, v, rel_pos, window_mask, kernel_size,
-                                                                 border == "mask", return_weights)
-        ctx.save_for_backward(q, k, v, stats, rel_pos, window_mask)
-        ctx.setup = (kernel_size, border)
-        ctx.set_materialize_grads(False)
-        out = _from_planes(out, q.dtype)
-        if return_weights:
-            return out, _from_planes(weights, q.dtype)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_weights=None):
-        q, k, v, stats, rel_pos, window_mask = ctx.saved_tensors
-        kernel_size, border = ctx.setup
-        needs = ctx.needs_input_grad[:5]
-        bits = sum(1 << i for i, need in enumerate(needs) if need)
-        dq, dk, dv, drel, dmask = torch.ops.neighborhood_cpu.backward(
-            grad_out, grad_weights, q, k, v, stats, rel_pos, window_mask, kernel_size, border == "mask", bits)
-        grad_q = _from_planes(dq, q.dtype) if needs[0] else None
-        grad_k = _from_planes(dk, k.dtype) if needs[1] else None
-        grad_v = _from_planes(dv, v.dtype) if needs[2] and dv.numel() else None
-        grad_rel = drel.reshape(rel_pos.shape).to(rel_pos.dtype) if needs[3] and rel_pos is not None else None
-        grad_mask = dmask.reshape(window_mask.shape).to(window_mask.dtype) if needs[4] and window_mask is not None else None
-        return grad_q, grad_k, grad_v, grad_rel, grad_mask, None, None, None
-
-
 def fused_attention(q, k, v, kernel_size, rel_pos=None, window_mask=None, border="mask", return_weights=False):
     """The fused kernel itself (call `ensure_built()` first); same results as `reference_attention`."""
-    return _FusedAttention.apply(q, k, v, rel_pos, window_mask, kernel_size, border, return_weights)
+    outputs = torch.ops.neighborhood_cpu.attention(q, k, v, rel_pos, window_mask, kernel_size, border == "mask",
+                                                   return_weights)
+    return (outputs[0], outputs[1]) if return_weights else outputs[0]

@@ -1,9 +1,10 @@
 """The fused CPU kernel ("fused_cpu"): what the shared backend tests in test_neighborhood.py do not cover --
 that it is built wherever a compiler exists, kernel sizes 1 and 13, head widths around its channel groups,
 row widths around the vector widths, query rows computed together, padding that reads as zero whatever the
-heap held before, a window_mask without gradient (whose zero columns the kernel skips), fp16/bf16 computed in
-fp32, a deterministic backward whatever the thread count, torch's thread count, fork safety of its threads,
-tracing by torch.compile, and the fallback to "tiled" (one warning) where it cannot be built."""
+heap held before, a window_mask without gradient (whose zero columns the kernel skips), the gradients of any
+subset of the inputs, differentiable once (its autograd is C++), fp16/bf16 computed in fp32, a deterministic
+backward whatever the thread count, torch's thread count, fork safety of its threads, tracing by torch.compile,
+and the fallback to "tiled" (one warning) where it cannot be built."""
 
 from __future__ import annotations
 
@@ -119,6 +120,37 @@ def test_window_mask_without_gradient(fused, kernel):
                     weights * torch.randn(weights.shape, generator=gen)).sum()
                 results.append([out, weights, *torch.autograd.grad(loss, wrt)])
             assert_all_close(*results, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rel, mask", [(None, True), ("shared", False), ("per_head", True)])
+def test_gradients_of_any_subset_of_the_inputs(fused, rel, mask):
+    """Autograd (in C++) asks the kernel only for the gradients wanted, and maps each to its input whichever of
+    the optional rel_pos and window_mask are given; every single input alone, and all but one."""
+    inputs = [t.detach() if t is not None else None for t in make_inputs(6, 9, 5, rel, mask)]
+    given = [i for i, t in enumerate(inputs) if t is not None]
+    subsets = [[i] for i in given] + [[j for j in given if j != i] for i in given]
+    for wanted in subsets:
+        results = []
+        for backend in (fused, "reference"):
+            tensors = [t.clone().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(inputs)]
+            q, k, v, rel_pos, window_mask = tensors
+            out, weights = nb.neighborhood_attention(q, k, v, 5, rel_pos=rel_pos, window_mask=window_mask,
+                                                     backend=backend, return_weights=True)
+            loss = (out * out).sum() + (weights * weights).sum()
+            results.append([out, weights, *torch.autograd.grad(loss, [tensors[i] for i in wanted])])
+        assert_all_close(*results, atol=1e-5, rtol=1e-5)
+
+
+def test_differentiable_once(fused):
+    """create_graph=True gives the first gradients (other terms of the loss may need a graph), and differentiating
+    through them raises, as a Python once_differentiable function does, rather than returning a wrong zero."""
+    q, k, v, rel_pos, _ = make_inputs(5, 6, 3, "shared")
+    out = nb.neighborhood_attention(q, k, v, 3, rel_pos=rel_pos, backend=fused)
+    want = torch.autograd.grad(nb.reference_attention(q, k, v, 3, rel_pos=rel_pos).sum(), (q, k, v, rel_pos))
+    grads = torch.autograd.grad(out.sum(), (q, k, v, rel_pos), create_graph=True)
+    assert_all_close(list(grads), list(want), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        grads[0].square().sum().backward()
 
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.bfloat16, 2.0 ** -8), (torch.float16, 2.0 ** -11)])
