@@ -82,7 +82,8 @@ def load_build(source: str, flags: list[str]) -> str:
     if namespace in _LOADED:
         return namespace
     renamed = source.replace(f"TORCH_LIBRARY({NAMESPACE},", f"TORCH_LIBRARY({namespace},").replace(
-        f"TORCH_LIBRARY_IMPL({NAMESPACE},", f"TORCH_LIBRARY_IMPL({namespace},")
+        f"TORCH_LIBRARY_IMPL({NAMESPACE},", f"TORCH_LIBRARY_IMPL({namespace},").replace(
+        f'"{NAMESPACE}::', f'"{namespace}::')  # the ops the source calls by name (its autograd op calls the other two)
     directory = jit_build.cache_root() / "neighborhood_ab"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{namespace}.cpp"

@@ -5,8 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import torch
 
-from common.ops import neighborhood_cpu
+from common.ops import jit_build, neighborhood_cpu
+from common.ops import neighborhood as nb
 from tests.helpers import REPO, load_bench
 
 KERNEL = REPO / "common" / "ops" / "csrc" / "neighborhood_cpu.cpp"
@@ -54,3 +56,21 @@ def test_the_same_source_is_one_build_run_as_both(capsys):
     assert base_ms > 0 and variant_ms > 0
     assert of_medians == pytest.approx(variant_ms / base_ms, rel=0.01) and of_rounds == pytest.approx(of_medians)
     assert diff == 0.0  # one build: bitwise the same results
+
+
+def test_a_build_calls_its_own_ops():
+    """The kernel's autograd op calls its forward and backward ops by name: a renamed build must call its own, not
+    the library's (a variant would otherwise be timed with the base's kernel behind its autograd)."""
+    if not neighborhood_cpu.ensure_built(warn=False):
+        pytest.skip(f"the fused CPU kernel is unavailable: {neighborhood_cpu.problem()}")
+    ab = load_bench("neighborhood_ab")
+    namespace = ab.load_build(KERNEL.read_text(), [])
+    renamed = (jit_build.cache_root() / "neighborhood_ab" / f"{namespace}.cpp").read_text()
+    assert f'"{namespace}::forward"' in renamed and f'"{namespace}::backward"' in renamed
+    assert '"neighborhood_cpu::' not in renamed
+    q, k, v = (torch.randn(1, 2, 5, 6, 4, requires_grad=True) for _ in range(3))
+    out = getattr(torch.ops, namespace).attention(q, k, v, None, None, 3, True, False)[0]
+    want = nb.reference_attention(q, k, v, 3)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
