@@ -2,10 +2,9 @@
 
 Built on first use by `jit_build` (one compiler call, about a minute, then cached per machine) and loaded as
 torch ops: torch.ops.neighborhood_cpu.forward and .backward, and .attention, the two with autograd (a C++
-torch::autograd::Function: as a Python torch.autograd.Function it cost 0.1-0.2 ms more per forward+backward, 1-6%
-of the bench's steps and 7-9% on 4x4 and 8x8 maps). `ensure_built()` says whether it is usable; when it cannot
-be built (no compiler, a failed compile) or does not match the reference on a small problem, the caller falls
-back to the tiled backend after one warning.
+torch::autograd::Function; the source says why not a Python one). `ensure_built()` says whether it is usable;
+when it cannot be built (no compiler, a failed compile) or does not match the reference on a small problem,
+the caller falls back to the tiled backend after one warning.
 
 How it computes (the math is the module docstring of common/ops/neighborhood.py):
 
