@@ -108,6 +108,19 @@ def make_problem(batch, heads, head_dim, size, kernel, device):
     return q, k, v, rel, conv, image
 
 
+def attention_step(q, k, v, kernel, rel, grad, backend):
+    """The timed attention step: the op through `neighborhood_attention`, then the gradient of every input."""
+    def step():
+        out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=backend)
+        torch.autograd.grad(out, (q, k, v, rel), grad)
+    return step
+
+
+def conv_step(conv, image):
+    """The timed conv step: forward, then the gradients of the input and the weight."""
+    return lambda: torch.autograd.grad(conv(image).sum(), (image, conv.weight))
+
+
 def backends_for(device, shape_name):
     on_device = {"triton": device.type == "cuda", "fused_cpu": device.type == "cpu"}
     names = [name for name in nb.BACKENDS if on_device.get(name, True)]  # elsewhere they would only run tiled
@@ -140,20 +153,11 @@ def run_shape(shape_name, device, repeats, inductor=False) -> bool:
     a, b = (torch.randn(GEMM_N, GEMM_N, device=device) for _ in range(2))
     grad = torch.ones_like(q)
 
-    def attention_step(name):
-        def step():
-            out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=name)
-            torch.autograd.grad(out, (q, k, v, rel), grad)
-        return step
-
-    def conv_step():
-        torch.autograd.grad(conv(image).sum(), (image, conv.weight))
-
-    steps = {name: attention_step(name) for name in backends}
+    steps = {name: attention_step(q, k, v, kernel, rel, grad, name) for name in backends}
     compile_seconds = None
     if inductor and shape_name == "headline":
         steps["inductor"], compile_seconds = compiled_reference(q, k, v, kernel, rel, grad)
-    steps["conv3x3"] = conv_step
+    steps["conv3x3"] = conv_step(conv, image)
     steps["gemm"] = lambda: torch.mm(a, b)
     times = timed_rounds(steps, repeats, device)
     memory = {name: saved_bytes(lambda name=name: nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel,
@@ -213,14 +217,10 @@ def probe(step_name: str, repeats: int) -> dict:
     auto = nb.select_backend(q, True, k, v, kernel, rel_pos=rel)
     grad = torch.ones_like(q)
 
-    def attention():
-        out = nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel, backend=auto if step_name == "auto" else "tiled")
-        torch.autograd.grad(out, (q, k, v, rel), grad)
-
-    def conv_step():
-        torch.autograd.grad(conv(image).sum(), (image, conv.weight))
-
-    step = conv_step if step_name == "conv3x3" else attention
+    if step_name == "conv3x3":
+        step = conv_step(conv, image)
+    else:
+        step = attention_step(q, k, v, kernel, rel, grad, auto if step_name == "auto" else "tiled")
     seconds = timed_rounds({step_name: step}, repeats, torch.device("cpu"))[step_name]
     return {"step": step_name, "backend": auto, "seconds": seconds}
 
