@@ -78,6 +78,7 @@ def bench_step(batch: int, heads: int, head_dim: int, size: int, kernel: int):
 
 
 def cache_resident(repeats: int, threads: int) -> None:
+    """Part 1 of the module docstring: the kernel on PLANES cache-resident planes, projected to each shape."""
     steps = {name: plane_step(head_dim, size, kernel) for name, (_, _, head_dim, size, kernel) in SHAPES.items()}
     a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
     calls = 3  # per round and shape: one call takes 0.5-6 ms
@@ -113,6 +114,7 @@ def cache_resident(repeats: int, threads: int) -> None:
 
 
 def floor(repeats: int, threads: int) -> None:
+    """Part 2 of the module docstring: each shape's bench step at its kernel size and at kernel 1."""
     torch.set_num_threads(threads)
     cpu = torch.device("cpu")
     a, b = torch.randn(GEMM_N, GEMM_N), torch.randn(GEMM_N, GEMM_N)
