@@ -10,8 +10,8 @@ common/ops/csrc/neighborhood_cpu.cpp at that revision): `HEAD~1 HEAD` times the 
 cache, about a minute) under an op namespace of its own, so both load into one process; the same source with
 the same flags is built once and run as both (an A/A run: its ratios show the noise of the machine).
 
-The shapes are bench/neighborhood.py's, and a CIFAR network's last stage (4x4 maps, where per-call and
-per-plane overheads dominate). Each call is the kernel's forward and backward (every input gradient) at the op
+The shapes are bench/neighborhood.py's, and two small-map ones where per-call and per-plane overheads dominate:
+a CIFAR network's 4x4 stage, and SASA ResNet-26's last stage on CIFAR (8x8 maps, 8 heads of 64 channels). Each call is the kernel's forward and backward (every input gradient) at the op
 level: fp32, a shared relative embedding, border="mask", the inputs laid out as the layers make them. Rounds
 alternate base and variant, each call preceded by a 3x3 convolution step and a GEMM on the same threads, so
 that neither build finds its data in the caches (as in a network, where other layers run in between); the
@@ -46,7 +46,8 @@ from bench.neighborhood import SHAPES as BENCH_SHAPES  # noqa: E402
 from common.inspect.timing import threads_label  # noqa: E402
 from common.ops import jit_build, neighborhood_cpu  # noqa: E402
 
-SHAPES = {**BENCH_SHAPES, "B=16, 4x4, d=16": (16, 8, 16, 4, 7)}  # (batch, heads, head_dim, size, kernel)
+# (batch, heads, head_dim, size, kernel): the bench's shapes, then small maps, where per-plane costs weigh most
+SHAPES = {**BENCH_SHAPES, "B=16, 4x4, d=16": (16, 8, 16, 4, 7), "B=8, 8x8, d=64": (8, 8, 64, 8, 7)}
 KERNEL_PATH = "common/ops/csrc/neighborhood_cpu.cpp"
 NAMESPACE = "neighborhood_cpu"  # the op namespace in the source, renamed per build
 WARMUP = 2
