@@ -11,8 +11,9 @@ cache, about a minute) under an op namespace of its own, so both load into one p
 the same flags is built once and run as both (an A/A run: its ratios show the noise of the machine).
 
 The shapes are bench/neighborhood.py's, and two small-map ones where per-call and per-plane overheads dominate:
-a CIFAR network's 4x4 stage, and SASA ResNet-26's last stage on CIFAR (8x8 maps, 8 heads of 64 channels). Each call is the kernel's forward and backward (every input gradient) at the op
-level: fp32, a shared relative embedding, border="mask", the inputs laid out as the layers make them. Rounds
+a CIFAR network's 4x4 stage, and SASA ResNet-26's last stage on CIFAR (8x8 maps, 8 heads of 64 channels).
+Each call is the kernel's forward and backward (every input gradient) at the op level: fp32, a shared relative
+embedding, border="mask", the inputs laid out as the layers make them. Rounds
 alternate base and variant, each call preceded by a 3x3 convolution step and a GEMM on the same threads, so
 that neither build finds its data in the caches (as in a network, where other layers run in between); the
 first two rounds are warm-up. Printed per shape: each build's median time, then **variant / base**, as the
