@@ -71,10 +71,10 @@ def plane_step(head_dim: int, size: int, kernel: int):
     return step
 
 
-def bench_step(batch: int, heads: int, head_dim: int, size: int, kernel: int):
-    """bench/neighborhood.py's attention step on the fused_cpu backend."""
-    q, k, v, rel, _, _ = make_problem(batch, heads, head_dim, size, kernel, torch.device("cpu"))
-    return attention_step(q, k, v, kernel, rel, torch.ones_like(q), "fused_cpu")
+def bench_steps(batch: int, heads: int, head_dim: int, size: int, kernel: int):
+    """bench/neighborhood.py's attention step on the fused_cpu backend, and its conv step, on one problem."""
+    q, k, v, rel, conv, image = make_problem(batch, heads, head_dim, size, kernel, torch.device("cpu"))
+    return attention_step(q, k, v, kernel, rel, torch.ones_like(q), "fused_cpu"), conv_step(conv, image)
 
 
 def cache_resident(repeats: int, threads: int) -> None:
@@ -122,11 +122,9 @@ def floor(repeats: int, threads: int) -> None:
           f"and at kernel 1, interleaved with its conv step and the GEMM; median of {repeats}")
     print(f"{'shape':<14} {'step ms':>8} {'kernel 1 ms':>12} {'k1 / step':>10} {'% of GEMM':>10} {'ceiling':>8}")
     for name, (batch, heads, head_dim, size, kernel) in SHAPES.items():
-        steps = {"step": bench_step(batch, heads, head_dim, size, kernel),
-                 "kernel 1": bench_step(batch, heads, head_dim, size, 1)}
-        _, _, _, _, conv, image = make_problem(batch, heads, head_dim, size, kernel, cpu)
-        steps["conv3x3"] = conv_step(conv, image)
-        steps["gemm"] = lambda: torch.mm(a, b)
+        step, conv = bench_steps(batch, heads, head_dim, size, kernel)
+        steps = {"step": step, "kernel 1": bench_steps(batch, heads, head_dim, size, 1)[0], "conv3x3": conv,
+                 "gemm": lambda: torch.mm(a, b)}
         times = timed_rounds(steps, repeats, cpu)
         gemm_rate = 2 * GEMM_N ** 3 / times["gemm"]
         flops = attention_flops(batch, heads, head_dim, size, kernel)
