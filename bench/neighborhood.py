@@ -7,8 +7,9 @@ Shapes (fp32, a shared relative embedding, border="mask", forward+backward): the
 as 8 heads of d=8 on a 32x32 map at B=8 with kernel 7, and its variations kernel 3, kernel 11, 8 heads of
 d=32 on 16x16, and B=2 on 56x56 (--shapes headline runs the first only). For each shape, every backend, a
 3x3 nn.Conv2d(C, C) on the same (B, C, H, W) activation and a 1024x1024 torch.mm run in interleaved rounds
-(so that load from other processes hits all of them alike; the median of --repeats after warm-up) and are
-printed as time / conv and achieved GFLOP/s: the attention core counts 6 x 2 x B*heads*H*W*k*k*d FLOPs
+(so that load from other processes hits all of them alike; the median of --repeats after warm-up, and the
+fastest round, whose distance from the median shows how steady the machine was) and are printed as time / conv
+and achieved GFLOP/s: the attention core counts 6 x 2 x B*heads*H*W*k*k*d FLOPs
 (q.k and p.v forward, their four products backward; the embedding terms and the softmax not counted), the
 conv 3 x 2 x B*C*C*9*H*W, the GEMM 2 x 1024^3. Bytes saved for backward come from
 torch.autograd.graph.saved_tensors_hooks (each storage once, the inputs included). The `reference` backend
@@ -18,9 +19,10 @@ PASS/FAIL lines report the targets (nothing is asserted): on every shape the CPU
 1.5x the conv and at least 25% of the GEMM's GFLOP/s; on the headline tiled at least 4x faster than the
 reference (on the CPU) and at most 1/4 of its saved bytes; and the OpenMP wait-policy ratio at most 1.2. On CUDA
 the backends are reference, tiled and triton (fused_cpu is a CPU kernel); bench/gpu_check.py judges triton there.
-On the CPU the shapes end with the GEMM's GFLOP/s in each and an UNSTEADY line for every shape whose GEMM ran
-under 85% of the run's fastest: other load slowed the machine there, which inflates that shape's share of the
-GEMM (the line gives it against the fastest GEMM too), so its share is not a result.
+On the CPU the shapes end with the GEMM's median GFLOP/s in each and an UNSTEADY line for every shape whose GEMM
+ran under 85% of the run's fastest GEMM round: other load slowed the machine there, and a share of the GEMM then
+depends on how that load fell on the kernel and on the GEMM (mostly it reads high), so it is not a result; the
+line gives it against the fastest round too.
 
 OpenMP wait policy: this process runs under OMP_WAIT_POLICY=PASSIVE unless the environment or
 --omp-wait-policy says otherwise ("default" = unset), as main.py does. The policy is read once, when torch's
@@ -76,7 +78,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.inspect.memory import SavedTensors  # noqa: E402
-from common.inspect.timing import timed_rounds  # noqa: E402
+from common.inspect.rounds import timed_rounds, timed_workloads  # noqa: E402
 from common.ops import neighborhood as nb  # noqa: E402
 
 # name: (batch, heads, head dim, height = width, kernel)
@@ -85,8 +87,8 @@ SHAPES = {"headline": (8, 8, 8, 32, 7), "kernel 3": (8, 8, 8, 32, 3), "kernel 11
 CONV_RATIO_TARGET, GEMM_SHARE_TARGET, POLICY_TARGET = 1.5, 0.25, 1.2
 SPEED_TARGET, MEMORY_TARGET = 4.0, 0.25
 GEMM_N = 1024
-# A shape whose GEMM ran under this fraction of the run's fastest was timed while other load slowed the machine:
-# quiet runs here keep every shape's GEMM within 0.9 of the fastest; busy ones have dropped single shapes to 0.5.
+# A shape whose GEMM's median ran under this fraction of the run's fastest GEMM round was timed while other load
+# slowed the machine: in quiet runs here every shape's median is within 0.9 of it; busy runs have fallen to 0.5.
 STEADY_GEMM = 0.85
 
 
@@ -102,29 +104,29 @@ def attention_flops(batch, heads, head_dim, size, kernel) -> int:
     return 6 * 2 * batch * heads * size * size * kernel * kernel * head_dim
 
 
-def unsteady_gemm(gemm_rates: dict) -> dict:
-    """{shape: its GEMM's rate / the run's fastest} for the shapes whose GEMM ran under STEADY_GEMM of the fastest.
+def unsteady_gemm(gemm_rates: dict, fastest: float) -> dict:
+    """{shape: its GEMM's median rate / `fastest`} for the shapes whose GEMM ran under STEADY_GEMM of `fastest`, the
+    rate of the run's fastest GEMM round (what the machine gives when nothing else slows it).
 
-    Each shape's share of the GEMM is taken against the GEMM timed in its own rounds, which cancels a machine that
-    is slower for a whole shape. But other processes slow the GEMM, whose threads wait for each other at every
-    step, more than the kernel, whose work items go to whichever thread is free: on a busy host a shape's share
-    has read 1.3-1.6x its quiet value. So a slow GEMM flags its shape's share as one to re-measure.
+    Each shape's share of the GEMM is taken against the GEMM's median in its own rounds, which would cancel a
+    machine uniformly slower for a whole shape. But other processes slow the GEMM, whose threads wait for each
+    other at every step, and the kernel, whose work items go to whichever thread is free, by different factors:
+    on a busy host a shape's share has read 1.3-1.6x its quiet value, and sometimes lower. So a slow GEMM flags
+    its shape's share as one to re-measure.
     """
-    fastest = max(gemm_rates.values())
     return {name: rate / fastest for name, rate in gemm_rates.items() if rate < STEADY_GEMM * fastest}
 
 
-def report_unsteady(gemm_rates: dict, shares: dict) -> None:
-    """After the shapes: the GEMM's rate in each, and a line for each shape unsteady_gemm flags (with its share
-    of the GEMM, `shares`, and that share against the run's fastest GEMM)."""
-    if len(gemm_rates) < 2:
-        return
-    fastest = max(gemm_rates.values())
-    print("\nGEMM GFLOP/s by shape: " + "; ".join(f"{name} {rate / 1e9:.1f}" for name, rate in gemm_rates.items()))
-    for name, fraction in unsteady_gemm(gemm_rates).items():
-        print(f"UNSTEADY {name}: its GEMM ran at {100 * fraction:.0f}% of this run's fastest ({fastest / 1e9:.1f} "
-              f"GFLOP/s): other load slowed the machine, so its {100 * shares[name]:.1f}% of the GEMM is not a "
-              f"result ({100 * shares[name] * fraction:.1f}% against the fastest); re-run when the machine is quiet")
+def report_unsteady(gemm_rates: dict, shares: dict, fastest: float) -> None:
+    """After the shapes: the GEMM's median rate in each, and a line for each shape unsteady_gemm flags (with its
+    share of the GEMM, `shares`, and that share against `fastest`, the run's fastest GEMM round)."""
+    print("\nGEMM GFLOP/s (median) by shape: "
+          + "; ".join(f"{name} {rate / 1e9:.1f}" for name, rate in gemm_rates.items())
+          + f"; fastest round of the run {fastest / 1e9:.1f}")
+    for name, fraction in unsteady_gemm(gemm_rates, fastest).items():
+        print(f"UNSTEADY {name}: its GEMM ran at {100 * fraction:.0f}% of this run's fastest round: other load slowed "
+              f"the machine, so its {100 * shares[name]:.1f}% of the GEMM is not a result "
+              f"({100 * shares[name] * fraction:.1f}% against the fastest round); re-run when the machine is quiet")
 
 
 def make_problem(batch, heads, head_dim, size, kernel, device):
@@ -192,7 +194,8 @@ def run_shape(shape_name, device, repeats, inductor=False) -> dict:
         steps["inductor"], compile_seconds = compiled_reference(q, k, v, kernel, rel, grad)
     steps["conv3x3"] = conv_step(conv, image)
     steps["gemm"] = lambda: torch.mm(a, b)
-    times = timed_rounds(steps, repeats, device)
+    workloads = timed_workloads(steps, repeats, device)
+    times = {name: w.median() for name, w in workloads.items()}
     memory = {name: saved_bytes(lambda name=name: nb.neighborhood_attention(q, k, v, kernel, rel_pos=rel,
                                                                               backend=name))
               for name in backends}
@@ -211,17 +214,17 @@ def run_shape(shape_name, device, repeats, inductor=False) -> dict:
           f"device={device} ({where}), median of {repeats}; auto -> {auto}")
     if compile_seconds is not None:
         print(f"inductor: torch.compile of the reference took {compile_seconds:.1f} s to compile (first call)")
-    print(f"{'step':<10} {'fwd+bwd ms':>11} {'time / conv':>12} {'GFLOP/s':>8} {'% of GEMM':>10} {'saved MiB':>10}"
-          f"{' saved / ref':>12}")
+    print(f"{'step':<10} {'fwd+bwd ms':>11} {'fastest ms':>11} {'time / conv':>12} {'GFLOP/s':>8} {'% of GEMM':>10} "
+          f"{'saved MiB':>10}{' saved / ref':>12}")
     for name in [*timed, "conv3x3", "gemm"]:
         rate = (2 * GEMM_N ** 3 if name == "gemm" else flops[name]) / times[name]
         saved = f"{memory[name] / 2 ** 20:>10.2f}" if name in memory else f"{'':>10}"
         ratio = f"{memory[name] / memory['reference']:>12.3f}" if "reference" in memory and name in memory else ""
-        print(f"{name:<10} {times[name] * 1e3:>11.2f} {times[name] / conv_t:>12.2f} {rate / 1e9:>8.1f} "
-              f"{100 * rate / gemm_rate:>9.1f}% {saved}{ratio}")
+        print(f"{name:<10} {times[name] * 1e3:>11.2f} {min(workloads[name].per_round()) * 1e3:>11.2f} "
+              f"{times[name] / conv_t:>12.2f} {rate / 1e9:>8.1f} {100 * rate / gemm_rate:>9.1f}% {saved}{ratio}")
     ok = True
     checks = []
-    result = {"gemm_rate": gemm_rate}
+    result = {"gemm_rate": gemm_rate, "gemm_best": 2 * GEMM_N ** 3 / min(workloads["gemm"].per_round())}
     if device.type == "cpu":
         ratio, share = times[auto] / conv_t, flops[auto] / times[auto] / gemm_rate
         result["share"] = share
@@ -313,7 +316,7 @@ def main(args=None) -> int:
     results = {name: run_shape(name, device, args.repeats, args.inductor)
                for name in (SHAPES if args.shapes == "all" else ["headline"])}
     report_unsteady({name: r["gemm_rate"] for name, r in results.items()},
-                    {name: r["share"] for name, r in results.items()})
+                    {name: r["share"] for name, r in results.items()}, max(r["gemm_best"] for r in results.values()))
     if not args.no_policy_ratio:
         policy_ratio(args.threads, min(args.repeats, 5))
     return 0

@@ -50,7 +50,8 @@ from bench.neighborhood import (  # noqa: E402
     make_problem,
     report_unsteady,
 )
-from common.inspect.timing import threads_label, timed_rounds  # noqa: E402
+from common.inspect.rounds import timed_workloads  # noqa: E402
+from common.inspect.timing import threads_label  # noqa: E402
 from common.ops import neighborhood as nb  # noqa: E402
 from common.ops import neighborhood_cpu  # noqa: E402
 
@@ -123,13 +124,15 @@ def floor(repeats: int, threads: int) -> None:
     print(f"\nThe floor: each shape's bench step (fused_cpu, autograd, {threads_label(threads)}) at its kernel size "
           f"and at kernel 1, interleaved with its conv step and the GEMM; median of {repeats}")
     print(f"{'shape':<14} {'step ms':>8} {'kernel 1 ms':>12} {'k1 / step':>10} {'% of GEMM':>10} {'ceiling':>8}")
-    gemm_rates, shares = {}, {}
+    gemm_rates, shares, fastest = {}, {}, 0.0
     for name, (batch, heads, head_dim, size, kernel) in SHAPES.items():
         step, conv = bench_steps(batch, heads, head_dim, size, kernel)
         steps = {"step": step, "kernel 1": bench_steps(batch, heads, head_dim, size, 1)[0], "conv3x3": conv,
                  "gemm": lambda: torch.mm(a, b)}
-        times = timed_rounds(steps, repeats, cpu)
+        workloads = timed_workloads(steps, repeats, cpu)
+        times = {key: w.median() for key, w in workloads.items()}
         gemm_rate = 2 * GEMM_N ** 3 / times["gemm"]
+        fastest = max(fastest, 2 * GEMM_N ** 3 / min(workloads["gemm"].per_round()))
         flops = attention_flops(batch, heads, head_dim, size, kernel)
         share, ceiling = flops / times["step"] / gemm_rate, flops / times["kernel 1"] / gemm_rate
         gemm_rates[name], shares[name] = gemm_rate, share
@@ -139,7 +142,7 @@ def floor(repeats: int, threads: int) -> None:
             print(f"  {name}: even at kernel 1 the step takes {times['kernel 1'] * 1e3:.2f} ms; "
                   f"{100 * GEMM_SHARE_TARGET:.0f}% of the GEMM needs {flops / GEMM_SHARE_TARGET / gemm_rate * 1e3:.2f} "
                   "ms: out of reach for this design")
-    report_unsteady(gemm_rates, shares)
+    report_unsteady(gemm_rates, shares, fastest)
 
 
 def main(argv=None) -> int:

@@ -185,16 +185,22 @@ def run_rounds(workloads: Sequence[Workload], min_rounds: int, deadline: float |
     return Rounds(len(durations), time.perf_counter() - start, loads)
 
 
-def timed_rounds(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device,
-                 warmup: int = 2) -> dict[str, float]:
-    """Median seconds of each step(), the steps run in `repeats` interleaved rounds after `warmup` untimed ones.
+def timed_workloads(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                    warmup: int = 2) -> dict[str, Workload]:
+    """Each step() as a Workload timed once per round, in `repeats` interleaved rounds after `warmup` untimed ones.
 
     Interleaving makes a burst of load from other processes hit every step alike, so the ratios between steps
     (what benchmarks report) stay meaningful on a shared machine.
     """
-    workloads = [Workload(name, step, device) for name, step in steps.items()]
+    workloads = {name: Workload(name, step, device) for name, step in steps.items()}
     for _ in range(warmup):
-        for workload in workloads:
+        for workload in workloads.values():
             workload.fn()
-    run_rounds(workloads, min_rounds=repeats)
-    return {w.name: w.median() for w in workloads}
+    run_rounds(list(workloads.values()), min_rounds=repeats)
+    return workloads
+
+
+def timed_rounds(steps: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+                 warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each step() over timed_workloads' rounds."""
+    return {name: w.median() for name, w in timed_workloads(steps, repeats, device, warmup).items()}

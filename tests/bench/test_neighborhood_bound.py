@@ -23,7 +23,8 @@ def report():
         assert bound.main(["--repeats", "1", "--threads", "1"]) == 0
     lines = [line for line in out.getvalue().splitlines() if line]
     split = next(i for i, line in enumerate(lines) if line.startswith("The floor:"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("GEMM GFLOP/s by shape:"))  # then UNSTEADY lines
+    # the floor table ends where the GEMM's rates (and any UNSTEADY lines) begin
+    end = next(i for i, line in enumerate(lines) if line.startswith("GEMM GFLOP/s (median) by shape:"))
     tables = {}
     for title, part in (("cache", lines[:split]), ("floor", lines[split:end])):
         tables[title] = {line[:14].strip(): line[14:].split() for line in part[2:] if not line.startswith("  ")}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from common.errors import UserError
-from common.inspect.rounds import Progress, Workload, run_rounds
+from common.inspect.rounds import Progress, Workload, run_rounds, timed_workloads
 from common.inspect.timing import (
     ModelSpec,
     TimingResult,
@@ -249,6 +249,14 @@ def test_timed_rounds_for_the_benches():
     seconds = timed_rounds({"a": lambda: None, "b": lambda: time.sleep(0.002)}, repeats=3,
                            device=torch.device("cpu"), warmup=1)
     assert set(seconds) == {"a", "b"} and seconds["b"] >= 0.002 > seconds["a"]
+
+
+def test_timed_workloads_keep_every_round():
+    calls = []
+    workloads = timed_workloads({"a": lambda: calls.append(1)}, repeats=4, device=torch.device("cpu"), warmup=2)
+    rounds = workloads["a"].per_round()
+    assert len(rounds) == 4 and len(calls) == 2 + 4 * workloads["a"].calls
+    assert min(rounds) <= workloads["a"].median() <= max(rounds)
 
 
 def test_measure_all_rejects_bad_arguments():
