@@ -52,8 +52,10 @@ def test_the_floor_bounds_each_shape_by_its_kernel_1_step(report):
         step, kernel_1, ratio, share, ceiling = rows[name]
         assert float(ratio) == pytest.approx(float(kernel_1) / float(step), rel=0.02, abs=0.01)
         share, ceiling = float(share.rstrip("%")), float(ceiling.rstrip("%"))
-        # the same FLOPs over each time: share / ceiling = kernel-1 time / step time
-        assert share == pytest.approx(ceiling * float(ratio), rel=0.03, abs=0.1)
+        # the same FLOPs over each time: share / ceiling = kernel-1 time / step time (from the ms columns: the
+        # ratio column's two decimals are up to 3% off at k=11, where it reads about 0.18)
+        assert share == pytest.approx(ceiling * float(kernel_1) / float(step), rel=0.01, abs=0.1)
         out_of_reach = [line for line in lines if line.startswith(f"  {name}: even at kernel 1")]
-        assert bool(out_of_reach) == (ceiling < 100 * bound.GEMM_SHARE_TARGET)
+        if abs(ceiling - 100 * bound.GEMM_SHARE_TARGET) > 0.05:  # printed to 0.1 point: on the line, either way
+            assert bool(out_of_reach) == (ceiling < 100 * bound.GEMM_SHARE_TARGET)
 
