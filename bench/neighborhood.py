@@ -20,9 +20,9 @@ PASS/FAIL lines report the targets (nothing is asserted): on every shape the CPU
 reference (on the CPU) and at most 1/4 of its saved bytes; and the OpenMP wait-policy ratio at most 1.2. On CUDA
 the backends are reference, tiled and triton (fused_cpu is a CPU kernel); bench/gpu_check.py judges triton there.
 On the CPU the shapes end with the GEMM's median GFLOP/s in each and an UNSTEADY line for every shape whose GEMM
-ran under 85% of the run's fastest GEMM round: other load slowed the machine there, and a share of the GEMM then
-depends on how that load fell on the kernel and on the GEMM (mostly it reads high), so it is not a result; the
-line gives it against the fastest round too.
+ran under 85% of the run's fastest GEMM round, or whose `auto` or conv step's median is over 1.33x its fastest
+round: other load slowed the machine there, and the shape's figures then depend on how that load fell on each
+step (a share of the GEMM mostly reads high), so they are not results.
 
 OpenMP wait policy: this process runs under OMP_WAIT_POLICY=PASSIVE unless the environment or
 --omp-wait-policy says otherwise ("default" = unset), as main.py does. The policy is read once, when torch's
@@ -87,9 +87,11 @@ SHAPES = {"headline": (8, 8, 8, 32, 7), "kernel 3": (8, 8, 8, 32, 3), "kernel 11
 CONV_RATIO_TARGET, GEMM_SHARE_TARGET, POLICY_TARGET = 1.5, 0.25, 1.2
 SPEED_TARGET, MEMORY_TARGET = 4.0, 0.25
 GEMM_N = 1024
-# A shape whose GEMM's median ran under this fraction of the run's fastest GEMM round was timed while other load
-# slowed the machine: in quiet runs here every shape's median is within 0.9 of it; busy runs have fallen to 0.5.
-STEADY_GEMM = 0.85
+# Other load on the machine shows in two ways, each of which flags a shape's figures as not results (UNSTEADY):
+# its GEMM's median under STEADY_GEMM of the run's fastest GEMM round (the machine slower for the whole shape; quiet
+# runs here stay above 0.85), or a step's median over STEADY_SPREAD times its own fastest round (most of its rounds
+# slowed; in the runs here that were otherwise steady, medians stayed within 1.25x of it).
+STEADY_GEMM, STEADY_SPREAD = 0.85, 1.33
 
 
 def saved_bytes(fn) -> int:
@@ -104,29 +106,42 @@ def attention_flops(batch, heads, head_dim, size, kernel) -> int:
     return 6 * 2 * batch * heads * size * size * kernel * kernel * head_dim
 
 
-def unsteady_gemm(gemm_rates: dict, fastest: float) -> dict:
-    """{shape: its GEMM's median rate / `fastest`} for the shapes whose GEMM ran under STEADY_GEMM of `fastest`, the
-    rate of the run's fastest GEMM round (what the machine gives when nothing else slows it).
+def disturbed(record: dict, fastest_gemm: float) -> list:
+    """Why other load disturbed a shape's timings; empty when it ran steadily. record: the shape's "gemm_rate" (its
+    GEMM's median), "share" (of that GEMM) and "spread" ({step: median / fastest round} of the steps its figures
+    come from); fastest_gemm: the rate of the run's fastest GEMM round (what the machine gives unloaded).
 
-    Each shape's share of the GEMM is taken against the GEMM's median in its own rounds, which would cancel a
+    Each share of the GEMM is taken against the GEMM's median in the shape's own rounds, which would cancel a
     machine uniformly slower for a whole shape. But other processes slow the GEMM, whose threads wait for each
     other at every step, and the kernel, whose work items go to whichever thread is free, by different factors:
-    on a busy host a shape's share has read 1.3-1.6x its quiet value, and sometimes lower. So a slow GEMM flags
-    its shape's share as one to re-measure.
+    on a busy host a shape's share has read 1.3-1.6x its quiet value, and sometimes lower.
     """
-    return {name: rate / fastest for name, rate in gemm_rates.items() if rate < STEADY_GEMM * fastest}
+    why = []
+    fraction = record["gemm_rate"] / fastest_gemm
+    if fraction < STEADY_GEMM:
+        why.append(f"its GEMM ran at {100 * fraction:.0f}% of this run's fastest round "
+                   f"(against which its share is {100 * record['share'] * fraction:.1f}%)")
+    why += [f"{step}'s median is {spread:.2f}x its fastest round"
+            for step, spread in record["spread"].items() if spread > STEADY_SPREAD]
+    return why
 
 
-def report_unsteady(gemm_rates: dict, shares: dict, fastest: float) -> None:
-    """After the shapes: the GEMM's median rate in each, and a line for each shape unsteady_gemm flags (with its
-    share of the GEMM, `shares`, and that share against `fastest`, the run's fastest GEMM round)."""
+def report_unsteady(records: dict, fastest_gemm: float) -> None:
+    """After the shapes: the GEMM's median rate in each, and an UNSTEADY line for each shape `disturbed` flags.
+    records: {shape: disturbed's record}."""
     print("\nGEMM GFLOP/s (median) by shape: "
-          + "; ".join(f"{name} {rate / 1e9:.1f}" for name, rate in gemm_rates.items())
-          + f"; fastest round of the run {fastest / 1e9:.1f}")
-    for name, fraction in unsteady_gemm(gemm_rates, fastest).items():
-        print(f"UNSTEADY {name}: its GEMM ran at {100 * fraction:.0f}% of this run's fastest round: other load slowed "
-              f"the machine, so its {100 * shares[name]:.1f}% of the GEMM is not a result "
-              f"({100 * shares[name] * fraction:.1f}% against the fastest round); re-run when the machine is quiet")
+          + "; ".join(f"{name} {record['gemm_rate'] / 1e9:.1f}" for name, record in records.items())
+          + f"; fastest round of the run {fastest_gemm / 1e9:.1f}")
+    for name, record in records.items():
+        why = disturbed(record, fastest_gemm)
+        if why:
+            print(f"UNSTEADY {name}: {'; '.join(why)}. Other load slowed the machine, so this shape's figures (its "
+                  f"{100 * record['share']:.1f}% of the GEMM among them) are not results; re-run when it is quiet")
+
+
+def spread(workload) -> float:
+    """A timed step's median over its fastest round."""
+    return workload.median() / min(workload.per_round())
 
 
 def make_problem(batch, heads, head_dim, size, kernel, device):
@@ -224,7 +239,8 @@ def run_shape(shape_name, device, repeats, inductor=False) -> dict:
               f"{times[name] / conv_t:>12.2f} {rate / 1e9:>8.1f} {100 * rate / gemm_rate:>9.1f}% {saved}{ratio}")
     ok = True
     checks = []
-    result = {"gemm_rate": gemm_rate, "gemm_best": 2 * GEMM_N ** 3 / min(workloads["gemm"].per_round())}
+    result = {"gemm_rate": gemm_rate, "gemm_best": 2 * GEMM_N ** 3 / min(workloads["gemm"].per_round()),
+              "spread": {name: spread(workloads[name]) for name in (auto, "conv3x3")}}
     if device.type == "cpu":
         ratio, share = times[auto] / conv_t, flops[auto] / times[auto] / gemm_rate
         result["share"] = share
@@ -315,8 +331,7 @@ def main(args=None) -> int:
         return 0
     results = {name: run_shape(name, device, args.repeats, args.inductor)
                for name in (SHAPES if args.shapes == "all" else ["headline"])}
-    report_unsteady({name: r["gemm_rate"] for name, r in results.items()},
-                    {name: r["share"] for name, r in results.items()}, max(r["gemm_best"] for r in results.values()))
+    report_unsteady(results, max(r["gemm_best"] for r in results.values()))
     if not args.no_policy_ratio:
         policy_ratio(args.threads, min(args.repeats, 5))
     return 0

@@ -20,25 +20,34 @@ def test_each_device_times_its_own_backends():
     assert "reference" not in bench.backends_for(torch.device("cpu"), "kernel 3")  # seconds per step there
 
 
+def record(gemm_rate, share, **spread):
+    return {"gemm_rate": gemm_rate, "share": share, "spread": {"fused_cpu": 1.05, "conv3x3": 1.1, **spread}}
+
+
 def test_a_shape_whose_gemm_ran_slow_is_flagged_with_its_share_against_the_fastest_round():
     bench = load_bench("neighborhood")
-    medians = {"headline": 171e9, "kernel 3": 90e9, "d=32": 0.86 * 180e9}
-    assert bench.unsteady_gemm(medians, 180e9) == {"kernel 3": 0.5}  # 0.86 and 0.95: a quiet run's spread
+    records = {"headline": record(171e9, 0.25), "kernel 3": record(90e9, 0.16), "d=32": record(0.86 * 180e9, 0.30)}
+    assert bench.disturbed(records["headline"], 180e9) == [] == bench.disturbed(records["d=32"], 180e9)
+    assert bench.disturbed(records["kernel 3"], 180e9) == [
+        "its GEMM ran at 50% of this run's fastest round (against which its share is 8.0%)"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        bench.report_unsteady(medians, {"headline": 0.25, "kernel 3": 0.16, "d=32": 0.30}, 180e9)
+        bench.report_unsteady(records, 180e9)
     lines = out.getvalue().split("\n")
     assert ("GEMM GFLOP/s (median) by shape: headline 171.0; kernel 3 90.0; d=32 154.8; "
             "fastest round of the run 180.0") in lines
     flagged = [line for line in lines if line.startswith("UNSTEADY")]
-    assert len(flagged) == 1
-    assert flagged[0].startswith("UNSTEADY kernel 3: its GEMM ran at 50% of this run's fastest round")
-    assert "its 16.0% of the GEMM is not a result (8.0% against the fastest round)" in flagged[0]
+    assert len(flagged) == 1 and flagged[0].startswith("UNSTEADY kernel 3: its GEMM ran at 50%")
+    assert "so this shape's figures (its 16.0% of the GEMM among them) are not results" in flagged[0]
 
 
 def test_a_run_slowed_throughout_is_flagged_against_its_fastest_round():
     bench = load_bench("neighborhood")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        bench.report_unsteady({"headline": 143e9}, {"headline": 0.279}, 185e9)
-    assert "UNSTEADY headline: its GEMM ran at 77% of this run's fastest round" in out.getvalue()
+    assert bench.disturbed(record(143e9, 0.279), 185e9)[0].startswith("its GEMM ran at 77% of this run's fastest")
+
+
+def test_a_step_whose_rounds_were_mostly_slowed_is_flagged_though_its_gemm_ran_steadily():
+    bench = load_bench("neighborhood")
+    assert bench.disturbed(record(178e9, 0.178, fused_cpu=1.84), 185e9) == [
+        "fused_cpu's median is 1.84x its fastest round"]
+    assert bench.disturbed(record(178e9, 0.178, fused_cpu=1.2), 185e9) == []  # a quiet run's spread
