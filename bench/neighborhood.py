@@ -194,8 +194,9 @@ def compiled_reference(q, k, v, kernel, rel, grad):
 
 
 def run_shape(shape_name, device, repeats, inductor=False) -> dict:
-    """Time and print one shape; returns whether its targets held ("ok"), the GEMM's rate and, on the CPU, the
-    share of it the backend `auto` picks reached ("share")."""
+    """Time and print one shape. Returns whether its targets held ("ok"), the rate of its GEMM's fastest round
+    ("gemm_best") and `disturbed`'s record: the GEMM's median rate, the spread of the `auto` and conv steps and,
+    on the CPU, the share of the GEMM that `auto` reached."""
     batch, heads, head_dim, size, kernel = SHAPES[shape_name]
     q, k, v, rel, conv, image = make_problem(batch, heads, head_dim, size, kernel, device)
     backends = backends_for(device, shape_name)
