@@ -28,7 +28,9 @@ OpenMP wait policy: this process runs under OMP_WAIT_POLICY=PASSIVE unless the e
 --omp-wait-policy says otherwise ("default" = unset), as main.py does. The policy is read once, when torch's
 OpenMP runtime loads, so the ratio "default policy / PASSIVE" of the `auto` headline step (and of `tiled`, for
 comparison, and of the conv) is measured in child processes, each running one step alone, that alternate the two
-policies (2 each); --no-policy-ratio skips it.
+policies: the median of 3 processes each (of 2, which is their mean, one process disturbed by other load once
+read 1.42 where the next two runs read 0.74 and 0.85), with the fastest and slowest process beside it;
+--no-policy-ratio skips it.
 
 --inductor adds, on the headline shape, the step `inductor`: torch.compile (inductor) of the reference unfold
 formulation, the alternative to the C++ kernel that issue 17 asked to weigh; its compile time is printed apart.
@@ -281,7 +283,7 @@ def probe(step_name: str, repeats: int) -> dict:
     return {"step": step_name, "backend": auto, "seconds": seconds}
 
 
-def policy_ratio(threads: int, repeats: int, rounds: int = 2) -> bool:
+def policy_ratio(threads: int, repeats: int, rounds: int = 3) -> bool:
     """Median step time with OpenMP's default wait policy over that with PASSIVE, each step alone in child
     processes that alternate the two policies."""
     results = {(name, policy): [] for name in PROBES for policy in ("default", "PASSIVE")}
@@ -306,8 +308,10 @@ def policy_ratio(threads: int, repeats: int, rounds: int = 2) -> bool:
         default = statistics.median(results[(name, "default")])
         passive = statistics.median(results[(name, "PASSIVE")])
         label = f"auto ({auto})" if name == "auto" else name
-        print(f"{label:<18} default {default * 1e3:8.1f} ms   PASSIVE {passive * 1e3:8.1f} ms   "
-              f"ratio {default / passive:.2f}")
+        spans = {policy: "{:.1f}-{:.1f}".format(*(1e3 * f(results[(name, policy)]) for f in (min, max)))
+                 for policy in ("default", "PASSIVE")}
+        print(f"{label:<18} default {default * 1e3:8.1f} ms ({spans['default']:>11})   "
+              f"PASSIVE {passive * 1e3:8.1f} ms ({spans['PASSIVE']:>11})   ratio {default / passive:.2f}")
     default = statistics.median(results[("auto", "default")])
     passive = statistics.median(results[("auto", "PASSIVE")])
     good = default / passive <= POLICY_TARGET
