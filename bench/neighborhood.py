@@ -128,9 +128,10 @@ def disturbed(record: dict, fastest_gemm: float) -> list:
     return why
 
 
-def report_unsteady(records: dict, fastest_gemm: float) -> None:
-    """After the shapes: the GEMM's median rate in each, and an UNSTEADY line for each shape `disturbed` flags.
-    records: {shape: disturbed's record}."""
+def report_unsteady(records: dict) -> None:
+    """After the shapes: the GEMM's median rate in each, and an UNSTEADY line for each shape `disturbed` flags
+    against the run's fastest GEMM round. records: {shape: `steadiness` of its rounds}."""
+    fastest_gemm = max(record["gemm_best"] for record in records.values())
     print("\nGEMM GFLOP/s (median) by shape: "
           + "; ".join(f"{name} {record['gemm_rate'] / 1e9:.1f}" for name, record in records.items())
           + f"; fastest round of the run {fastest_gemm / 1e9:.1f}")
@@ -141,9 +142,14 @@ def report_unsteady(records: dict, fastest_gemm: float) -> None:
                   f"{100 * record['share']:.1f}% of the GEMM among them) are not results; re-run when it is quiet")
 
 
-def spread(workload) -> float:
-    """A timed step's median over its fastest round."""
-    return workload.median() / min(workload.per_round())
+def steadiness(workloads: dict, share: float, steps) -> dict:
+    """`disturbed`'s record of one shape's timed rounds (workloads, the GEMM's among them, and the share of the
+    GEMM its figures reached), with the rate of its GEMM's fastest round ("gemm_best"); steps: the workloads whose
+    spread (median over fastest round) counts."""
+    gemm = workloads["gemm"]
+    return {"gemm_rate": 2 * GEMM_N ** 3 / gemm.median(), "gemm_best": 2 * GEMM_N ** 3 / min(gemm.per_round()),
+            "share": share, "spread": {name: workloads[name].median() / min(workloads[name].per_round())
+                                       for name in steps}}
 
 
 def make_problem(batch, heads, head_dim, size, kernel, device):
@@ -196,9 +202,8 @@ def compiled_reference(q, k, v, kernel, rel, grad):
 
 
 def run_shape(shape_name, device, repeats, inductor=False) -> dict:
-    """Time and print one shape. Returns whether its targets held ("ok"), the rate of its GEMM's fastest round
-    ("gemm_best") and `disturbed`'s record: the GEMM's median rate, the spread of the `auto` and conv steps and,
-    on the CPU, the share of the GEMM that `auto` reached."""
+    """Time and print one shape. Returns whether its targets held ("ok") and, on the CPU, the `steadiness` of its
+    rounds (the share of the GEMM that `auto` reached, the spread of the `auto` and conv steps)."""
     batch, heads, head_dim, size, kernel = SHAPES[shape_name]
     q, k, v, rel, conv, image = make_problem(batch, heads, head_dim, size, kernel, device)
     backends = backends_for(device, shape_name)
@@ -242,11 +247,10 @@ def run_shape(shape_name, device, repeats, inductor=False) -> dict:
               f"{times[name] / conv_t:>12.2f} {rate / 1e9:>8.1f} {100 * rate / gemm_rate:>9.1f}% {saved}{ratio}")
     ok = True
     checks = []
-    result = {"gemm_rate": gemm_rate, "gemm_best": 2 * GEMM_N ** 3 / min(workloads["gemm"].per_round()),
-              "spread": {name: spread(workloads[name]) for name in (auto, "conv3x3")}}
+    result = {}
     if device.type == "cpu":
         ratio, share = times[auto] / conv_t, flops[auto] / times[auto] / gemm_rate
-        result["share"] = share
+        result = steadiness(workloads, share, (auto, "conv3x3"))
         checks += [(ratio <= CONV_RATIO_TARGET,
                     f"{auto} fwd+bwd = {ratio:.2f}x the conv (target <= {CONV_RATIO_TARGET}x)"),
                    (share >= GEMM_SHARE_TARGET, (f"{auto} at {100 * share:.1f}% of the GEMM's GFLOP/s "
@@ -336,7 +340,7 @@ def main(args=None) -> int:
         return 0
     results = {name: run_shape(name, device, args.repeats, args.inductor)
                for name in (SHAPES if args.shapes == "all" else ["headline"])}
-    report_unsteady(results, max(r["gemm_best"] for r in results.values()))
+    report_unsteady(results)
     if not args.no_policy_ratio:
         policy_ratio(args.threads, min(args.repeats, 5))
     return 0

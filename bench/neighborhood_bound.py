@@ -49,7 +49,7 @@ from bench.neighborhood import (  # noqa: E402
     conv_step,
     make_problem,
     report_unsteady,
-    spread,
+    steadiness,
 )
 from common.inspect.rounds import timed_workloads  # noqa: E402
 from common.inspect.timing import threads_label  # noqa: E402
@@ -125,7 +125,7 @@ def floor(repeats: int, threads: int) -> None:
     print(f"\nThe floor: each shape's bench step (fused_cpu, autograd, {threads_label(threads)}) at its kernel size "
           f"and at kernel 1, interleaved with its conv step and the GEMM; median of {repeats}")
     print(f"{'shape':<14} {'step ms':>8} {'kernel 1 ms':>12} {'k1 / step':>10} {'% of GEMM':>10} {'ceiling':>8}")
-    records, fastest = {}, 0.0
+    records = {}
     for name, (batch, heads, head_dim, size, kernel) in SHAPES.items():
         step, conv = bench_steps(batch, heads, head_dim, size, kernel)
         steps = {"step": step, "kernel 1": bench_steps(batch, heads, head_dim, size, 1)[0], "conv3x3": conv,
@@ -133,18 +133,16 @@ def floor(repeats: int, threads: int) -> None:
         workloads = timed_workloads(steps, repeats, cpu)
         times = {key: w.median() for key, w in workloads.items()}
         gemm_rate = 2 * GEMM_N ** 3 / times["gemm"]
-        fastest = max(fastest, 2 * GEMM_N ** 3 / min(workloads["gemm"].per_round()))
         flops = attention_flops(batch, heads, head_dim, size, kernel)
         share, ceiling = flops / times["step"] / gemm_rate, flops / times["kernel 1"] / gemm_rate
-        records[name] = {"gemm_rate": gemm_rate, "share": share,
-                         "spread": {key: spread(workloads[key]) for key in ("step", "kernel 1")}}
+        records[name] = steadiness(workloads, share, ("step", "kernel 1"))
         print(f"{name:<14} {times['step'] * 1e3:>8.2f} {times['kernel 1'] * 1e3:>12.2f} "
               f"{times['kernel 1'] / times['step']:>10.2f} {100 * share:>9.1f}% {100 * ceiling:>7.1f}%")
         if ceiling < GEMM_SHARE_TARGET:
             print(f"  {name}: even at kernel 1 the step takes {times['kernel 1'] * 1e3:.2f} ms; "
                   f"{100 * GEMM_SHARE_TARGET:.0f}% of the GEMM needs {flops / GEMM_SHARE_TARGET / gemm_rate * 1e3:.2f} "
                   "ms: out of reach for this design")
-    report_unsteady(records, fastest)
+    report_unsteady(records)
 
 
 def main(argv=None) -> int:

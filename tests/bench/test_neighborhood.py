@@ -8,6 +8,7 @@ import io
 
 import torch
 
+from common.inspect.rounds import Workload
 from tests.helpers import load_bench
 
 
@@ -20,8 +21,9 @@ def test_each_device_times_its_own_backends():
     assert "reference" not in bench.backends_for(torch.device("cpu"), "kernel 3")  # seconds per step there
 
 
-def record(gemm_rate, share, **spread):
-    return {"gemm_rate": gemm_rate, "share": share, "spread": {"fused_cpu": 1.05, "conv3x3": 1.1, **spread}}
+def record(gemm_rate, share, gemm_best=180e9, **spread):
+    return {"gemm_rate": gemm_rate, "gemm_best": gemm_best, "share": share,
+            "spread": {"fused_cpu": 1.05, "conv3x3": 1.1, **spread}}
 
 
 def test_a_shape_whose_gemm_ran_slow_is_flagged_with_its_share_against_the_fastest_round():
@@ -32,7 +34,7 @@ def test_a_shape_whose_gemm_ran_slow_is_flagged_with_its_share_against_the_faste
         "its GEMM ran at 50% of this run's fastest round (against which its share is 8.0%)"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        bench.report_unsteady(records, 180e9)
+        bench.report_unsteady(records)  # the run's fastest GEMM round: 180 GFLOP/s, from the records
     lines = out.getvalue().split("\n")
     assert ("GEMM GFLOP/s (median) by shape: headline 171.0; kernel 3 90.0; d=32 154.8; "
             "fastest round of the run 180.0") in lines
@@ -51,3 +53,12 @@ def test_a_step_whose_rounds_were_mostly_slowed_is_flagged_though_its_gemm_ran_s
     assert bench.disturbed(record(178e9, 0.178, fused_cpu=1.84), 185e9) == [
         "fused_cpu's median is 1.84x its fastest round"]
     assert bench.disturbed(record(178e9, 0.178, fused_cpu=1.2), 185e9) == []  # a quiet run's spread
+
+
+def test_steadiness_reads_the_rounds():
+    bench = load_bench("neighborhood")
+    gemm = Workload("gemm", lambda: None, samples=[[0.02], [0.01], [0.04]])
+    step = Workload("fused_cpu", lambda: None, samples=[[0.003], [0.006], [0.009]])
+    got = bench.steadiness({"gemm": gemm, "fused_cpu": step}, 0.25, ["fused_cpu"])
+    flops = 2 * bench.GEMM_N ** 3
+    assert got == {"gemm_rate": flops / 0.02, "gemm_best": flops / 0.01, "share": 0.25, "spread": {"fused_cpu": 2.0}}
